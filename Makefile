@@ -66,11 +66,20 @@ typecheck: pb/.generated  ## mypy on service/, export/, training/
 test: pb/.generated tools lint typecheck  ## Lint, type-check and run the tests
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-zoo: | $(VENV)/.installed pb/.generated  ## Train and export every model of the zoo
-	$(PY) -m training.zoo --repository $(REPO) --checkpoints $(CHECKPOINTS)
+ZOO ?= $(shell $(PY) -c "from training.models import MODELS; print(*MODELS)" 2>/dev/null)
+
+zoo: | $(VENV)/.installed pb/.generated  ## Train and export every model of the zoo, then measure them
+	@for model in $(ZOO); do \
+		echo "== $$model"; \
+		$(PY) -m training.train --model $$model --out $(CHECKPOINTS)/$$model.pt || exit 1; \
+		$(PY) -m export --checkpoint $(CHECKPOINTS)/$$model.pt --repository $(REPO) \
+			--summary $(CHECKPOINTS)/$$model.export.json || exit 1; \
+	done
+	$(PY) bench/zoo.py --repository $(REPO) --checkpoints $(CHECKPOINTS)
 
 bench: model tools  ## Benchmarks: tables on stdout, JSON and plots under bench/results/
 	$(PY) bench/serving.py --repository $(REPO)
+	$(PY) bench/gradcam.py --repository $(REPO) --checkpoint $(CHECKPOINTS)/$(MODEL).pt
 
 image:  ## Build the container image (docker, or buildah where no engine runs)
 	docker build -t cnnserve:latest .
