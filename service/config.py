@@ -1,0 +1,153 @@
+"""Server settings: one dataclass, read from `CNNSERVE_*` environment variables and CLI flags.
+
+Every field documents itself (its help text feeds `--help`); the CLI overrides the environment,
+which overrides the defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "CNNSERVE_"
+MiB = 1024 * 1024
+
+
+def _doc(help: str, choices: tuple[str, ...] | None = None) -> dict[str, Any]:
+    return {"help": help, "choices": choices}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the server can be told; see `python -m service --help`."""
+
+    model_repository: Path = field(
+        default=Path("model_repository"),
+        metadata=_doc("model repository (<model>/config.pbtxt, <model>/<version>/model.onnx)"),
+    )
+    host: str = field(
+        default="0.0.0.0", metadata=_doc("address the gRPC and metrics servers listen on")
+    )
+    grpc_port: int = field(default=8001, metadata=_doc("gRPC port (0 picks a free one)"))
+    metrics_port: int = field(
+        default=8002, metadata=_doc("Prometheus /metrics port (0 picks a free one, -1 disables)")
+    )
+    intra_op_threads: int = field(
+        default=1,
+        metadata=_doc("ONNX Runtime intra-op threads per session (1 is best on a shared CPU)"),
+    )
+    device: str = field(
+        default="auto",
+        metadata=_doc(
+            "execution provider: auto (CUDA when a session really gets it, else CPU), cpu, cuda",
+            ("auto", "cpu", "cuda"),
+        ),
+    )
+    batching: str = field(
+        default="eager",
+        metadata=_doc(
+            "eager: an idle model runs whatever is queued at once; delay: an idle model waits up "
+            "to max_queue_delay_microseconds for a preferred_batch_size, like Triton",
+            ("eager", "delay"),
+        ),
+    )
+    max_message_bytes: int = field(
+        default=64 * MiB,
+        metadata=_doc("largest gRPC message accepted or sent, in bytes (gRPC's default: 4 MiB)"),
+    )
+    grace_period_s: float = field(
+        default=15.0,
+        metadata=_doc("seconds to finish accepted requests after SIGTERM or Ctrl-C"),
+    )
+    log_level: str = field(
+        default="INFO",
+        metadata=_doc("log level", ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")),
+    )
+    log_format: str = field(default="text", metadata=_doc("log format", ("text", "json")))
+    uvloop: bool = field(
+        default=True, metadata=_doc("run the event loop on uvloop when it is installed")
+    )
+
+    def __post_init__(self) -> None:
+        for name, low in (("intra_op_threads", 1), ("max_message_bytes", 1024)):
+            if getattr(self, name) < low:
+                raise ValueError(f"{name} must be at least {low}")
+        if self.grace_period_s < 0:
+            raise ValueError("grace_period_s must not be negative")
+
+    @classmethod
+    def from_sources(
+        cls, argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+    ) -> Settings:
+        """Build settings from defaults, then `environ` (CNNSERVE_*), then the flags in `argv`."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = environ.get(ENV_PREFIX + f.name.upper())
+            if raw is not None:
+                try:
+                    values[f.name] = _convert(f, raw)
+                except ValueError as exc:
+                    raise ValueError(f"{ENV_PREFIX}{f.name.upper()}={raw!r}: {exc}") from None
+        parsed = build_parser(cls(**values)).parse_args(argv)
+        values.update({k: v for k, v in vars(parsed).items() if v is not None})
+        return cls(**values)
+
+
+def _field_type(f: dataclasses.Field[Any]) -> type:
+    return {"Path": Path, "str": str, "int": int, "float": float, "bool": bool}[str(f.type)]
+
+
+def _convert(f: dataclasses.Field[Any], raw: str) -> Any:
+    kind = _field_type(f)
+    if kind is bool:
+        lowered = raw.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ValueError("expected true or false")
+    value = kind(raw)
+    choices = f.metadata.get("choices")
+    if choices and value not in choices:
+        raise ValueError(f"expected one of {', '.join(choices)}")
+    return value
+
+
+def build_parser(defaults: Settings | None = None) -> argparse.ArgumentParser:
+    """The CLI: one flag per settings field, showing the effective default and its variable."""
+    defaults = defaults or Settings()
+    parser = argparse.ArgumentParser(
+        prog="python -m service",
+        description="Serve a model repository over the Open Inference Protocol (gRPC), with "
+        "dynamic batching on ONNX Runtime, Prometheus metrics, health and reflection.",
+        epilog="Each flag can also be set by the environment variable shown; flags win. "
+        "SIGTERM or Ctrl-C drains: health turns NOT_SERVING, accepted requests finish.",
+    )
+    for f in dataclasses.fields(Settings):
+        flag = "--" + f.name.replace("_", "-")
+        env = ENV_PREFIX + f.name.upper()
+        default = getattr(defaults, f.name)
+        help_text = f"{f.metadata['help']} (default: {default}; env {env})"
+        kind = _field_type(f)
+        if kind is bool:
+            parser.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=None, help=help_text
+            )
+        else:
+            parser.add_argument(
+                flag,
+                type=kind,
+                default=None,
+                choices=f.metadata.get("choices"),
+                metavar=None
+                if kind is str
+                else ("SECONDS" if kind is float else f.name.split("_")[-1].upper()),
+                help=help_text,
+            )
+    return parser

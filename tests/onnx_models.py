@@ -1,0 +1,212 @@
+"""Small ONNX models and repositories built with onnx.helper, for tests that need no training.
+
+`write_classifier` mimics mnist_cnn's interface (input FP32 [-1,1,28,28], logits and
+probabilities [-1,10]); `write_explainer` mimics `<model>_gradcam` (input + target_class INT64,
+reshape [1] -> [], outputs cam, logits, probabilities, explained_class).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+from google.protobuf import text_format
+from onnx import TensorProto, helper, numpy_helper
+
+from pb import model_config_pb2 as mc
+
+NUM_CLASSES = 10
+OPSET = 17
+
+
+def classifier_weights(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The linear layer's weights and bias (so tests can compute expected outputs)."""
+    rng = np.random.default_rng(seed)
+    weight = rng.normal(0, 0.05, size=(784, NUM_CLASSES)).astype(np.float32)
+    bias = rng.normal(0, 0.1, size=(NUM_CLASSES,)).astype(np.float32)
+    return weight, bias
+
+
+def reference_logits(images: np.ndarray, seed: int = 0) -> np.ndarray:
+    """What the test classifier computes, in numpy."""
+    weight, bias = classifier_weights(seed)
+    return images.reshape(len(images), -1).astype(np.float32) @ weight + bias
+
+
+def classifier_graph(seed: int = 0) -> onnx.ModelProto:
+    """input [-1,1,28,28] -> flatten -> linear -> logits [-1,10], softmax -> probabilities."""
+    weight, bias = classifier_weights(seed)
+    nodes = [
+        helper.make_node("Flatten", ["input"], ["flat"], axis=1),
+        helper.make_node("MatMul", ["flat", "W"], ["scores"]),
+        helper.make_node("Add", ["scores", "b"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "classifier",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 1, 28, 28])],
+        [
+            helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", NUM_CLASSES]),
+            helper.make_tensor_value_info(
+                "probabilities", TensorProto.FLOAT, ["batch", NUM_CLASSES]
+            ),
+        ],
+        [numpy_helper.from_array(weight, "W"), numpy_helper.from_array(bias, "b")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    onnx.checker.check_model(model)
+    return model
+
+
+def explainer_graph(seed: int = 0) -> onnx.ModelProto:
+    """A stand-in Grad-CAM graph: the same classifier plus a target-dependent fake map."""
+    weight, bias = classifier_weights(seed)
+    nodes = [
+        helper.make_node("Flatten", ["input"], ["flat"], axis=1),
+        helper.make_node("MatMul", ["flat", "W"], ["scores"]),
+        helper.make_node("Add", ["scores", "b"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
+        helper.make_node("ArgMax", ["logits"], ["predicted"], axis=1, keepdims=0),
+        helper.make_node("Equal", ["target_class", "minus_one"], ["use_predicted"]),
+        helper.make_node(
+            "Where", ["use_predicted", "predicted", "target_class"], ["explained_class"]
+        ),
+        # cam = image * (explained_class + 1) / 10, shaped [-1, 28, 28]
+        helper.make_node("Reshape", ["input", "cam_shape"], ["image"]),
+        helper.make_node("Cast", ["explained_class"], ["class_f"], to=TensorProto.FLOAT),
+        helper.make_node("Add", ["class_f", "one"], ["class_p1"]),
+        helper.make_node("Div", ["class_p1", "ten"], ["scale"]),
+        helper.make_node("Unsqueeze", ["scale", "axes12"], ["scale3"]),
+        helper.make_node("Mul", ["image", "scale3"], ["cam"]),
+    ]
+    inits = [
+        numpy_helper.from_array(weight, "W"),
+        numpy_helper.from_array(bias, "b"),
+        numpy_helper.from_array(np.array(-1, dtype=np.int64), "minus_one"),
+        numpy_helper.from_array(np.array([-1, 28, 28], dtype=np.int64), "cam_shape"),
+        numpy_helper.from_array(np.array(1.0, dtype=np.float32), "one"),
+        numpy_helper.from_array(np.array(10.0, dtype=np.float32), "ten"),
+        numpy_helper.from_array(np.array([1, 2], dtype=np.int64), "axes12"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "explainer",
+        [
+            helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 1, 28, 28]),
+            helper.make_tensor_value_info("target_class", TensorProto.INT64, ["batch"]),
+        ],
+        [
+            helper.make_tensor_value_info("cam", TensorProto.FLOAT, ["batch", 28, 28]),
+            helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", NUM_CLASSES]),
+            helper.make_tensor_value_info(
+                "probabilities", TensorProto.FLOAT, ["batch", NUM_CLASSES]
+            ),
+            helper.make_tensor_value_info("explained_class", TensorProto.INT64, ["batch"]),
+        ],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    onnx.checker.check_model(model)
+    return model
+
+
+def classifier_config(
+    name: str,
+    max_batch_size: int = 32,
+    *,
+    max_queue_size: int = 0,
+    max_queue_delay_us: int = 0,
+    preferred: Sequence[int] = (),
+    instances: int = 1,
+    versions: mc.ModelVersionPolicy | None = None,
+) -> mc.ModelConfig:
+    """A config like the export step writes for mnist_cnn."""
+    config = mc.ModelConfig(name=name, platform="onnxruntime_onnx", max_batch_size=max_batch_size)
+    config.input.add(name="input", data_type=mc.TYPE_FP32, dims=[1, 28, 28])
+    config.output.add(name="logits", data_type=mc.TYPE_FP32, dims=[NUM_CLASSES])
+    config.output.add(
+        name="probabilities",
+        data_type=mc.TYPE_FP32,
+        dims=[NUM_CLASSES],
+        label_filename="labels.txt",
+    )
+    batching = config.dynamic_batching
+    batching.max_queue_delay_microseconds = max_queue_delay_us
+    batching.preferred_batch_size.extend(preferred)
+    batching.default_queue_policy.max_queue_size = max_queue_size
+    config.instance_group.add(count=instances, kind=mc.ModelInstanceGroup.KIND_CPU)
+    if versions is not None:
+        config.version_policy.CopyFrom(versions)
+    return config
+
+
+def explainer_config(name: str, max_batch_size: int = 32) -> mc.ModelConfig:
+    """A config like the export step writes for `<model>_gradcam`."""
+    config = mc.ModelConfig(name=name, platform="onnxruntime_onnx", max_batch_size=max_batch_size)
+    config.input.add(name="input", data_type=mc.TYPE_FP32, dims=[1, 28, 28])
+    target = config.input.add(name="target_class", data_type=mc.TYPE_INT64, dims=[1])
+    target.reshape.SetInParent()
+    config.output.add(name="cam", data_type=mc.TYPE_FP32, dims=[28, 28])
+    config.output.add(name="logits", data_type=mc.TYPE_FP32, dims=[NUM_CLASSES])
+    config.output.add(
+        name="probabilities",
+        data_type=mc.TYPE_FP32,
+        dims=[NUM_CLASSES],
+        label_filename="labels.txt",
+    )
+    explained = config.output.add(name="explained_class", data_type=mc.TYPE_INT64, dims=[1])
+    explained.reshape.SetInParent()
+    config.dynamic_batching.SetInParent()
+    config.parameters["num_classes"].string_value = str(NUM_CLASSES)
+    return config
+
+
+def write_model(
+    repository: Path,
+    config: mc.ModelConfig,
+    graph: onnx.ModelProto | bytes | None,
+    versions: Sequence[int] = (1,),
+    labels: Sequence[str] | None = None,
+) -> Path:
+    """Write <repository>/<name>/config.pbtxt, labels.txt and <version>/model.onnx files."""
+    directory = repository / config.name
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.pbtxt").write_text(text_format.MessageToString(config))
+    names = labels if labels is not None else [f"digit_{i}" for i in range(NUM_CLASSES)]
+    (directory / "labels.txt").write_text("".join(f"{n}\n" for n in names))
+    for version in versions:
+        (directory / str(version)).mkdir(exist_ok=True)
+        if graph is not None:
+            data = graph if isinstance(graph, bytes) else graph.SerializeToString()
+            (directory / str(version) / "model.onnx").write_bytes(data)
+    return directory
+
+
+def write_test_repository(repository: Path, *, broken: bool = True) -> Path:
+    """Models `classifier`, `classifier_gradcam`, `fragile` (fails at batch > 1), `broken`."""
+    write_model(repository, classifier_config("classifier"), classifier_graph())
+    write_model(repository, classifier_config("fragile", max_batch_size=4), fragile_graph())
+    write_model(repository, explainer_config("classifier_gradcam"), explainer_graph())
+    if broken:
+        write_model(repository, classifier_config("broken"), b"this is not an onnx file")
+    return repository
+
+
+def images(count: int, seed: int = 1) -> np.ndarray:
+    """Random images in [0, 1], shaped [count, 1, 28, 28] FP32."""
+    return np.random.default_rng(seed).random((count, 1, 28, 28), dtype=np.float32)
+
+
+def fragile_graph(seed: int = 0) -> onnx.ModelProto:
+    """Like the classifier, but fails inside ONNX Runtime for any batch larger than 1."""
+    model = classifier_graph(seed)
+    graph = model.graph
+    flatten = graph.node[0]
+    graph.node.remove(flatten)
+    graph.node.insert(0, helper.make_node("Reshape", ["input", "one_row"], ["flat"]))
+    graph.initializer.append(numpy_helper.from_array(np.array([1, 784], np.int64), "one_row"))
+    onnx.checker.check_model(model)
+    return model

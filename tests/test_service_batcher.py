@@ -1,0 +1,252 @@
+"""Unit tests for service.batcher.DynamicBatcher (no gRPC, no ONNX)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Mapping
+
+import numpy as np
+import pytest
+
+from service.batcher import BatchRecord, DynamicBatcher
+from service.errors import DeadlineExceeded, ModelNotReady, QueueFull
+
+
+def double(inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {"y": inputs["x"] * 2, "sum": inputs["x"].sum(axis=1)}
+
+
+class Gate:
+    """A batch function that blocks until released, recording batch sizes."""
+
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+        self.release = threading.Event()
+        self.entered = threading.Event()
+
+    def __call__(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.sizes.append(len(inputs["x"]))
+        self.entered.set()
+        self.release.wait(10)
+        return {"y": inputs["x"] * 2}
+
+
+async def wait_for(condition: object, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise TimeoutError
+        await asyncio.sleep(0.002)
+
+
+def rows(start: int, count: int) -> dict[str, np.ndarray]:
+    return {"x": np.arange(start, start + count * 2, dtype=np.float32).reshape(count, 2)}
+
+
+def test_requests_are_merged_and_split_back_in_order() -> None:
+    async def scenario() -> None:
+        gate = Gate()
+        records: list[BatchRecord] = []
+        batcher = DynamicBatcher([gate], max_batch_size=16, on_batch=records.append)
+        first = asyncio.create_task(batcher.submit(rows(0, 1), 1))
+        await asyncio.to_thread(gate.entered.wait, 5)  # the first runs alone, the rest queue
+        sizes = [1, 3, 2, 4]
+        tasks = [
+            asyncio.create_task(batcher.submit(rows(100 * i, n), n)) for i, n in enumerate(sizes)
+        ]
+        await wait_for(lambda: batcher.queue_depth == len(sizes))
+        gate.release.set()
+        await first
+        results = await asyncio.gather(*tasks)
+        for i, (n, result) in enumerate(zip(sizes, results, strict=True)):
+            np.testing.assert_array_equal(result.outputs["y"], rows(100 * i, n)["x"] * 2)
+        assert gate.sizes == [1, sum(sizes)]
+        assert [r.size for r in records] == [1, 10] and records[1].requests == 4
+        await batcher.close()
+
+    asyncio.run(scenario())
+
+
+def test_batches_never_exceed_max_batch_size() -> None:
+    async def scenario() -> None:
+        gate = Gate()
+        batcher = DynamicBatcher([gate], max_batch_size=4)
+        first = asyncio.create_task(batcher.submit(rows(0, 1), 1))
+        await asyncio.to_thread(gate.entered.wait, 5)
+        tasks = [asyncio.create_task(batcher.submit(rows(i, 3), 3)) for i in range(3)]
+        await wait_for(lambda: batcher.queue_depth == 3)
+        gate.release.set()
+        await asyncio.gather(first, *tasks)
+        assert gate.sizes == [1, 3, 3, 3]
+        await batcher.close()
+
+    asyncio.run(scenario())
+
+
+def test_full_queue_is_refused_at_once() -> None:
+    async def scenario() -> None:
+        gate = Gate()
+        batcher = DynamicBatcher([gate], max_batch_size=1, max_queue_size=2)
+        running = asyncio.create_task(batcher.submit(rows(0, 1), 1))
+        await asyncio.to_thread(gate.entered.wait, 5)
+        queued = [asyncio.create_task(batcher.submit(rows(i, 1), 1)) for i in range(2)]
+        await wait_for(lambda: batcher.queue_depth == 2)
+        with pytest.raises(QueueFull, match="queue is full"):
+            await batcher.submit(rows(9, 1), 1)
+        gate.release.set()
+        await asyncio.gather(running, *queued)
+        await batcher.close()
+
+    asyncio.run(scenario())
+
+
+def test_cancelled_request_frees_its_slot_and_never_runs() -> None:
+    async def scenario() -> None:
+        gate = Gate()
+        batcher = DynamicBatcher([gate], max_batch_size=8, max_queue_size=1)
+        running = asyncio.create_task(batcher.submit(rows(0, 1), 1))
+        await asyncio.to_thread(gate.entered.wait, 5)
+        doomed = asyncio.create_task(batcher.submit(rows(50, 5), 5))
+        await wait_for(lambda: batcher.queue_depth == 1)
+        doomed.cancel()
+        await wait_for(lambda: batcher.queue_depth == 0)
+        survivor = asyncio.create_task(batcher.submit(rows(7, 2), 2))  # the slot is free again
+        gate.release.set()
+        await running
+        result = await survivor
+        np.testing.assert_array_equal(result.outputs["y"], rows(7, 2)["x"] * 2)
+        assert gate.sizes == [1, 2]  # the cancelled 5 never ran
+        await batcher.close()
+
+    asyncio.run(scenario())
+
+
+def test_deadline_expires_in_the_queue_and_frees_its_slot() -> None:
+    async def scenario() -> None:
+        gate = Gate()
+        batcher = DynamicBatcher([gate], max_batch_size=8, max_queue_size=1)
+        running = asyncio.create_task(batcher.submit(rows(0, 1), 1))
+        await asyncio.to_thread(gate.entered.wait, 5)
+        with pytest.raises(DeadlineExceeded):
+            await batcher.submit(rows(1, 1), 1, timeout_s=0.05)
+        assert batcher.queue_depth == 0
+        with pytest.raises(DeadlineExceeded):
+            await batcher.submit(rows(1, 1), 1, timeout_s=0)
+        gate.release.set()
+        await running
+        assert gate.sizes == [1]
+        await batcher.close()
+
+    asyncio.run(scenario())
+
+
+def test_failed_batch_fails_only_its_own_requests() -> None:
+    calls: list[int] = []
+
+    def picky(inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        calls.append(len(inputs["x"]))
+        if (inputs["x"] < 0).any():
+            raise RuntimeError("negative input")
+        return {"y": inputs["x"] * 2}
+
+    async def scenario() -> None:
+        gate = Gate()
+        batcher = DynamicBatcher([picky], max_batch_size=2)
+        bad = [batcher.submit({"x": -np.ones((1, 2), np.float32)}, 1) for _ in range(2)]
+        good = [batcher.submit(rows(i, 1), 1) for i in range(2)]
+        results = await asyncio.gather(*bad, *good, return_exceptions=True)
+        assert all(isinstance(r, RuntimeError) and "negative" in str(r) for r in results[:2])
+        assert not any(isinstance(r, BaseException) for r in results[2:])
+        # and the batcher keeps serving
+        ok = await batcher.submit(rows(3, 1), 1)
+        np.testing.assert_array_equal(ok.outputs["y"], rows(3, 1)["x"] * 2)
+        await batcher.close()
+        del gate
+
+    asyncio.run(scenario())
+
+
+def test_wrong_output_batch_is_an_error_for_the_batch() -> None:
+    async def scenario() -> None:
+        batcher = DynamicBatcher([lambda inputs: {"y": np.zeros((1, 2))}], max_batch_size=4)
+        with pytest.raises(RuntimeError, match="expected batch 3"):
+            await batcher.submit(rows(0, 3), 3)
+        await batcher.close()
+
+    asyncio.run(scenario())
+
+
+def test_outputs_without_waiting_when_idle() -> None:
+    async def scenario() -> None:
+        batcher = DynamicBatcher([double], max_batch_size=32, max_queue_delay_s=0.5)
+        start = time.perf_counter()
+        result = await batcher.submit(rows(0, 1), 1)
+        assert time.perf_counter() - start < 0.25  # eager: the delay is not waited out
+        assert result.outputs["sum"].shape == (1,)
+        await batcher.close()
+
+    asyncio.run(scenario())
+
+
+def test_delay_mode_waits_for_a_preferred_batch() -> None:
+    async def scenario() -> None:
+        sizes: list[int] = []
+
+        def record(inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+            sizes.append(len(inputs["x"]))
+            return {"y": inputs["x"]}
+
+        batcher = DynamicBatcher(
+            [record],
+            max_batch_size=8,
+            max_queue_delay_s=0.2,
+            preferred_batch_sizes=(4,),
+            wait_for_preferred=True,
+        )
+        tasks = []
+        for i in range(4):
+            tasks.append(asyncio.create_task(batcher.submit(rows(i, 1), 1)))
+            await asyncio.sleep(0.01)
+        await asyncio.gather(*tasks)
+        assert sizes == [4]
+        start = time.perf_counter()
+        await batcher.submit(rows(0, 1), 1)  # alone: waits the delay out, then runs
+        assert 0.15 < time.perf_counter() - start < 2
+        await batcher.close()
+
+    asyncio.run(scenario())
+
+
+def test_several_instances_run_in_parallel() -> None:
+    async def scenario() -> None:
+        barrier = threading.Barrier(2, timeout=5)
+
+        def meet(inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+            barrier.wait()  # only passes when both instances run at once
+            return {"y": inputs["x"]}
+
+        batcher = DynamicBatcher([meet, meet], max_batch_size=1)
+        await asyncio.gather(batcher.submit(rows(0, 1), 1), batcher.submit(rows(1, 1), 1))
+        await batcher.close()
+
+    asyncio.run(scenario())
+
+
+def test_drain_finishes_queued_work_then_refuses() -> None:
+    async def scenario() -> None:
+        gate = Gate()
+        batcher = DynamicBatcher([gate], max_batch_size=1)
+        tasks = [asyncio.create_task(batcher.submit(rows(i, 1), 1)) for i in range(3)]
+        await asyncio.to_thread(gate.entered.wait, 5)
+        closing = asyncio.create_task(batcher.close())
+        await asyncio.sleep(0.01)
+        with pytest.raises(ModelNotReady):
+            await batcher.submit(rows(0, 1), 1)
+        gate.release.set()
+        await asyncio.gather(*tasks)
+        await closing
+        assert gate.sizes == [1, 1, 1]
+
+    asyncio.run(scenario())

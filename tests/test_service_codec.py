@@ -1,0 +1,172 @@
+"""Unit tests for service.codec: decoding, validation messages, reshape, encoding, top-k."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+from pb import grpc_service_pb2 as pb
+from pb import model_config_pb2 as mc
+from service.codec import (
+    CONFIG_DATATYPES,
+    Signature,
+    TensorSpec,
+    decode_bytes_tensor,
+    decode_request,
+    encode_response,
+)
+from service.errors import InvalidInput
+
+IMAGE = TensorSpec("input", "FP32", (1, 28, 28), (1, 28, 28))
+TARGET = TensorSpec("target_class", "INT64", (1,), (), value_range=(-1, 10))
+LOGITS = TensorSpec("logits", "FP32", (10,), (10,), labels=tuple(f"c{i}" for i in range(10)))
+EXPLAINED = TensorSpec("explained_class", "INT64", (1,), ())
+CLASSIFIER = Signature((IMAGE,), (LOGITS,), max_batch_size=8)
+EXPLAINER = Signature((IMAGE, TARGET), (LOGITS, EXPLAINED), max_batch_size=8)
+
+
+def request_with(
+    *tensors: tuple[str, str, list[int], bytes | None], outputs: tuple[str, ...] = ()
+) -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name="m")
+    for name, datatype, shape, raw in tensors:
+        request.inputs.add(name=name, datatype=datatype, shape=shape)
+        if raw is not None:
+            request.raw_input_contents.append(raw)
+    for name in outputs:
+        request.outputs.add(name=name)
+    return request
+
+
+def image_bytes(n: int) -> bytes:
+    return np.arange(n * 784, dtype=np.float32).tobytes()
+
+
+def test_config_datatypes_cover_the_protocol_names() -> None:
+    assert CONFIG_DATATYPES[mc.TYPE_FP32] == "FP32"
+    assert CONFIG_DATATYPES[mc.TYPE_INT64] == "INT64"
+    assert CONFIG_DATATYPES[mc.TYPE_STRING] == "BYTES"
+
+
+def test_raw_input_decodes_to_the_right_array() -> None:
+    decoded = decode_request(
+        request_with(("input", "FP32", [3, 1, 28, 28], image_bytes(3))), CLASSIFIER
+    )
+    assert decoded.batch_size == 3
+    array = decoded.inputs["input"]
+    assert array.shape == (3, 1, 28, 28) and array.dtype == np.float32
+    np.testing.assert_array_equal(array.ravel(), np.arange(3 * 784, dtype=np.float32))
+    assert [o.spec.name for o in decoded.outputs] == ["logits"]
+
+
+def test_typed_contents_are_accepted() -> None:
+    request = request_with(("input", "FP32", [1, 1, 28, 28], None))
+    request.inputs[0].contents.fp32_contents.extend([0.5] * 784)
+    decoded = decode_request(request, CLASSIFIER)
+    assert decoded.inputs["input"].dtype == np.float32
+    assert float(decoded.inputs["input"].mean()) == 0.5
+
+
+def test_reshape_is_applied_both_ways() -> None:
+    target = np.array([[-1], [3]], dtype=np.int64)
+    request = request_with(
+        ("input", "FP32", [2, 1, 28, 28], image_bytes(2)),
+        ("target_class", "INT64", [2, 1], target.tobytes()),
+    )
+    decoded = decode_request(request, EXPLAINER)
+    assert decoded.inputs["target_class"].shape == (2,)
+    response = encode_response(
+        request,
+        "1",
+        {"logits": np.zeros((2, 10), np.float32), "explained_class": np.array([4, 3])},
+        decoded.outputs,
+        batching=True,
+    )
+    shapes = {o.name: list(o.shape) for o in response.outputs}
+    assert shapes == {"logits": [2, 10], "explained_class": [2, 1]}
+    assert np.frombuffer(response.raw_output_contents[1], np.int64).tolist() == [4, 3]
+
+
+@pytest.mark.parametrize(
+    ("tensors", "message"),
+    [
+        ((("input", "FP64", [1, 1, 28, 28], image_bytes(1)),), "datatype FP64"),
+        ((("input", "FP32", [1, 28, 28], image_bytes(1)),), "shape [1, 28, 28]"),
+        ((("input", "FP32", [1, 1, 28, 27], image_bytes(1)),), "shape"),
+        ((("input", "FP32", [1, 1, 28, 28], image_bytes(1)[:-4]),), "3132 bytes"),
+        ((("input", "FP32", [9, 1, 28, 28], image_bytes(9)),), "max_batch_size 8"),
+        ((("input", "FP32", [0, 1, 28, 28], b""),), "batch size 0"),
+        ((), "missing input(s): input"),
+        (
+            (
+                ("input", "FP32", [1, 1, 28, 28], image_bytes(1)),
+                ("extra", "FP32", [1], b"\0\0\0\0"),
+            ),
+            "unknown input 'extra'",
+        ),
+        (
+            (
+                ("input", "FP32", [1, 1, 28, 28], image_bytes(1)),
+                ("input", "FP32", [1, 1, 28, 28], image_bytes(1)),
+            ),
+            "more than once",
+        ),
+    ],
+)
+def test_bad_inputs_name_the_problem(tensors: tuple, message: str) -> None:
+    with pytest.raises(InvalidInput, match=re.escape(message)):
+        decode_request(request_with(*tensors), CLASSIFIER)
+
+
+def test_raw_and_inputs_count_must_agree() -> None:
+    request = request_with(("input", "FP32", [1, 1, 28, 28], image_bytes(1)))
+    request.raw_input_contents.append(b"")
+    with pytest.raises(InvalidInput, match="raw_input_contents has 2 entries"):
+        decode_request(request, CLASSIFIER)
+
+
+def test_contents_count_is_checked() -> None:
+    request = request_with(("input", "FP32", [1, 1, 28, 28], None))
+    request.inputs[0].contents.fp32_contents.extend([0.0] * 10)
+    with pytest.raises(InvalidInput, match=r"contents\.fp32_contents holds 10 values"):
+        decode_request(request, CLASSIFIER)
+
+
+def test_unknown_output_is_rejected() -> None:
+    request = request_with(("input", "FP32", [1, 1, 28, 28], image_bytes(1)), outputs=("nope",))
+    with pytest.raises(InvalidInput, match="unknown output 'nope'"):
+        decode_request(request, CLASSIFIER)
+
+
+@pytest.mark.parametrize("target", [10, -2, 99])
+def test_class_index_outside_range_is_rejected(target: int) -> None:
+    request = request_with(
+        ("input", "FP32", [1, 1, 28, 28], image_bytes(1)),
+        ("target_class", "INT64", [1, 1], np.array([target], np.int64).tobytes()),
+    )
+    with pytest.raises(InvalidInput, match=r"target_class.*\[-1, 9\]"):
+        decode_request(request, EXPLAINER)
+
+
+def test_classification_returns_top_k_with_labels() -> None:
+    request = request_with(("input", "FP32", [2, 1, 28, 28], image_bytes(2)))
+    wanted = request.outputs.add(name="logits")
+    wanted.parameters["classification"].int64_param = 3
+    decoded = decode_request(request, CLASSIFIER)
+    logits = np.array([np.arange(10), np.arange(10)[::-1]], dtype=np.float32)
+    response = encode_response(request, "1", {"logits": logits}, decoded.outputs, batching=True)
+    assert response.outputs[0].datatype == "BYTES"
+    assert list(response.outputs[0].shape) == [2, 3]
+    items = decode_bytes_tensor(response.raw_output_contents[0])
+    assert items[0] == b"9.000000:9:c9"
+    assert items[3] == b"9.000000:0:c0"
+    assert len(items) == 6
+
+
+def test_classification_needs_a_positive_count() -> None:
+    request = request_with(("input", "FP32", [1, 1, 28, 28], image_bytes(1)))
+    request.outputs.add(name="logits").parameters["classification"].int64_param = 0
+    with pytest.raises(InvalidInput, match="classification"):
+        decode_request(request, CLASSIFIER)

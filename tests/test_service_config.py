@@ -1,0 +1,50 @@
+"""Settings: defaults, environment variables, and CLI flags overriding them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from service.config import Settings
+
+
+def test_defaults() -> None:
+    settings = Settings.from_sources([], environ={})
+    assert settings.grpc_port == 8001 and settings.metrics_port == 8002
+    assert settings.max_message_bytes > 4 * 1024 * 1024
+    assert settings.intra_op_threads == 1 and settings.log_format == "text"
+
+
+def test_environment_then_flags() -> None:
+    environ = {
+        "CNNSERVE_GRPC_PORT": "9001",
+        "CNNSERVE_MODEL_REPOSITORY": "/models",
+        "CNNSERVE_LOG_FORMAT": "json",
+        "CNNSERVE_UVLOOP": "false",
+    }
+    settings = Settings.from_sources([], environ=environ)
+    assert settings.grpc_port == 9001 and settings.model_repository == Path("/models")
+    assert settings.log_format == "json" and settings.uvloop is False
+    flags = ["--grpc-port", "7001", "--log-format", "text", "--uvloop"]
+    settings = Settings.from_sources(flags, environ=environ)
+    assert settings.grpc_port == 7001 and settings.log_format == "text" and settings.uvloop
+    assert settings.model_repository == Path("/models")
+
+
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [
+        ({"CNNSERVE_GRPC_PORT": "lots"}, "CNNSERVE_GRPC_PORT"),
+        ({"CNNSERVE_LOG_FORMAT": "xml"}, "expected one of text, json"),
+        ({"CNNSERVE_INTRA_OP_THREADS": "0"}, "intra_op_threads must be at least 1"),
+    ],
+)
+def test_bad_values_are_reported(environ: dict[str, str], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Settings.from_sources([], environ=environ)
+
+
+def test_bad_flag_exits() -> None:
+    with pytest.raises(SystemExit):
+        Settings.from_sources(["--log-format", "xml"], environ={})

@@ -1,0 +1,151 @@
+"""Unit tests for service.repository and model loading: version policy, broken models, configs."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from pb import model_config_pb2 as mc
+from service.config import Settings
+from service.errors import ModelLoadError, ModelNotFound, ModelNotReady
+from service.metrics import ServingMetrics
+from service.model import ServedModel
+from service.repository import READY, UNAVAILABLE, ModelRepository, read_model, select_versions
+from tests.onnx_models import (
+    classifier_config,
+    classifier_graph,
+    explainer_config,
+    explainer_graph,
+    write_model,
+)
+
+
+def policy(text: str) -> mc.ModelVersionPolicy:
+    from google.protobuf import text_format
+
+    return text_format.Parse(text, mc.ModelVersionPolicy())
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("", [7]),
+        ("latest { num_versions: 2 }", [3, 7]),
+        ("all {}", [1, 3, 7]),
+        ("specific { versions: [1, 3] }", [1, 3]),
+    ],
+)
+def test_version_policy(text: str, expected: list[int]) -> None:
+    assert select_versions([1, 3, 7], policy(text)) == expected
+
+
+def test_read_model_selects_versions_and_labels(tmp_path: Path) -> None:
+    config = classifier_config("m", versions=policy("latest { num_versions: 2 }"))
+    write_model(tmp_path, config, classifier_graph(), versions=(1, 2, 3))
+    spec = read_model(tmp_path / "m")
+    assert sorted(spec.versions) == [2, 3]
+    assert spec.labels["probabilities"][3] == "digit_3"
+
+
+def test_specific_policy_reports_missing_versions(tmp_path: Path) -> None:
+    config = classifier_config("m", versions=policy("specific { versions: [1, 5] }"))
+    write_model(tmp_path, config, classifier_graph(), versions=(1,))
+    spec = read_model(tmp_path / "m")
+    assert list(spec.versions) == [1] and spec.missing_versions == (5,)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "reason"),
+    [
+        (lambda d: (d / "config.pbtxt").unlink(), "no config.pbtxt"),
+        (lambda d: (d / "config.pbtxt").write_text("name: 'm' bogus_field: 1"), "bogus_field"),
+        (lambda d: (d / "config.pbtxt").write_text("name: 'other'"), "folder is 'm'"),
+        (lambda d: (d / "1" / "model.onnx").unlink(), "no loadable version"),
+        (lambda d: (d / "labels.txt").unlink(), "labels"),
+    ],
+)
+def test_unreadable_models_say_why(tmp_path: Path, mutate: object, reason: str) -> None:
+    directory = write_model(tmp_path, classifier_config("m"), classifier_graph())
+    mutate(directory)  # type: ignore[operator]
+    with pytest.raises(ModelLoadError, match=reason):
+        read_model(directory)
+
+
+def load_repository(root: Path) -> tuple[ModelRepository, dict[str, str]]:
+    """Load every model with real sessions; returns the repository and states by name."""
+    settings = Settings(model_repository=root)
+    metrics = ServingMetrics(CollectorRegistry())
+
+    async def loader(spec, version):  # type: ignore[no-untyped-def]
+        return await ServedModel.load(spec, version, settings, metrics)
+
+    async def run() -> tuple[ModelRepository, dict[str, str]]:
+        repository = ModelRepository(root, loader)
+        await repository.load_all()
+        states = {e.name: e.state for e in repository.entries()}
+        reasons = {e.name: e.reason for e in repository.entries()}
+        await repository.close()
+        return repository, {n: f"{states[n]}|{reasons[n]}" for n in states}
+
+    return asyncio.run(run())
+
+
+def test_broken_models_are_unavailable_with_reason_and_others_load(tmp_path: Path) -> None:
+    write_model(tmp_path, classifier_config("good"), classifier_graph())
+    write_model(tmp_path, explainer_config("good_gradcam"), explainer_graph())
+    write_model(tmp_path, classifier_config("garbage"), b"not onnx at all")
+    wrong_type = classifier_config("wrong_type")
+    wrong_type.input[0].data_type = mc.TYPE_FP64
+    write_model(tmp_path, wrong_type, classifier_graph())
+    wrong_dims = classifier_config("wrong_dims")
+    del wrong_dims.input[0].dims[:]
+    wrong_dims.input[0].dims.extend([3, 28, 28])
+    write_model(tmp_path, wrong_dims, classifier_graph())
+    missing_output = classifier_config("missing_output")
+    missing_output.output.add(name="features", data_type=mc.TYPE_FP32, dims=[5])
+    write_model(tmp_path, missing_output, classifier_graph())
+    (tmp_path / "empty_folder").mkdir()
+    _, states = load_repository(tmp_path)
+    assert states["good"].startswith(READY) and states["good_gradcam"].startswith(READY)
+    expected = {
+        "garbage": "INVALID_PROTOBUF",
+        "wrong_type": "config says FP64, ONNX graph has FP32",
+        "wrong_dims": "does not fit the ONNX graph",
+        "missing_output": "'features' is not in the ONNX graph",
+        "empty_folder": "no config.pbtxt",
+    }
+    for name, reason in expected.items():
+        state, _, why = states[name].partition("|")
+        assert state == UNAVAILABLE, name
+        assert reason in why, (name, why)
+
+
+def test_get_routes_versions(tmp_path: Path) -> None:
+    config = classifier_config("m", versions=policy("all {}"))
+    write_model(tmp_path, config, classifier_graph(), versions=(1, 2))
+    settings = Settings(model_repository=tmp_path)
+    metrics = ServingMetrics(CollectorRegistry())
+
+    async def run() -> None:
+        async def loader(spec, version):  # type: ignore[no-untyped-def]
+            return await ServedModel.load(spec, version, settings, metrics)
+
+        repository = ModelRepository(tmp_path, loader)
+        await repository.load_all()
+        assert repository.get("m")[0] == 2
+        assert repository.get("m", "1")[0] == 1
+        with pytest.raises(ModelNotFound):
+            repository.get("m", "3")
+        with pytest.raises(ModelNotFound):
+            repository.get("nope")
+        await repository.unload("m")
+        with pytest.raises(ModelNotReady, match="unloaded"):
+            repository.get("m")
+        await repository.load("m")
+        assert repository.get("m")[0] == 2
+        await repository.close()
+
+    asyncio.run(run())

@@ -1,0 +1,1 @@
+"""Scripts run by tests in the tools venv (.venv-tools), never imported by pytest itself."""
