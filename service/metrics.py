@@ -58,6 +58,7 @@ class VersionMetrics:
 
     def watch(self, queue_depth: Callable[[], float], in_flight: Callable[[], float]) -> None:
         """Report queue depth and in-flight requests from these callables at scrape time."""
+        self._metrics.live_owner[self.labels] = self
         self._metrics.queue_depth.labels(*self.labels).set_function(queue_depth)
         self._metrics.in_flight.labels(*self.labels).set_function(in_flight)
 
@@ -66,7 +67,10 @@ class VersionMetrics:
         self._metrics.provider.labels(*self.labels, provider).set(1)
 
     def remove(self) -> None:
-        """Drop the per-version series that describe live state (after an unload)."""
+        """Drop the live-state series of this version, unless a reload has taken them over."""
+        if self._metrics.live_owner.get(self.labels) is not self:
+            return
+        del self._metrics.live_owner[self.labels]
         for family in (self._metrics.queue_depth, self._metrics.in_flight):
             with contextlib.suppress(KeyError):
                 family.remove(*self.labels)
@@ -124,6 +128,8 @@ class ServingMetrics:
         ProcessCollector(registry=registry)
         PlatformCollector(registry=registry)
         self._gpu: GpuCollector | None = None
+        # Which loaded instance reports a version's live gauges: a reload hands them over.
+        self.live_owner: dict[tuple[str, str], VersionMetrics] = {}
 
     def version(self, model: str, version: str) -> VersionMetrics:
         """Bound children for one model version."""

@@ -19,6 +19,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
+from pb import explain_pb2 as ex
+from pb import explain_pb2_grpc as ex_grpc
 from pb import grpc_service_pb2 as pb
 from pb import grpc_service_pb2_grpc as pb_grpc
 from pb import model_config_pb2 as mc
@@ -26,6 +28,7 @@ from pb import model_config_pb2 as mc
 from . import __version__
 from .config import Settings
 from .errors import ModelNotReady, Unsupported, to_status
+from .explain import explain
 from .metrics import ServingMetrics
 from .model import ServedModel
 from .repository import READY, STATES, UNAVAILABLE, ModelEntry, ModelRepository, ModelSpec
@@ -35,6 +38,7 @@ log = logging.getLogger(__name__)
 
 SERVER_NAME = "cnnserve"
 SERVICE_NAME = "inference.GRPCInferenceService"
+EXPLAIN_SERVICE_NAME = ex.DESCRIPTOR.services_by_name["Explainer"].full_name
 EXTENSIONS = ("classification", "model_repository", "model_configuration", "statistics")
 PROVIDER_PARAMETER = "execution_provider"
 
@@ -262,6 +266,19 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.RepositoryModelUnloadResponse()
 
 
+class ExplainServicer(ex_grpc.ExplainerServicer):
+    """The explain API: an image in, predictions, Grad-CAM heatmaps and pictures out."""
+
+    def __init__(self, repository: ModelRepository) -> None:
+        self._repository = repository
+
+    @map_errors
+    async def Explain(
+        self, request: ex.ExplainRequest, context: grpc.aio.ServicerContext
+    ) -> ex.ExplainResponse:
+        return await explain(self._repository, request)
+
+
 class InferenceServer:
     """A running server: its bound ports, readiness, and a graceful stop."""
 
@@ -312,10 +329,12 @@ class InferenceServer:
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(
             InferenceServicer(self.repository, self), self.grpc
         )
+        ex_grpc.add_ExplainerServicer_to_server(ExplainServicer(self.repository), self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection(
             (
                 SERVICE_NAME,
+                EXPLAIN_SERVICE_NAME,
                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                 reflection.SERVICE_NAME,
             ),
@@ -335,7 +354,7 @@ class InferenceServer:
             self.metrics_port = httpd.server_port
         self._started = True
         status = health_pb2.HealthCheckResponse.SERVING
-        for service in ("", SERVICE_NAME):
+        for service in ("", SERVICE_NAME, EXPLAIN_SERVICE_NAME):
             await self.health.set(service, status)
         ready = [e.name for e in self.repository.entries() if e.state == READY]
         log.info(

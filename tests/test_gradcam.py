@@ -458,6 +458,46 @@ def test_max_pool3d_backward_is_a_scatter_add(case: tuple[Any, ...], ties: bool)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+MAX_WINDOWS = [
+    # (dims, kernel, stride, ceil_mode, size): non-overlapping windows, odd sizes drop or
+    # (ceil mode) would hang over the edge
+    (2, 2, None, False, 24),
+    (2, 2, 2, False, 9),
+    (2, 3, 3, False, 10),
+    (2, 2, None, True, 8),
+    (3, 2, None, False, 8),
+    (3, (1, 2, 2), (1, 2, 2), False, 7),
+    (3, (2, 3, 1), None, False, 9),
+]
+
+
+@pytest.mark.parametrize("case", MAX_WINDOWS, ids=lambda c: "-".join(map(str, c)))
+def test_max_pool_with_indices_reshape_matches_pytorch_ties_included(case: tuple[Any, ...]) -> None:
+    dims, kernel, stride, ceil_mode, size = case
+    torch.manual_seed(0)
+    x = torch.relu(torch.randn(2, 3, *([size] * dims)) - 0.7)  # many tied zeros
+    pool = {2: F.max_pool2d, 3: F.max_pool3d}[dims]
+    want_values, want_indices = pool(x, kernel, stride, 0, 1, ceil_mode, return_indices=True)
+    decomposition = {2: dec.max_pool2d_with_indices, 3: dec.max_pool3d_with_indices}[dims]
+    listed = list(kernel) if isinstance(kernel, tuple) else [kernel]
+    strides = [] if stride is None else (list(stride) if isinstance(stride, tuple) else [stride])
+    values, indices = decomposition(x, listed, strides, [0], [1], ceil_mode)
+    torch.testing.assert_close(values, want_values, rtol=0, atol=0)
+    torch.testing.assert_close(indices, want_indices, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("kernel", "stride", "padding", "ceil_mode", "size"),
+    [(3, 2, 0, False, 9), (2, 2, 1, False, 8), (2, 2, 0, True, 9), (3, 1, 1, False, 7)],
+)
+def test_max_pool_with_indices_leaves_other_windows_to_onnx_maxpool(
+    kernel: int, stride: int, padding: int, ceil_mode: bool, size: int
+) -> None:
+    x = torch.randn(1, 2, size, size)
+    result = dec.max_pool2d_with_indices(x, [kernel], [stride], [padding], [1], ceil_mode)
+    assert result is NotImplemented
+
+
 @pytest.mark.parametrize(
     ("backward", "forward"), [(dec.silu_backward, F.silu), (dec.mish_backward, F.mish)]
 )

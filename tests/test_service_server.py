@@ -279,6 +279,22 @@ def test_concurrent_requests_are_batched(server: ServerThread) -> None:
     assert stats.execution_count - old.execution_count < 320
 
 
+def test_concurrent_requests_of_mixed_sizes_get_their_own_answers(server: ServerThread) -> None:
+    sizes = [1, 3, 2, 5, 1, 4, 7, 2] * 6
+    with server.channel() as channel:
+        client = stub(channel)
+        batches = [images(n, seed=100 + i) for i, n in enumerate(sizes)]
+        futures = [
+            client.ModelInfer.future(infer_request("classifier", x, outputs=("logits",)))
+            for x in batches
+        ]
+        for x, future in zip(batches, futures, strict=True):
+            response = future.result()
+            assert list(response.outputs[0].shape) == [len(x), 10]
+            logits = np.frombuffer(response.raw_output_contents[0], np.float32).reshape(-1, 10)
+            np.testing.assert_allclose(logits, reference_logits(x), atol=1e-5)
+
+
 def test_statistics_count_success_and_failure(client) -> None:  # type: ignore[no-untyped-def]
     before = client.ModelStatistics(pb.ModelStatisticsRequest(name="classifier", version="1"))
     client.ModelInfer(infer_request("classifier", images(3)))
@@ -318,6 +334,10 @@ def test_repository_index_load_and_unload(server: ServerThread, client) -> None:
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
     client.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="late"))
     client.ModelInfer(infer_request("late", images(1)))
+
+    client.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="late"))  # a reload
+    client.ModelInfer(infer_request("late", images(1)))
+    assert 'cnnserve_queue_depth{model="late",version="1"}' in server.scrape()
 
     with pytest.raises(grpc.RpcError) as info:
         client.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="ghost"))
@@ -390,7 +410,7 @@ def test_health_watch_turns_not_serving_while_draining(tmp_path: Path) -> None:
     channel = thread.channel()
     watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""))
     seen = [next(watch).status]
-    stopper = threading.Thread(target=thread.stop, kwargs={"grace": 2.0})
+    stopper = threading.Thread(target=thread.stop, kwargs={"grace": 1.0})
     stopper.start()
     with contextlib.suppress(grpc.RpcError):
         seen.append(next(watch).status)

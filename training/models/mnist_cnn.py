@@ -36,5 +36,5 @@ SPEC = {
     "build": MnistCnn,
     "gradcam_layer": "act2",
     "description": "the classic MNIST CNN (two 3x3 convs, max-pool, dropout, two fc layers)",
-    "epochs": 3,
+    "epochs": 8,
 }
