@@ -4,8 +4,10 @@ The ONNX exporter has no translation for several aten backward ops that autograd
 tracing Grad-CAM (`convolution_backward`, the average-pool backwards, `max_pool3d` backward;
 `silu_backward` / `mish_backward` survive as single ops). Each replacement here computes the same
 gradient with ops that map onto standard ONNX operators: a transposed convolution, a constant
-pooling matrix applied with MatMul, a scatter-add. `gradcam_decompositions()` is the table handed
-to `make_fx` together with PyTorch's own core decompositions.
+pooling matrix applied with MatMul, a scatter-add. Two forward ops are replaced too:
+`_adaptive_avg_pool3d` (no translation) and non-overlapping max-pool with indices (ONNX Runtime's
+MaxPool with an Indices output is slow). `gradcam_decompositions()` is the table handed to
+`make_fx` together with PyTorch's own core decompositions.
 """
 
 from __future__ import annotations
@@ -120,10 +122,7 @@ def avg_pool_matrix(
     per dimension, so an N-d pool is one such matrix per dimension. With `divisor_override` the
     entries are 0/1 and the caller divides once.
     """
-    span = size + 2 * padding - kernel
-    out = (-(-span // stride) if ceil_mode else span // stride) + 1
-    if ceil_mode and (out - 1) * stride >= size + padding:
-        out -= 1
+    out = pool_output_size(size, kernel, stride, padding, 1, ceil_mode)
     rows = []
     for o in range(out):
         start = o * stride - padding
@@ -293,6 +292,88 @@ def adaptive_avg_pool3d_backward(grad_output: torch.Tensor, input: torch.Tensor)
     return _adaptive_avg_pool_backward(grad_output, input, 3)
 
 
+def pool_output_size(
+    size: int, kernel: int, stride: int, padding: int, dilation: int, ceil_mode: bool
+) -> int:
+    """PyTorch's pooling output size (a ceil-mode window must start inside the input or padding)."""
+    span = size + 2 * padding - dilation * (kernel - 1) - 1
+    out = (-(-span // stride) if ceil_mode else span // stride) + 1
+    if ceil_mode and (out - 1) * stride >= size + padding:
+        out -= 1
+    return out
+
+
+def _max_pool_with_indices(
+    input: torch.Tensor,
+    kernel_size: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    ceil_mode: bool,
+    n: int,
+) -> Any:
+    kernel = _ints(kernel_size, n)
+    stride_ = _ints(stride, n) if len(stride) else kernel
+    if stride_ != kernel or any(_ints(padding, n)) or any(d != 1 for d in _ints(dilation, n)):
+        return NotImplemented  # overlapping or padded windows: ONNX MaxPool with Indices
+    sizes = [int(s) for s in input.shape[-n:]]
+    outs = [pool_output_size(sizes[i], kernel[i], kernel[i], 0, 1, ceil_mode) for i in range(n)]
+    if any(o * k > s for o, k, s in zip(outs, kernel, sizes, strict=True)):
+        return NotImplemented  # a ceil-mode window hangs over the edge
+    # Non-overlapping windows: a reshape, a transpose and a max over each window's elements.
+    x = input
+    for i in range(n):
+        if outs[i] * kernel[i] != sizes[i]:
+            x = x.narrow(2 + i, 0, outs[i] * kernel[i])
+    split = [d for o, k in zip(outs, kernel, strict=True) for d in (o, k)]
+    order = [0, 1, *(2 + 2 * i for i in range(n)), *(3 + 2 * i for i in range(n))]
+    windows = x.reshape(*input.shape[:2], *split).permute(order)
+    windows = windows.reshape(*input.shape[:2], *outs, math.prod(kernel))
+    values, position = windows.max(dim=-1)  # the first of tied maxima, as PyTorch's CPU kernel
+    # Flat input index (PyTorch's format): window corner + offset of the element in the window,
+    # the offset read from a small table (integer Mod/Div cost ORT more than the pooling).
+    corner = torch.zeros(outs, dtype=torch.int64)
+    offset = torch.zeros(kernel, dtype=torch.int64)
+    step = 1
+    for i in reversed(range(n)):
+        shape = [1] * n
+        shape[i] = outs[i]
+        corner = corner + (torch.arange(outs[i]) * kernel[i] * step).view(shape)
+        shape[i] = kernel[i]
+        offset = offset + (torch.arange(kernel[i]) * step).view(shape)
+        step *= sizes[i]
+    offset = offset.flatten().index_select(0, position.flatten()).view(position.shape)
+    return values, corner + offset
+
+
+def max_pool2d_with_indices(
+    input: torch.Tensor,
+    kernel_size: Sequence[int],
+    stride: Sequence[int] = (),
+    padding: Sequence[int] = (0,),
+    dilation: Sequence[int] = (1,),
+    ceil_mode: bool = False,
+) -> Any:
+    """`aten.max_pool2d_with_indices` for non-overlapping windows as reshape + max/argmax.
+
+    ONNX Runtime's MaxPool with an Indices output takes a slow path (over half the time of the
+    mnist_cnn explainer). Other windows return NotImplemented and keep the MaxPool.
+    """
+    return _max_pool_with_indices(input, kernel_size, stride, padding, dilation, ceil_mode, 2)
+
+
+def max_pool3d_with_indices(
+    input: torch.Tensor,
+    kernel_size: Sequence[int],
+    stride: Sequence[int] = (),
+    padding: Sequence[int] = (0,),
+    dilation: Sequence[int] = (1,),
+    ceil_mode: bool = False,
+) -> Any:
+    """`aten.max_pool3d_with_indices` for non-overlapping windows as reshape + max/argmax."""
+    return _max_pool_with_indices(input, kernel_size, stride, padding, dilation, ceil_mode, 3)
+
+
 def max_pool_backward_scatter(
     grad_output: torch.Tensor, input: torch.Tensor, indices: torch.Tensor
 ) -> torch.Tensor:
@@ -340,6 +421,8 @@ REPLACEMENTS: dict[Any, Callable[..., Any]] = {
     aten._adaptive_avg_pool3d_backward.default: adaptive_avg_pool3d_backward,
     aten.max_pool3d_with_indices_backward.default: max_pool3d_with_indices_backward,
     aten._adaptive_avg_pool3d.default: adaptive_avg_pool3d,
+    aten.max_pool2d_with_indices.default: max_pool2d_with_indices,
+    aten.max_pool3d_with_indices.default: max_pool3d_with_indices,
     aten.silu_backward.default: silu_backward,
     aten.mish_backward.default: mish_backward,
 }

@@ -3,7 +3,7 @@
 Grad-CAM (Selvaraju et al. 2017): the channel weights are the spatial mean of the gradient of the
 pre-softmax class score with respect to a target layer's activations; the map is the ReLU of the
 activations weighted by them. Exporting a module that calls `torch.autograd.grad` fails, so the
-forward and backward passes are traced together into one graph with `make_fx` (symbolic shapes,
+forward and backward passes are traced together into one graph with `make_fx` (a symbolic batch,
 the decompositions in `export.decompositions`), and that graph, wrapped with the upsampling and
 normalisation, goes through `torch.export` and the dynamo ONNX exporter. Nothing here knows an
 architecture: a forward hook splits the model at the named module.
@@ -243,8 +243,9 @@ def gradcam_graph(
     def core(pixels: torch.Tensor, target_class: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return _gradcam_core(model, target_layer, mean, std, pixels, target_class)
 
-    # Only the batch is symbolic: static spatial sizes trace ~3x faster and keep the graph free
-    # of shape arithmetic; the exported graph accepts any batch size.
+    # Only the batch is symbolic: static spatial sizes make the trace ~3x faster and keep shape
+    # arithmetic out of the graph. (Entering this fake mode around make_fx instead of handing it
+    # the fake inputs specialised the batch to 2 behind F.pad in LocalResponseNorm.)
     fake_mode = FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True)
     fake_pixels = fake_mode.from_tensor(
         example,
