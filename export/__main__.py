@@ -98,7 +98,7 @@ def export_explainer(
     )
     print(
         f"{explainer}: wrote {written} ({written.stat().st_size / 1e6:.2f} MB), target layer "
-        f"{layer!r}; cam_raw vs PyTorch autograd max abs diff {diff:.2e} on {len(pixels)} images"
+        f"{layer!r}; cam_raw and logits vs PyTorch autograd: max abs diff {diff:.2e} on {len(pixels)} images"
     )
     return {
         "path": str(written),
