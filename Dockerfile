@@ -18,7 +18,7 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY proto/ proto/
 COPY service/ service/
-RUN pip install grpcio-tools && python proto/generate.py && pip uninstall -y grpcio-tools \
+RUN pip install "grpcio-tools==1.85.*" && python proto/generate.py && pip uninstall -y grpcio-tools \
     && pip install . "${ORT_PACKAGE}" \
     && python -c "import service.server, onnxruntime; print(onnxruntime.get_available_providers())" \
     && ! python -c "import torch" 2>/dev/null
@@ -32,7 +32,7 @@ COPY --from=build /opt/venv /opt/venv
 COPY model_repository/ /models/
 ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 \
     CNNSERVE_MODEL_REPOSITORY=/models CNNSERVE_LOG_FORMAT=json
-USER cnnserve
+USER 10001
 EXPOSE 8001 8002
 HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 \
     CMD ["python3", "-m", "service.probe", "--url", "127.0.0.1:8001"]

