@@ -16,6 +16,7 @@ from torch import nn
 
 from training.clips import FRAMES, SIZE
 from training.models.layers import make_activation
+from training.models.norms import BN_MOMENTUM
 
 
 class Cnn3d(nn.Module):
@@ -24,15 +25,15 @@ class Cnn3d(nn.Module):
     def __init__(self, num_classes: int = 10, activation: str = "relu") -> None:
         super().__init__()
         self.conv1 = nn.Conv3d(1, 8, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm3d(8)
+        self.bn1 = nn.BatchNorm3d(8, momentum=BN_MOMENTUM)
         self.act1 = make_activation(activation)
         self.pool1 = nn.MaxPool3d((1, 2, 2))  # 8x32x32 -> 8x16x16
         self.conv2 = nn.Conv3d(8, 16, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm3d(16)
+        self.bn2 = nn.BatchNorm3d(16, momentum=BN_MOMENTUM)
         self.act2 = make_activation(activation)
         self.pool2 = nn.MaxPool3d(2)  # -> 4x8x8
         self.conv3 = nn.Conv3d(16, 32, 3, padding=1, bias=False)
-        self.bn3 = nn.BatchNorm3d(32)
+        self.bn3 = nn.BatchNorm3d(32, momentum=BN_MOMENTUM)
         self.act3 = make_activation(activation)
         self.avgpool = nn.AdaptiveAvgPool3d(1)
         self.dropout = nn.Dropout(0.2)

@@ -18,11 +18,12 @@ import torch
 from torch import nn
 
 from training.models.layers import make_activation
+from training.models.norms import BN_MOMENTUM
 
 ALPHA, BETA = 1.2, 1.1  # depth and width coefficients from the paper's grid search
 PHI = 1  # compound coefficient
-# Base stages: (expand ratio, output channels, repeats, stride, kernel); 28 -> 14 -> 7
-BASE_STAGES = ((1, 16, 1, 1, 3), (4, 24, 1, 2, 3), (4, 40, 1, 2, 5), (4, 64, 1, 1, 3))
+# Base stages: (expand ratio, output channels, repeats, stride, kernel); 14 -> 7 after the stem
+BASE_STAGES = ((1, 16, 1, 1, 3), (4, 24, 1, 2, 3), (4, 40, 1, 1, 5), (4, 64, 1, 1, 3))
 BASE_STEM, BASE_HEAD = 16, 128
 
 
@@ -68,17 +69,17 @@ class MBConv(nn.Module):
         if expand != 1:
             self.expand = nn.Sequential(
                 nn.Conv2d(in_ch, hidden, 1, bias=False),
-                nn.BatchNorm2d(hidden),
+                nn.BatchNorm2d(hidden, momentum=BN_MOMENTUM),
                 make_activation(activation),
             )
         self.depthwise = nn.Sequential(
             nn.Conv2d(hidden, hidden, kernel, stride, kernel // 2, groups=hidden, bias=False),
-            nn.BatchNorm2d(hidden),
+            nn.BatchNorm2d(hidden, momentum=BN_MOMENTUM),
             make_activation(activation),
         )
         self.se = SqueezeExcitation(hidden, max(1, in_ch // 4), activation)
         self.project = nn.Sequential(
-            nn.Conv2d(hidden, out_ch, 1, bias=False), nn.BatchNorm2d(out_ch)
+            nn.Conv2d(hidden, out_ch, 1, bias=False), nn.BatchNorm2d(out_ch, momentum=BN_MOMENTUM)
         )
         self.residual = stride == 1 and in_ch == out_ch
 
@@ -88,15 +89,15 @@ class MBConv(nn.Module):
 
 
 class EfficientNet(nn.Module):
-    """Stem conv, compound-scaled MBConv stages, 1x1 head conv, global average pool, fc."""
+    """Stride-2 stem conv, compound-scaled MBConv stages (14 -> 7), 1x1 head conv, GAP, fc."""
 
     def __init__(self, num_classes: int = 10, activation: str = "swish", phi: int = PHI) -> None:
         super().__init__()
         width = BETA**phi
         stem = round_channels(BASE_STEM * width)
         self.stem = nn.Sequential(
-            nn.Conv2d(1, stem, 3, padding=1, bias=False),
-            nn.BatchNorm2d(stem),
+            nn.Conv2d(1, stem, 3, stride=2, padding=1, bias=False),  # 28 -> 14, as B0's stem
+            nn.BatchNorm2d(stem, momentum=BN_MOMENTUM),
             make_activation(activation),
         )
         blocks: list[nn.Module] = []
@@ -110,7 +111,7 @@ class EfficientNet(nn.Module):
         self.blocks = nn.Sequential(*blocks)
         head = round_channels(BASE_HEAD * width)
         self.head_conv = nn.Conv2d(in_ch, head, 1, bias=False)
-        self.head_bn = nn.BatchNorm2d(head)
+        self.head_bn = nn.BatchNorm2d(head, momentum=BN_MOMENTUM)
         self.head_act = make_activation(activation)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.dropout = nn.Dropout(0.2)

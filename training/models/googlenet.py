@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from training.models.layers import make_activation
+from training.models.norms import BN_MOMENTUM
 
 
 class ConvUnit(nn.Sequential):
@@ -24,7 +25,7 @@ class ConvUnit(nn.Sequential):
     def __init__(self, in_ch: int, out_ch: int, kernel: int, activation: str) -> None:
         super().__init__(
             nn.Conv2d(in_ch, out_ch, kernel, padding=kernel // 2, bias=False),
-            nn.BatchNorm2d(out_ch),
+            nn.BatchNorm2d(out_ch, momentum=BN_MOMENTUM),
             make_activation(activation),
         )
 

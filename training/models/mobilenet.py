@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from training.models.layers import make_activation
+from training.models.norms import BN_MOMENTUM
 
 # (output channels, stride) of each depthwise separable layer: 28 -> 28 -> 14 -> 14 -> 7 -> 7
 LAYERS = ((32, 1), (64, 2), (64, 1), (128, 2), (128, 1))
@@ -33,10 +34,10 @@ class DepthwiseSeparable(nn.Module):
         self.depthwise = nn.Conv2d(
             in_ch, in_ch, 3, stride=stride, padding=1, groups=in_ch, bias=False
         )
-        self.bn1 = nn.BatchNorm2d(in_ch)
+        self.bn1 = nn.BatchNorm2d(in_ch, momentum=BN_MOMENTUM)
         self.act1 = _activation(activation)
         self.pointwise = nn.Conv2d(in_ch, out_ch, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(out_ch)
+        self.bn2 = nn.BatchNorm2d(out_ch, momentum=BN_MOMENTUM)
         self.act2 = _activation(activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -50,7 +51,9 @@ class MobileNet(nn.Module):
     def __init__(self, num_classes: int = 10, activation: str = "relu6") -> None:
         super().__init__()
         self.stem = nn.Sequential(
-            nn.Conv2d(1, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), _activation(activation)
+            nn.Conv2d(1, 16, 3, padding=1, bias=False),
+            nn.BatchNorm2d(16, momentum=BN_MOMENTUM),
+            _activation(activation),
         )
         blocks = []
         in_ch = 16

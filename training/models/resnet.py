@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from training.models.layers import make_activation
+from training.models.norms import BN_MOMENTUM
 
 STAGES = (16, 32, 64)
 BLOCKS_PER_STAGE = 1
@@ -26,14 +27,15 @@ class BasicBlock(nn.Module):
     def __init__(self, in_ch: int, out_ch: int, stride: int, activation: str) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(out_ch)
+        self.bn1 = nn.BatchNorm2d(out_ch, momentum=BN_MOMENTUM)
         self.act1 = make_activation(activation)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(out_ch)
+        self.bn2 = nn.BatchNorm2d(out_ch, momentum=BN_MOMENTUM)
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or in_ch != out_ch:
             self.shortcut = nn.Sequential(
-                nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False), nn.BatchNorm2d(out_ch)
+                nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False),
+                nn.BatchNorm2d(out_ch, momentum=BN_MOMENTUM),
             )
         self.act2 = make_activation(activation)
 
@@ -49,7 +51,7 @@ class ResNet(nn.Module):
         super().__init__()
         self.stem = nn.Sequential(
             nn.Conv2d(1, STAGES[0], 3, padding=1, bias=False),
-            nn.BatchNorm2d(STAGES[0]),
+            nn.BatchNorm2d(STAGES[0], momentum=BN_MOMENTUM),
             make_activation(activation),
         )
         in_ch = STAGES[0]
@@ -78,5 +80,5 @@ SPEC: dict[str, Any] = {
     "build": ResNet,
     "gradcam_layer": f"layer3.{BLOCKS_PER_STAGE - 1}.act2",
     "description": "ResNet (2015): residual blocks with BatchNorm, three stages, global avg-pool",
-    "epochs": 2,
+    "epochs": 3,
 }
