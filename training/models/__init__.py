@@ -34,7 +34,9 @@ class ModelSpec:
     input_shape: tuple[int, ...] = (1, 28, 28)  # without the batch dimension
     dataset: str = "mnist"
     epochs: int = 3  # default epochs of a full run
-    lr: float = 1.0  # Adadelta learning rate
+    lr: float = 1.0  # learning rate of the optimizer below
+    optimizer: str = "adadelta"  # adadelta (the classic recipe) or adamw
+    weight_decay: float = 0.0
     build_kwargs: dict[str, Any] = field(default_factory=dict)
 
 

@@ -96,5 +96,10 @@ SPEC: dict[str, Any] = {
     # ConvNeXt blocks end in a residual sum, with no activation after it: target the last block.
     "gradcam_layer": f"features.{2 * len(STAGES) - 1}.{STAGES[-1][1] - 1}",
     "description": "ConvNeXt (2022): 7x7 depthwise conv, LayerNorm, GELU, inverted bottleneck",
-    "epochs": 3,
+    # Adadelta barely moves the near-zero layer scales (37.6% after an epoch); AdamW, as in the
+    # paper, reached 98.08% in 3 epochs here.
+    "epochs": 6,
+    "optimizer": "adamw",
+    "lr": 2e-3,
+    "weight_decay": 0.05,
 }
