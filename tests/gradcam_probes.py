@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from training.models.convnext import LayerNorm2d
+
 
 def realistic_init(model: nn.Module, seed: int = 0) -> nn.Module:
     """He-initialised weights and non-trivial BatchNorm statistics, so maps are not near zero."""
@@ -227,22 +229,6 @@ class InceptionNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.inception2(self.pool(self.inception1(self.stem(x))))
         return self.fc(self.dropout(self.avg(x).flatten(1)))
-
-
-class LayerNorm2d(nn.Module):
-    """Channels-first LayerNorm, as ConvNeXt writes it (mean/var over channels)."""
-
-    def __init__(self, channels: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(channels))
-        self.bias = nn.Parameter(torch.zeros(channels))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mean = x.mean(1, keepdim=True)
-        var = (x - mean).pow(2).mean(1, keepdim=True)
-        x = (x - mean) / torch.sqrt(var + self.eps)
-        return self.weight[:, None, None] * x + self.bias[:, None, None]
 
 
 class ConvNeXtBlock(nn.Module):
