@@ -171,6 +171,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             disable=not ddp.is_main or args.quiet,
             unit="step",
             leave=False,
+            mininterval=0.1 if sys.stderr.isatty() else 5.0,  # a log file gets a line every 5 s
         )
         epoch_started = time.perf_counter()
         for i in bar:
