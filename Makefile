@@ -12,7 +12,7 @@ ORT_EXTRA   := $(if $(filter 1,$(GPU)),gpu,cpu)
 PY          := $(VENV)/bin/python
 PIP_FLAGS   ?= --disable-pip-version-check -q
 
-.PHONY: help venv tools sysdeps proto model serve test lint typecheck unit zoo bench image clean
+.PHONY: help venv tools sysdeps proto model serve test lint typecheck zoo perf bench image clean
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -79,12 +79,24 @@ zoo: | $(VENV)/.installed pb/.generated  ## Train and export every model of the 
 	done
 	$(PY) bench/zoo.py --repository $(REPO) --checkpoints $(CHECKPOINTS)
 
+URL         ?= 127.0.0.1:8001
+CONCURRENCY ?= 1:16:4
+CUDART      := $(TOOLS_VENV)/lib/python3.11/site-packages/nvidia/cuda_runtime/lib
+
+perf: tools  ## perf_analyzer against a running server (URL=, MODEL=, CONCURRENCY=)
+	LD_LIBRARY_PATH=$(CUDART) $(TOOLS_VENV)/bin/perf_analyzer -m $(MODEL) -i grpc -u $(URL) \
+		--concurrency-range $(CONCURRENCY)
+
 bench: model tools  ## Benchmarks: tables on stdout, JSON and plots under bench/results/
 	$(PY) bench/serving.py --repository $(REPO)
 	$(PY) bench/gradcam.py --repository $(REPO) --checkpoint $(CHECKPOINTS)/$(MODEL).pt
 
-image:  ## Build the container image (docker, or buildah where no engine runs)
-	docker build -t cnnserve:latest .
+BUILDAH ?= buildah --storage-driver vfs
+
+image: model  ## Build the container image (docker, or buildah where no engine runs)
+	@if docker info >/dev/null 2>&1; then docker build -t cnnserve:latest . ; \
+	elif command -v buildah >/dev/null; then $(BUILDAH) bud --isolation chroot --format docker -t cnnserve:latest . ; \
+	else echo "no Docker engine and no buildah here: apt-get install buildah" >&2; exit 1; fi
 
 clean:  ## Remove the venvs and generated code (keeps the model repository)
 	rm -rf $(VENV) $(TOOLS_VENV) pb
