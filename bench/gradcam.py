@@ -19,7 +19,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.loadgen import ROOT, closed_loop, print_table, running_server
+from bench.loadgen import ROOT, closed_loop, latest_model, print_table, running_server
 from pb import grpc_service_pb2 as pb
 
 
@@ -98,10 +98,7 @@ def main() -> None:
     pixels, _ = real_test_inputs(ckpt, 256)
     layer = str(ckpt.config["gradcam_layer"])
     explainer = args.model + "_gradcam"
-    versions = sorted(
-        (args.repository / explainer).glob("[0-9]*/model.onnx"), key=lambda p: int(p.parent.name)
-    )
-    onnx_path = versions[-1]
+    onnx_path = latest_model(args.repository, explainer)
     rows: list[dict[str, object]] = []
 
     # (b) PyTorch autograd in-process, the way users compute Grad-CAM today.

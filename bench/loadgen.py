@@ -23,6 +23,18 @@ ROOT = Path(__file__).resolve().parent.parent
 MAX_MESSAGE = 64 * 1024 * 1024
 
 
+def latest_model(repository: Path, name: str) -> Path:
+    """The model.onnx of a model's highest version in a repository."""
+    versions = sorted(
+        (repository / name).glob("[0-9]*/model.onnx"), key=lambda p: int(p.parent.name)
+    )
+    if not versions:
+        raise SystemExit(
+            f"no version of {name} in {repository}: export it first (make model / make zoo)"
+        )
+    return versions[-1]
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -28,7 +28,7 @@ import onnxruntime as ort
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.loadgen import print_table, running_server  # noqa: E402
+from bench.loadgen import latest_model, print_table, running_server  # noqa: E402
 from pb import grpc_service_pb2 as pb  # noqa: E402
 from pb import grpc_service_pb2_grpc as pb_grpc  # noqa: E402
 
@@ -215,9 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     if not PERF_ANALYZER.exists():
         print(f"{PERF_ANALYZER} is missing: run `make tools`", file=sys.stderr)
         return 2
-    model_dir = args.repository / args.model
-    versions = sorted(int(p.name) for p in model_dir.iterdir() if p.name.isdigit())
-    model_file = model_dir / str(versions[-1]) / "model.onnx"
+    model_file = latest_model(args.repository, args.model)
     args.out.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {
         "model": args.model,

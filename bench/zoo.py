@@ -22,17 +22,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-ROOT = Path(__file__).resolve().parent.parent
+from bench.loadgen import ROOT, latest_model
+
 START, END = "<!-- zoo-table:start -->", "<!-- zoo-table:end -->"
-
-
-def latest(repository: Path, name: str) -> Path:
-    versions = sorted(
-        (repository / name).glob("[0-9]*/model.onnx"), key=lambda p: int(p.parent.name)
-    )
-    if not versions:
-        raise SystemExit(f"{name} is not in {repository}: run `make zoo` first")
-    return versions[-1]
 
 
 def ort_timings(path: Path, shape: tuple[int, ...], seconds: float = 2.0) -> tuple[float, float]:
@@ -97,7 +89,7 @@ def gradcam_picture(repository: Path, names: list[str], out: Path) -> None:
         axes[row, 0].set_title(f"digit {labels[index]}", fontsize=8)
         for col, name in enumerate(flat, start=1):
             session = ort.InferenceSession(
-                str(latest(repository, f"{name}_gradcam")), providers=["CPUExecutionProvider"]
+                str(latest_model(repository, f"{name}_gradcam")), providers=["CPUExecutionProvider"]
             )
             cam, probs = session.run(
                 ["cam", "probabilities"], {"input": x, "target_class": np.array([-1])}
@@ -143,7 +135,7 @@ def main() -> None:
         export_file = args.checkpoints / f"{name}.export.json"
         exported = json.loads(export_file.read_text()) if export_file.exists() else {}
         ckpt = load_checkpoint(args.checkpoints / f"{name}.pt")
-        onnx_path = latest(args.repository, name)
+        onnx_path = latest_model(args.repository, name)
         ms1, tput32 = ort_timings(onnx_path, spec.input_shape)
         rows.append(
             {
