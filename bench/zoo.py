@@ -111,6 +111,46 @@ def gradcam_picture(repository: Path, names: list[str], out: Path) -> None:
     plt.close(fig)
 
 
+def clip_picture(repository: Path, out: Path) -> None:
+    """cnn3d's spatio-temporal Grad-CAM: each frame of a real test clip with its slice of the map."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import onnxruntime as ort
+    from PIL import Image
+
+    from service.imaging import overlay_png
+    from training.data import load_dataset
+
+    clips, labels, _ = load_dataset("moving_mnist", "test")
+    session = ort.InferenceSession(
+        str(latest_model(repository, "cnn3d_gradcam")), providers=["CPUExecutionProvider"]
+    )
+    picks = [0, 1]
+    frames = clips.shape[1]
+    fig, axes = plt.subplots(2 * len(picks), frames, figsize=(1.3 * frames, 2.8 * len(picks)))
+    for row, index in enumerate(picks):
+        clip = clips[index]
+        x = clip.astype(np.float32)[None, None] / 255.0
+        cam, probs = session.run(["cam", "probabilities"], {"input": x, "target_class": [-1]})
+        for t in range(frames):
+            big = np.kron(clip[t], np.ones((4, 4), dtype=np.uint8))
+            axes[2 * row, t].imshow(clip[t], cmap="gray")
+            axes[2 * row + 1, t].imshow(Image.open(io.BytesIO(overlay_png(big, cam[0, t]))))
+            axes[2 * row, t].set_title(f"frame {t}", fontsize=7)
+        axes[2 * row, 0].set_title(f"digit {labels[index]}, frame 0", fontsize=7)
+        axes[2 * row + 1, 0].set_title(
+            f"Grad-CAM of {probs[0].argmax()} ({100 * probs[0].max():.0f}%)", fontsize=7, loc="left"
+        )
+    for ax in axes.flat:
+        ax.axis("off")
+    fig.suptitle("cnn3d: Grad-CAM over time and space (one map for the whole clip)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
@@ -178,6 +218,10 @@ def main() -> None:
     print(table)
     gradcam_picture(args.repository, [r["model"] for r in rows], args.picture)
     print(f"wrote {args.picture}")
+    if any(r["model"] == "cnn3d" for r in rows):
+        clips_png = args.picture.with_name("cnn3d_gradcam.png")
+        clip_picture(args.repository, clips_png)
+        print(f"wrote {clips_png}")
 
 
 if __name__ == "__main__":

@@ -41,6 +41,13 @@ class Settings:
         default=1,
         metadata=_doc("ONNX Runtime intra-op threads per session (1 is best on a shared CPU)"),
     )
+    latency_threads: int = field(
+        default=min(2, os.cpu_count() or 1),
+        metadata=_doc(
+            "intra-op threads of the extra CPU session that runs a request arriving at an idle "
+            "model at once, on the event loop (0 turns this fast path off)"
+        ),
+    )
     device: str = field(
         default="auto",
         metadata=_doc(
@@ -77,6 +84,8 @@ class Settings:
         for name, low in (("intra_op_threads", 1), ("max_message_bytes", 1024)):
             if getattr(self, name) < low:
                 raise ValueError(f"{name} must be at least {low}")
+        if self.latency_threads < 0:
+            raise ValueError("latency_threads must not be negative")
         if self.grace_period_s < 0:
             raise ValueError("grace_period_s must not be negative")
 

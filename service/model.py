@@ -124,6 +124,7 @@ class ServedModel:
         signature: Signature,
         settings: Settings,
         metrics: ServingMetrics,
+        latency_session: OnnxModel | None = None,
     ) -> None:
         self.name = spec.name
         self.version = str(version)
@@ -136,6 +137,7 @@ class ServedModel:
         self.in_flight = 0
         batching = spec.config.dynamic_batching
         functions: list[BatchFunction] = [self._function(s, signature.batching) for s in sessions]
+        self.latency_session = latency_session
         self.batcher = DynamicBatcher(
             functions,
             max_batch_size=max(signature.max_batch_size, 1),
@@ -144,6 +146,9 @@ class ServedModel:
             preferred_batch_sizes=tuple(batching.preferred_batch_size),
             wait_for_preferred=settings.batching == "delay",
             on_batch=self._batch_done,
+            idle_function=(
+                self._function(latency_session, signature.batching) if latency_session else None
+            ),
             name=f"{self.name}:{self.version}",
         )
         self.metrics.watch(lambda: self.batcher.queue_depth, lambda: self.in_flight)
@@ -179,19 +184,24 @@ class ServedModel:
         signature = build_signature(spec)
         path = spec.versions[version]
 
-        def open_sessions() -> list[OnnxModel]:
+        def open_sessions() -> tuple[list[OnnxModel], OnnxModel | None]:
             sessions = [
                 OnnxModel(path, intra_op_threads=settings.intra_op_threads, device=device)
                 for device in _instance_devices(config, settings.device)
             ]
             check_graph(signature, sessions[0])
+            latency = None
+            if settings.latency_threads and sessions[0].provider != CUDA:
+                latency = OnnxModel(
+                    path, intra_op_threads=settings.latency_threads, device="cpu", spinning=False
+                )
             warm = _warmup_inputs(signature)
-            for session in sessions:
+            for session in [*sessions, *([latency] if latency else [])]:
                 session.run(warm)
-            return sessions
+            return sessions, latency
 
-        sessions = await asyncio.to_thread(open_sessions)
-        model = cls(spec, version, sessions, signature, settings, metrics)
+        sessions, latency = await asyncio.to_thread(open_sessions)
+        model = cls(spec, version, sessions, signature, settings, metrics, latency)
         log.info(
             "loaded %s version %s: %d instance(s) on %s, max_batch_size %d",
             spec.name, version, len(sessions), model.provider, signature.max_batch_size,

@@ -59,9 +59,20 @@ def requested_providers(device: str) -> list[str]:
 class OnnxModel:
     """One ONNX Runtime session; `run` is safe to call from one thread at a time."""
 
-    def __init__(self, path: Path, *, intra_op_threads: int = 1, device: str = "auto") -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        intra_op_threads: int = 1,
+        device: str = "auto",
+        spinning: bool = True,
+    ) -> None:
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
+        # Idle intra-op threads spin by default; a session used now and then should not.
+        options.add_session_config_entry(
+            "session.intra_op.allow_spinning", "1" if spinning else "0"
+        )
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

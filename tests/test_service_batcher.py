@@ -10,6 +10,7 @@ from collections.abc import Mapping
 import numpy as np
 import pytest
 
+from service import batcher as batcher_module
 from service.batcher import BatchRecord, DynamicBatcher
 from service.errors import DeadlineExceeded, ModelNotReady, QueueFull
 
@@ -248,5 +249,96 @@ def test_drain_finishes_queued_work_then_refuses() -> None:
         await asyncio.gather(*tasks)
         await closing
         assert gate.sizes == [1, 1, 1]
+
+    asyncio.run(scenario())
+
+
+class Recorder:
+    """A batch function that notes the thread and batch size of every call."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int]] = []
+
+    def __call__(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.calls.append((threading.current_thread().name, len(inputs["x"])))
+        return {"y": inputs["x"] * 2}
+
+
+def test_a_lone_request_runs_at_once_on_the_loop_thread() -> None:
+    async def scenario() -> None:
+        queued, idle = Recorder(), Recorder()
+        records: list[BatchRecord] = []
+        batcher = DynamicBatcher(
+            [queued], max_batch_size=8, idle_function=idle, on_batch=records.append
+        )
+        for start in range(3):  # one after another, with a pause: the model is idle each time
+            await asyncio.sleep(0.002)
+            result = await batcher.submit(rows(start, 2), 2)
+            np.testing.assert_array_equal(result.outputs["y"], rows(start, 2)["x"] * 2)
+            assert result.queue_ns == 0
+        assert idle.calls == [(threading.current_thread().name, 2)] * 3
+        assert queued.calls == []
+        assert [r.size for r in records] == [2, 2, 2]  # statistics still see every batch
+        await batcher.close()
+
+    asyncio.run(scenario())
+
+
+def test_requests_arriving_together_skip_the_fast_path_and_batch() -> None:
+    async def scenario() -> None:
+        queued, idle = Recorder(), Recorder()
+        batcher = DynamicBatcher([queued], max_batch_size=8, idle_function=idle)
+        results = await asyncio.gather(*(batcher.submit(rows(10 * i, 1), 1) for i in range(4)))
+        for i, result in enumerate(results):
+            np.testing.assert_array_equal(result.outputs["y"], rows(10 * i, 1)["x"] * 2)
+        assert idle.calls == []
+        assert sum(n for _, n in queued.calls) == 4 and len(queued.calls) < 4
+        await batcher.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_request_right_after_a_batch_takes_the_queue(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(batcher_module, "IDLE_GAP_NS", 10**9)  # "right after", even on a slow box
+
+    async def scenario() -> None:
+        queued, idle = Recorder(), Recorder()
+        batcher = DynamicBatcher([queued], max_batch_size=8, idle_function=idle)
+        await batcher.submit(rows(0, 1), 1)
+        await batcher.submit(rows(1, 1), 1)  # it was waiting while the first one ran
+        assert [n for _, n in idle.calls] == [1] and [n for _, n in queued.calls] == [1]
+        await batcher.close()
+
+    asyncio.run(scenario())
+
+
+def test_fast_path_stays_off_under_load_and_comes_back_when_calm() -> None:
+    async def scenario() -> None:
+        queued, idle = Recorder(), Recorder()
+        batcher = DynamicBatcher([queued], max_batch_size=8, idle_function=idle)
+        for burst in range(4):  # requests arriving together: the model is busy, not calm
+            await asyncio.gather(*(batcher.submit(rows(burst, 1), 1) for _ in range(8)))
+        await asyncio.sleep(0.002)
+        await batcher.submit(rows(0, 1), 1)
+        assert idle.calls == []  # idle right now, but too recently busy
+        for _ in range(100):  # a long calm stretch of lone requests
+            await asyncio.sleep(0.0005)
+            await batcher.submit(rows(0, 1), 1)
+        assert idle.calls, "the fast path never came back"
+        await batcher.close()
+
+    asyncio.run(scenario())
+
+
+def test_fast_path_failure_fails_only_that_request() -> None:
+    def broken(inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        raise RuntimeError("no")
+
+    async def scenario() -> None:
+        batcher = DynamicBatcher([double], max_batch_size=8, idle_function=broken)
+        with pytest.raises(RuntimeError, match="no"):
+            await batcher.submit(rows(0, 1), 1)
+        assert batcher.busy == 0
+        await asyncio.wait_for(batcher.drain(), 1)  # nothing left behind
 
     asyncio.run(scenario())

@@ -239,19 +239,30 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     return metrics
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except None ones: their help says what the model picks instead."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m training.train",
         description="Train a CNN of the zoo on MNIST and write a checkpoint (weights, config, "
         "normalisation, labels, metrics) and a PNG of its training curves.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     parser.add_argument("--model", default="mnist_cnn", choices=sorted(MODELS), help="architecture")
     parser.add_argument(
         "--epochs",
         type=int,
         default=None,
-        help="epochs (default: the model's own, e.g. mnist_cnn 3)",
+        help="epochs (default: the model's own: "
+        + ", ".join(f"{name} {spec.epochs}" for name, spec in sorted(MODELS.items()))
+        + ")",
     )
     parser.add_argument("--batch-size", type=int, default=64, help="batch size per process")
     parser.add_argument(

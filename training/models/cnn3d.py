@@ -53,5 +53,5 @@ SPEC: dict[str, Any] = {
     "description": "3D CNN: Conv3d over 8-frame 32x32 clips of a moving MNIST digit",
     "input_shape": (1, FRAMES, SIZE, SIZE),
     "dataset": "moving_mnist",
-    "epochs": 3,
+    "epochs": 6,
 }
