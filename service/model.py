@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
@@ -32,6 +32,8 @@ ONNX_BACKENDS = ("onnxruntime", "")
 NUM_CLASSES_PARAMETER = "num_classes"
 CLASS_INPUTS_PARAMETER = "class_inputs"
 DEFAULT_CLASS_INPUTS = "target_class"
+# The idle fast path runs on the event loop; a model slower than this per image stays off it.
+FAST_PATH_MAX_S = 0.005
 
 
 def build_signature(spec: ModelSpec) -> Signature:
@@ -111,6 +113,12 @@ def _warmup_inputs(sig: Signature) -> dict[str, np.ndarray]:
         t.name: np.zeros(lead + tuple(max(d, 1) for d in t.model_dims), dtype=t.dtype)
         for t in sig.inputs
     }
+
+
+def _seconds(fn: Callable[[dict[str, np.ndarray]], object], arg: dict[str, np.ndarray]) -> float:
+    start = time.perf_counter()
+    fn(arg)
+    return time.perf_counter() - start
 
 
 class ServedModel:
@@ -198,6 +206,13 @@ class ServedModel:
             warm = _warmup_inputs(signature)
             for session in [*sessions, *([latency] if latency else [])]:
                 session.run(warm)
+            if latency is not None:
+                took = min(_seconds(latency.run, warm) for _ in range(3))
+                if took > FAST_PATH_MAX_S:  # it would hold up the event loop: batcher only
+                    log.info(
+                        "%s: one image takes %.1f ms, no idle fast path", spec.name, took * 1e3
+                    )
+                    latency = None
             return sessions, latency
 
         sessions, latency = await asyncio.to_thread(open_sessions)

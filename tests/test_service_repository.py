@@ -9,6 +9,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from pb import model_config_pb2 as mc
+from service import model as model_module
 from service.config import Settings
 from service.errors import ModelLoadError, ModelNotFound, ModelNotReady
 from service.metrics import ServingMetrics
@@ -147,5 +148,30 @@ def test_get_routes_versions(tmp_path: Path) -> None:
         await repository.load("m")
         assert repository.get("m")[0] == 2
         await repository.close()
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize(
+    ("latency_threads", "max_s", "fast_path"),
+    [(2, 5.0, True), (0, 5.0, False), (2, 0.0, False)],  # on; turned off; model too slow
+)
+def test_idle_fast_path_session_only_for_quick_cpu_models(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    latency_threads: int,
+    max_s: float,
+    fast_path: bool,
+) -> None:
+    monkeypatch.setattr(model_module, "FAST_PATH_MAX_S", max_s)
+    write_model(tmp_path, classifier_config("m"), classifier_graph())
+    settings = Settings(model_repository=tmp_path, latency_threads=latency_threads)
+    metrics = ServingMetrics(CollectorRegistry())
+
+    async def run() -> None:
+        spec = read_model(tmp_path / "m")
+        model = await ServedModel.load(spec, 1, settings, metrics)
+        assert (model.latency_session is not None) is fast_path
+        await model.close()
 
     asyncio.run(run())

@@ -75,5 +75,5 @@ SPEC: dict[str, Any] = {
     "build": MobileNet,
     "gradcam_layer": f"features.{len(LAYERS) - 1}.act2",
     "description": "MobileNet (2017): depthwise separable convolutions with BatchNorm and ReLU6",
-    "epochs": 3,
+    "epochs": 4,
 }
