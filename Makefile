@@ -88,7 +88,7 @@ perf: tools  ## perf_analyzer against a running server (URL=, MODEL=, CONCURRENC
 		--concurrency-range $(CONCURRENCY)
 
 bench: model tools  ## Benchmarks: tables on stdout, JSON and plots under bench/results/
-	$(PY) bench/serving.py --repository $(REPO)
+	$(PY) bench/serving.py --repository $(REPO) --streaming
 	$(PY) bench/gradcam.py --repository $(REPO) --checkpoint $(CHECKPOINTS)/$(MODEL).pt
 
 BUILDAH ?= buildah --storage-driver vfs

@@ -200,6 +200,10 @@ def plot(result: dict[str, Any], path: Path) -> None:
                 label=f"{label} (perf_analyzer p50)")  # fmt: skip
         for r in rows:
             ax.annotate(f"c={r['concurrency']}", (r["infer_per_s"], r["p50_ms"]), fontsize=8)
+    ax.axhline(TARGETS["p50_ms_at_c1"], color="grey", ls=":", lw=1)
+    ax.axvline(TARGETS["infer_per_s_at_c16"], color="grey", ls=":", lw=1)
+    ax.annotate("targets: p50 < 1 ms at c=1, 3,500/s at c=16", (TARGETS["infer_per_s_at_c16"], 1.0),
+                fontsize=7, color="grey", xytext=(4, 4), textcoords="offset points")  # fmt: skip
     ax.set_xlabel("throughput (images/s)")
     ax.set_ylabel("p50 latency (ms)")
     ax.set_yscale("log")
