@@ -19,7 +19,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.loadgen import ROOT, closed_loop, latest_model, print_table, running_server
+from bench.loadgen import ROOT, closed_loop, latest_model, print_table, running_server, save_grid
 from pb import grpc_service_pb2 as pb
 
 
@@ -65,13 +65,7 @@ def overlay_picture(address: str, model: str, out: Path, count: int = 8) -> None
             axes[0, col].set_title(f"label {labels[col]}", fontsize=8)
             axes[1, col].imshow(Image.open(io.BytesIO(reply.explanations[0].overlay_png)))
             axes[1, col].set_title(f"{top.label} ({100 * top.probability:.1f}%)", fontsize=8)
-    for ax in axes.flat:
-        ax.axis("off")
-    fig.suptitle(f"{model}: Grad-CAM of the predicted class, served by the explain API", fontsize=9)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    save_grid(fig, f"{model}: Grad-CAM of the predicted class, served by the explain API", out)
 
 
 def main() -> None:

@@ -1,4 +1,5 @@
-"""A small closed-loop gRPC load generator and a server launcher, shared by the benchmarks."""
+"""What the benchmarks share: a closed-loop gRPC load generator, a server launcher, tables and
+picture grids."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -132,3 +134,16 @@ def print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
     print("  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True)))
     for row in rows:
         print("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)))
+
+
+def save_grid(fig: Any, title: str, out: Path, dpi: int = 110) -> None:
+    """Finish a grid of pictures (no axes, a title) and write it as a PNG."""
+    import matplotlib.pyplot as plt
+
+    for ax in fig.axes:
+        ax.axis("off")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=dpi)
+    plt.close(fig)

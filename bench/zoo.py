@@ -22,7 +22,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.loadgen import ROOT, latest_model
+from bench.loadgen import ROOT, latest_model, save_grid
 
 START, END = "<!-- zoo-table:start -->", "<!-- zoo-table:end -->"
 
@@ -99,16 +99,8 @@ def gradcam_picture(repository: Path, names: list[str], out: Path) -> None:
             axes[row, col].set_title(
                 f"{name}\n{probs[0].argmax()} ({100 * probs[0].max():.0f}%)", fontsize=7
             )
-    for ax in axes.flat:
-        ax.axis("off")
-    fig.suptitle(
-        "Grad-CAM of the predicted class, computed by ONNX Runtime from each explainer graph",
-        fontsize=9,
-    )
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    title = "Grad-CAM of the predicted class, computed by ONNX Runtime from each explainer graph"
+    save_grid(fig, title, out, dpi=120)
 
 
 def clip_picture(repository: Path, out: Path) -> None:
@@ -143,12 +135,7 @@ def clip_picture(repository: Path, out: Path) -> None:
         axes[2 * row + 1, 0].set_title(
             f"Grad-CAM of {probs[0].argmax()} ({100 * probs[0].max():.0f}%)", fontsize=7, loc="left"
         )
-    for ax in axes.flat:
-        ax.axis("off")
-    fig.suptitle("cnn3d: Grad-CAM over time and space (one map for the whole clip)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    save_grid(fig, "cnn3d: Grad-CAM over time and space (one map for the whole clip)", out)
 
 
 def main() -> None:

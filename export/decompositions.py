@@ -185,6 +185,7 @@ def _avg_pool_backward(
     ceil_mode: bool,
     count_include_pad: bool,
     divisor_override: int | None,
+    *,
     n: int,
 ) -> torch.Tensor:
     kernel = _ints(kernel_size, n)
@@ -215,52 +216,18 @@ def _avg_pool_backward(
     return grad
 
 
-def avg_pool2d_backward(
-    grad_output: torch.Tensor,
-    input: torch.Tensor,
-    kernel_size: Sequence[int],
-    stride: Sequence[int],
-    padding: Sequence[int],
-    ceil_mode: bool,
-    count_include_pad: bool,
-    divisor_override: int | None,
-) -> torch.Tensor:
-    """`aten.avg_pool2d_backward` as two constant pooling matrices applied with MatMul."""
-    return _avg_pool_backward(
-        grad_output,
-        input,
-        kernel_size,
-        stride,
-        padding,
-        ceil_mode,
-        count_include_pad,
-        divisor_override,
-        2,
-    )
+def avg_pool2d_backward(*args: Any) -> torch.Tensor:
+    """`aten.avg_pool2d_backward` as two constant pooling matrices applied with MatMul.
+
+    Arguments as the aten op: grad_output, input, kernel_size, stride, padding, ceil_mode,
+    count_include_pad, divisor_override.
+    """
+    return _avg_pool_backward(*args, n=2)
 
 
-def avg_pool3d_backward(
-    grad_output: torch.Tensor,
-    input: torch.Tensor,
-    kernel_size: Sequence[int],
-    stride: Sequence[int],
-    padding: Sequence[int],
-    ceil_mode: bool,
-    count_include_pad: bool,
-    divisor_override: int | None,
-) -> torch.Tensor:
+def avg_pool3d_backward(*args: Any) -> torch.Tensor:
     """`aten.avg_pool3d_backward` (also behind LocalResponseNorm) as three pooling matrices."""
-    return _avg_pool_backward(
-        grad_output,
-        input,
-        kernel_size,
-        stride,
-        padding,
-        ceil_mode,
-        count_include_pad,
-        divisor_override,
-        3,
-    )
+    return _avg_pool_backward(*args, n=3)
 
 
 def _adaptive_avg_pool_backward(

@@ -242,11 +242,6 @@ class ModelRepository:
         for name in sorted(self._entries):
             yield self._entries[name]
 
-    @property
-    def all_ready(self) -> bool:
-        """Whether every model that was found is serving."""
-        return all(e.state == READY for e in self._entries.values())
-
     def _set(self, entry: ModelEntry, state: str, reason: str) -> None:
         entry.state, entry.reason = state, reason
         if self._on_state is not None:
