@@ -22,7 +22,7 @@ from pb import explain_pb2 as ex
 from pb import explain_pb2_grpc as ex_grpc
 from pb import grpc_service_pb2 as pb
 from tests.conftest import ROOT
-from tests.service_harness import ServerThread, infer_request, running_server, stub
+from tests.support.harness import ServerThread, infer_request, running_server, stub
 from training.checkpoint import Checkpoint, load_checkpoint
 from training.data import load_mnist
 

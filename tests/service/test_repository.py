@@ -15,7 +15,7 @@ from service.errors import ModelLoadError, ModelNotFound, ModelNotReady
 from service.metrics import ServingMetrics
 from service.model import ServedModel
 from service.repository import READY, UNAVAILABLE, ModelRepository, read_model, select_versions
-from tests.onnx_models import (
+from tests.support.onnx_models import (
     classifier_config,
     classifier_graph,
     explainer_config,

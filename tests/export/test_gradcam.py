@@ -31,7 +31,7 @@ from export.gradcam import (
     run_explainer,
     verify_gradcam,
 )
-from tests.gradcam_probes import PROBES, BasicBlock, realistic_init
+from tests.support.gradcam_probes import PROBES, BasicBlock, realistic_init
 from training.data import MEAN, STD, load_mnist
 from training.models import MODELS
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 TOOLS_VENV = ROOT / ".venv-tools"
 TOOLS_PYTHON = TOOLS_VENV / "bin" / "python"
 PERF_ANALYZER = TOOLS_VENV / "bin" / "perf_analyzer"

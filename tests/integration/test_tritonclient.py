@@ -15,8 +15,13 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from tests.service_harness import ServerThread, running_server
-from tests.tools_venv.paths import PERF_ANALYZER, SCRIPTS, perf_analyzer_env, require_tools_python
+from tests.support.harness import ServerThread, running_server
+from tests.support.tools_venv.paths import (
+    PERF_ANALYZER,
+    SCRIPTS,
+    perf_analyzer_env,
+    require_tools_python,
+)
 
 MODEL = "mnist_cnn"
 
@@ -110,7 +115,7 @@ def test_exported_explainer_is_served_with_target_checks(
 ) -> None:
     import grpc
 
-    from tests.service_harness import infer_request, stub
+    from tests.support.harness import infer_request, stub
 
     explainer = f"{MODEL}_gradcam"
     if not (mnist_repository / explainer).is_dir():

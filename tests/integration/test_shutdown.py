@@ -16,10 +16,10 @@ import grpc
 import pytest
 
 from pb import grpc_service_pb2 as pb
-from tests.onnx_models import images, write_test_repository
-from tests.service_harness import infer_request, stub
+from tests.conftest import ROOT
+from tests.support.harness import infer_request, stub
+from tests.support.onnx_models import images, write_test_repository
 
-ROOT = Path(__file__).resolve().parent.parent
 PORT_LINE = re.compile(r"on gRPC port (\d+), metrics port (\d+)")
 
 

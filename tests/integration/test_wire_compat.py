@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 from pb import grpc_service_pb2, model_config_pb2
-from tests.tools_venv.descriptors import describe_file
-from tests.tools_venv.paths import SCRIPTS, require_tools_python
+from tests.support.tools_venv.descriptors import describe_file
+from tests.support.tools_venv.paths import SCRIPTS, require_tools_python
 
 SERVICE = "inference.GRPCInferenceService"
 

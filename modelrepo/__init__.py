@@ -1,0 +1,64 @@
+"""The model repository's contract, shared by export/, service/ and tests/ (no torch here).
+
+Layout (Triton's): <repo>/<model>/config.pbtxt, <repo>/<model>/labels.txt,
+<repo>/<model>/<version>/model.onnx. A classifier `<model>` may have an explainer beside it,
+`<model>_gradcam`, that takes the classifier's input plus a target class per item and returns
+Grad-CAM maps. The names below are the only place these strings are spelled.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from google.protobuf import text_format
+
+from pb import model_config_pb2 as mc
+
+CONFIG_FILE = "config.pbtxt"
+MODEL_FILE = "model.onnx"
+LABELS_FILE = "labels.txt"
+
+EXPLAINER_SUFFIX = "_gradcam"
+
+# Tensor names: a classifier takes INPUT and returns LOGITS and PROBABILITIES; its explainer takes
+# INPUT and TARGET_CLASS (-1 = the predicted class) and returns CAM, PROBABILITIES,
+# EXPLAINED_CLASS and ACTIVATIONS (the target layer's feature maps).
+INPUT = "input"
+LOGITS = "logits"
+PROBABILITIES = "probabilities"
+TARGET_CLASS = "target_class"
+CAM = "cam"
+EXPLAINED_CLASS = "explained_class"
+ACTIVATIONS = "activations"
+
+# config.pbtxt parameters. NUM_CLASSES makes the inputs named in CLASS_INPUTS (default
+# TARGET_CLASS) hold a class index in [-1, NUM_CLASSES); TARGET_LAYER and CLASSIFIER describe an
+# explainer; EXECUTION_PROVIDER is added by the server to the config it reports.
+NUM_CLASSES = "num_classes"
+CLASS_INPUTS = "class_inputs"
+TARGET_LAYER = "target_layer"
+CLASSIFIER = "classifier"
+EXECUTION_PROVIDER = "execution_provider"
+
+
+def explainer_name(model: str) -> str:
+    """The name of `model`'s Grad-CAM explainer in the repository."""
+    return model + EXPLAINER_SUFFIX
+
+
+def read_config(model_dir: Path) -> mc.ModelConfig:
+    """Parse a model's config.pbtxt (raises OSError or text_format.ParseError)."""
+    return text_format.Parse((model_dir / CONFIG_FILE).read_text(), mc.ModelConfig())
+
+
+def write_config(model_dir: Path, config: mc.ModelConfig) -> Path:
+    """Write a model's config.pbtxt; returns its path."""
+    path = model_dir / CONFIG_FILE
+    path.write_text(text_format.MessageToString(config))
+    return path
+
+
+def read_labels(model_dir: Path) -> list[str]:
+    """The class labels of a model, one a line ([] when the file is absent)."""
+    path = model_dir / LABELS_FILE
+    return path.read_text().splitlines() if path.is_file() else []
