@@ -140,7 +140,7 @@ class RequestedOutput:
 
 @dataclass
 class DecodedRequest:
-    """A request's inputs as arrays shaped for the model, its batch size and wanted outputs."""
+    """A request's inputs as batch-first arrays, its batch size and the outputs it wants."""
 
     inputs: dict[str, np.ndarray]
     batch_size: int
@@ -218,8 +218,9 @@ def decode_request(request: pb.ModelInferRequest, sig: Signature) -> DecodedRequ
                     f"input '{spec.name}': values must lie in [{low}, {high - 1}]; "
                     f"got {array.min()}..{array.max()}"
                 )
-        lead = (batch,) if sig.batching else ()
-        arrays[spec.name] = array.reshape(lead + _resolve(spec.model_dims, shape[len(lead) :]))
+        # Inside the server every array is batch-first; a model without a batch dim gets 1.
+        item = shape[1:] if sig.batching else shape
+        arrays[spec.name] = array.reshape((max(batch, 1), *_resolve(spec.model_dims, item)))
     return DecodedRequest(arrays, max(batch, 1), requested_outputs(request, sig))
 
 
@@ -330,13 +331,14 @@ def encode_response(
 
 
 def _wire_shape(spec: TensorSpec, shape: tuple[int, ...], batching: bool) -> tuple[int, ...]:
-    if spec.dims == spec.model_dims:
-        return shape
+    """The protocol shape of a batch-first output (no leading dim for a model without one)."""
     lead = shape[:1] if batching else ()
+    if spec.dims == spec.model_dims:
+        return lead + shape[1:]
     if -1 not in spec.dims:
         return lead + spec.dims
     known = int(np.prod([d for d in spec.dims if d != -1], dtype=np.int64))
-    items = int(np.prod(shape[len(lead) :], dtype=np.int64))
+    items = int(np.prod(shape[1:], dtype=np.int64))
     return lead + tuple(items // max(known, 1) if d == -1 else d for d in spec.dims)
 
 
@@ -344,7 +346,7 @@ def _classify(
     array: np.ndarray, k: int, labels: Sequence[str], batching: bool
 ) -> tuple[bytes, tuple[int, ...]]:
     """Top-k as Triton's classification extension: BYTES "value:index[:label]" per class."""
-    rows = array.reshape(-1, array.shape[-1]) if batching else array.reshape(1, -1)
+    rows = array.reshape(array.shape[0], -1)
     k = min(k, rows.shape[-1])
     top = np.argsort(-rows, axis=1, kind="stable")[:, :k]
     parts: list[bytes] = []

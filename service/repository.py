@@ -13,18 +13,19 @@ import logging
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
 
 from google.protobuf import text_format
 
+import modelrepo
 from pb import model_config_pb2 as mc
 
 from .errors import ModelLoadError, ModelNotFound, ModelNotReady
 
 log = logging.getLogger(__name__)
 
-CONFIG_FILE = "config.pbtxt"
-DEFAULT_MODEL_FILE = "model.onnx"
+CONFIG_FILE = modelrepo.CONFIG_FILE
+DEFAULT_MODEL_FILE = modelrepo.MODEL_FILE
 
 READY = "READY"
 UNAVAILABLE = "UNAVAILABLE"
@@ -45,12 +46,12 @@ class ModelSpec:
     labels: dict[str, tuple[str, ...]] = field(default_factory=dict)  # output name -> labels
 
 
-def read_config(path: Path) -> mc.ModelConfig:
-    """Parse a text-format ModelConfig file."""
+def read_config(directory: Path) -> mc.ModelConfig:
+    """Parse a model folder's config.pbtxt; raises ModelLoadError saying what is wrong."""
     try:
-        return text_format.Parse(path.read_text(), mc.ModelConfig())
+        return modelrepo.read_config(directory)
     except (OSError, UnicodeDecodeError, text_format.ParseError) as exc:
-        raise ModelLoadError(f"{path.name}: {exc}") from exc
+        raise ModelLoadError(f"{CONFIG_FILE}: {exc}") from exc
 
 
 def select_versions(available: list[int], policy: mc.ModelVersionPolicy) -> list[int]:
@@ -69,7 +70,7 @@ def read_model(directory: Path) -> ModelSpec:
     config_path = directory / CONFIG_FILE
     if not config_path.is_file():
         raise ModelLoadError(f"no {CONFIG_FILE} in {directory.name}/")
-    config = read_config(config_path)
+    config = read_config(directory)
     if not config.name:
         config.name = directory.name
     elif config.name != directory.name:
@@ -108,35 +109,49 @@ class LoadedVersion(Protocol):
     async def close(self) -> None: ...
 
 
+V = TypeVar("V", bound=LoadedVersion)
+
+
 @dataclass
-class ModelEntry:
+class ModelEntry(Generic[V]):
     """One model's state: READY, UNAVAILABLE (with reason), LOADING or UNLOADING."""
 
     name: str
     state: str = UNAVAILABLE
     reason: str = ""
     spec: ModelSpec | None = None
-    versions: dict[int, LoadedVersion] = field(default_factory=dict)
+    versions: dict[int, V] = field(default_factory=dict)
     failed: dict[int, str] = field(default_factory=dict)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
 
 
-VersionLoader = Callable[[ModelSpec, int], Awaitable[LoadedVersion]]
+@dataclass(frozen=True)
+class IndexRow:
+    """One line of the repository index: a model (or one of its versions) and its state."""
+
+    name: str
+    version: str
+    state: str
+    reason: str = ""
 
 
-class ModelRepository:
-    """Loads, serves and unloads the models under one repository folder."""
+class ModelRepository(Generic[V]):
+    """Loads, serves and unloads the models under one repository folder.
+
+    Typed by what its loader makes (`ModelRepository[ServedModel]` in the server), so callers
+    get that type back from `get` without downcasts.
+    """
 
     def __init__(
         self,
         root: Path,
-        loader: VersionLoader,
-        on_state: Callable[[ModelEntry], None] | None = None,
+        loader: Callable[[ModelSpec, int], Awaitable[V]],
+        on_state: Callable[[ModelEntry[V]], None] | None = None,
     ) -> None:
         self.root = root
         self._loader = loader
         self._on_state = on_state
-        self._entries: dict[str, ModelEntry] = {}
+        self._entries: dict[str, ModelEntry[V]] = {}
 
     def model_names(self) -> list[str]:
         """Model folders in the repository now (hidden folders skipped)."""
@@ -154,18 +169,18 @@ class ModelRepository:
             with contextlib.suppress(ModelLoadError):
                 await self.load(name)
 
-    async def load(self, name: str) -> ModelEntry:
+    async def load(self, name: str) -> ModelEntry[V]:
         """(Re)load one model; on failure it is left UNAVAILABLE (or keeps its old versions)."""
         if name not in self.model_names():
             raise ModelNotFound(f"no model '{name}' in the repository")
-        entry = self._entries.setdefault(name, ModelEntry(name))
+        entry = self._entries.setdefault(name, ModelEntry[V](name))
         async with entry.lock:
             previous = dict(entry.versions)
             if not previous:
                 self._set(entry, LOADING, "")
             try:
                 spec = await asyncio.to_thread(read_model, self.root / name)
-                loaded: dict[int, LoadedVersion] = {}
+                loaded: dict[int, V] = {}
                 failed = {v: "version folder or model file missing" for v in spec.missing_versions}
                 for version in spec.versions:
                     try:
@@ -209,7 +224,7 @@ class ModelRepository:
         for name in list(self._entries):
             await self.unload(name)
 
-    def get(self, name: str, version: str = "") -> tuple[int, LoadedVersion]:
+    def get(self, name: str, version: str = "") -> tuple[int, V]:
         """The serving version for a request: the newest one, or the one named."""
         entry = self._entries.get(name)
         if entry is None:
@@ -230,19 +245,51 @@ class ModelRepository:
             raise ModelNotFound(f"model '{name}' has no version '{version}'")
         return number, loaded
 
-    def entry(self, name: str) -> ModelEntry:
+    def entry(self, name: str) -> ModelEntry[V]:
         """The entry of a known model."""
         entry = self._entries.get(name)
         if entry is None:
             raise ModelNotFound(f"unknown model '{name}'")
         return entry
 
-    def entries(self) -> Iterator[ModelEntry]:
+    def entries(self) -> Iterator[ModelEntry[V]]:
         """Every model the repository has seen, by name."""
         for name in sorted(self._entries):
             yield self._entries[name]
 
-    def _set(self, entry: ModelEntry, state: str, reason: str) -> None:
+    def serving(self, name: str = "", version: str = "") -> list[V]:
+        """The loaded versions: of every model, of one model, or the one version named."""
+        if name and version:
+            return [self.get(name, version)[1]]
+        entries = [self.entry(name)] if name else list(self.entries())
+        return [e.versions[v] for e in entries for v in sorted(e.versions)]
+
+    def index(self, ready_only: bool = False) -> list[IndexRow]:
+        """Every model and version with its state; folders never loaded show as UNAVAILABLE."""
+        rows: list[IndexRow] = []
+        for entry in self.entries():
+            rows.extend(IndexRow(entry.name, str(v), READY) for v in sorted(entry.versions))
+            if ready_only:
+                continue
+            rows.extend(
+                IndexRow(entry.name, str(v), UNAVAILABLE, reason)
+                for v, reason in sorted(entry.failed.items())
+            )
+            if not entry.versions and not entry.failed:
+                rows.append(IndexRow(entry.name, "", entry.state, entry.reason))
+        if not ready_only:
+            rows.extend(
+                IndexRow(name, "", UNAVAILABLE, "not loaded")
+                for name in self.model_names()
+                if name not in self._entries
+            )
+        return rows
+
+    def ready(self) -> bool:
+        """Whether at least one model is serving."""
+        return any(e.state == READY for e in self._entries.values())
+
+    def _set(self, entry: ModelEntry[V], state: str, reason: str) -> None:
         entry.state, entry.reason = state, reason
         if self._on_state is not None:
             self._on_state(entry)

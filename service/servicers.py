@@ -1,0 +1,219 @@
+"""The gRPC servicers: thin layers that decode, call the model layer and encode.
+
+The protocol stops here: below these classes, models take and return numpy arrays. Methods raise
+domain errors (`errors.py`); `handlers.py` parses each request and turns errors into statuses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+
+from pb import explain_pb2 as ex
+from pb import explain_pb2_grpc as ex_grpc
+from pb import grpc_service_pb2 as pb
+from pb import grpc_service_pb2_grpc as pb_grpc
+
+from . import __version__
+from .codec import decode_request, encode_response
+from .errors import InvalidInput, ModelNotReady, Unsupported
+from .explain import explain
+from .handlers import Rejections
+from .model import ServedModel
+from .repository import ModelRepository
+
+SERVER_NAME = "cnnserve"
+EXTENSIONS = ("classification", "model_repository", "model_configuration", "statistics")
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    """The Open Inference Protocol over the model repository."""
+
+    def __init__(
+        self,
+        repository: ModelRepository[ServedModel],
+        ready: Callable[[], bool],
+        draining: Callable[[], bool],
+        rejections: Rejections,
+    ) -> None:
+        self._repository = repository
+        self._rejections = rejections
+        self._ready = ready
+        self._draining = draining
+
+    def _model(self, name: str, version: str) -> ServedModel:
+        return self._repository.get(name, version)[1]
+
+    async def ServerLive(
+        self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(
+        self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self._ready())
+
+    async def ModelReady(
+        self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelReadyResponse:
+        try:
+            self._repository.get(request.name, request.version)
+        except ModelNotReady:
+            return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(ready=not self._draining())
+
+    async def ServerMetadata(
+        self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(
+            name=SERVER_NAME, version=__version__, extensions=EXTENSIONS
+        )
+
+    async def ModelMetadata(
+        self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelMetadataResponse:
+        model = self._model(request.name, request.version)
+        entry = self._repository.entry(request.name)
+        lead = [-1] if model.signature.batching else []
+        tensor = pb.ModelMetadataResponse.TensorMetadata
+        return pb.ModelMetadataResponse(
+            name=model.name,
+            versions=[str(v) for v in sorted(entry.versions)],
+            platform=model.config.platform or "onnxruntime_onnx",
+            inputs=[
+                tensor(name=t.name, datatype=t.datatype, shape=[*lead, *t.dims])
+                for t in model.signature.inputs
+            ],
+            outputs=[
+                tensor(name=t.name, datatype=t.datatype, shape=[*lead, *t.dims])
+                for t in model.signature.outputs
+            ],
+        )
+
+    async def ModelConfig(
+        self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelConfigResponse:
+        model = self._model(request.name, request.version)
+        return pb.ModelConfigResponse(config=model.reported_config())
+
+    async def ModelInfer(
+        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelInferResponse:
+        return await self._infer(request, context.time_remaining())
+
+    async def _infer(
+        self, request: pb.ModelInferRequest, timeout_s: float | None
+    ) -> pb.ModelInferResponse:
+        """decode -> model.infer -> encode: the whole protocol work of one request."""
+        model = self._model(request.model_name, request.model_version)
+        start = time.perf_counter_ns()
+        try:
+            decoded = decode_request(request, model.signature)
+        except Exception as exc:
+            model.request_failed(start, exc)
+            raise
+        outputs = await model.infer(decoded.inputs, decoded.batch_size, timeout_s, start)
+        return encode_response(
+            request, model.version, outputs, decoded.outputs, model.signature.batching
+        )
+
+    async def ModelStreamInfer(
+        self,
+        request_iterator: AsyncIterator[pb.ModelInferRequest | InvalidInput],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """Run each streamed request as it arrives; answers come back as they finish."""
+        answers: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+        pending: set[asyncio.Task[None]] = set()
+        reading = True
+
+        async def answer(request: pb.ModelInferRequest | InvalidInput) -> None:
+            if isinstance(request, InvalidInput):  # a frame that did not parse
+                answers.put_nowait(pb.ModelStreamInferResponse(error_message=str(request)))
+                return
+            try:
+                response = await self._infer(request, context.time_remaining())
+                answers.put_nowait(pb.ModelStreamInferResponse(infer_response=response))
+            except Exception as exc:
+                _, message = self._rejections.status("ModelStreamInfer", exc)
+                answers.put_nowait(
+                    pb.ModelStreamInferResponse(
+                        error_message=message,
+                        infer_response=pb.ModelInferResponse(
+                            model_name=request.model_name,
+                            model_version=request.model_version,
+                            id=request.id,
+                        ),
+                    )
+                )
+
+        def finished(task: asyncio.Task[None]) -> None:
+            pending.discard(task)
+            if not reading and not pending:
+                answers.put_nowait(None)
+
+        async def read() -> None:
+            nonlocal reading
+            try:
+                async for request in request_iterator:
+                    task = asyncio.create_task(answer(request))
+                    pending.add(task)
+                    task.add_done_callback(finished)
+            finally:
+                reading = False
+                if not pending:
+                    answers.put_nowait(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (item := await answers.get()) is not None:
+                yield item
+            await reader
+        finally:
+            reader.cancel()
+            for task in list(pending):
+                task.cancel()
+
+    async def ModelStatistics(
+        self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelStatisticsResponse:
+        models = self._repository.serving(request.name, request.version)
+        return pb.ModelStatisticsResponse(model_stats=[m.stats.to_proto() for m in models])
+
+    async def RepositoryIndex(
+        self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryIndexResponse:
+        index = pb.RepositoryIndexResponse()
+        for row in self._repository.index(ready_only=request.ready):
+            index.models.add(name=row.name, version=row.version, state=row.state, reason=row.reason)
+        return index
+
+    async def RepositoryModelLoad(
+        self, request: pb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryModelLoadResponse:
+        if request.parameters:
+            raise Unsupported("load parameters (config or file overrides) are not supported")
+        await self._repository.load(request.model_name)
+        return pb.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(
+        self, request: pb.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryModelUnloadResponse:
+        await self._repository.unload(request.model_name)
+        return pb.RepositoryModelUnloadResponse()
+
+
+class ExplainServicer(ex_grpc.ExplainerServicer):
+    """The explain API: an image in, predictions, Grad-CAM heatmaps and pictures out."""
+
+    def __init__(self, repository: ModelRepository[ServedModel]) -> None:
+        self._repository = repository
+
+    async def Explain(
+        self, request: ex.ExplainRequest, context: grpc.aio.ServicerContext
+    ) -> ex.ExplainResponse:
+        return await explain(self._repository, request, context.time_remaining())
