@@ -18,7 +18,7 @@ import numpy as np
 from pb import grpc_service_pb2 as pb
 from pb import model_config_pb2 as mc
 
-from .errors import InvalidInput
+from .errors import InvalidInput, shorten
 
 # Protocol datatype name -> numpy dtype (little-endian). BF16 and BYTES have no numpy twin here.
 NUMPY_DTYPES: dict[str, np.dtype[Any]] = {
@@ -228,11 +228,12 @@ def _explain_input_names(names: list[str], sig: Signature) -> None:
     seen: set[str] = set()
     for name in names:
         if name in seen:
-            raise InvalidInput(f"input '{name}' is given more than once")
+            raise InvalidInput(f"input '{shorten(name)}' is given more than once")
         seen.add(name)
         if name not in sig.inputs_by_name:
             raise InvalidInput(
-                f"unknown input '{name}'; the model's inputs are: {', '.join(sig.inputs_by_name)}"
+                f"unknown input '{shorten(name)}'; the model's inputs are: "
+                f"{', '.join(sig.inputs_by_name)}"
             )
     missing = [n for n in sig.inputs_by_name if n not in seen]
     raise InvalidInput(f"missing input(s): {', '.join(missing)}")
@@ -276,14 +277,23 @@ def requested_outputs(request: pb.ModelInferRequest, sig: Signature) -> list[Req
     """The outputs a request asks for (all, when it names none), checked against the model."""
     if not request.outputs:
         return [RequestedOutput(spec) for spec in sig.outputs]
+    if len(request.outputs) > len(sig.outputs):
+        raise InvalidInput(
+            f"{len(request.outputs)} outputs requested; the model has {len(sig.outputs)}: "
+            f"{', '.join(sig.outputs_by_name)}"
+        )
     wanted: list[RequestedOutput] = []
+    seen: set[str] = set()
     for out in request.outputs:
         spec = sig.outputs_by_name.get(out.name)
         if spec is None:
             raise InvalidInput(
-                f"unknown output '{out.name}' requested; the model's outputs are: "
+                f"unknown output '{shorten(out.name)}' requested; the model's outputs are: "
                 f"{', '.join(sig.outputs_by_name)}"
             )
+        if out.name in seen:
+            raise InvalidInput(f"output '{out.name}' is requested more than once")
+        seen.add(out.name)
         classes = 0
         if CLASSIFICATION in out.parameters:
             param = out.parameters[CLASSIFICATION]

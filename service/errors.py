@@ -49,6 +49,14 @@ class Unsupported(ServingError):
 
 
 INTERNAL_MESSAGE = "internal error (details are in the server log)"
+MAX_ECHO = 100  # characters of a client's text (a name, a version) repeated in a message
+
+
+def shorten(text: str, limit: int = MAX_ECHO) -> str:
+    """A client's text cut to `limit` characters, on one line: safe to echo or to log."""
+    text = text.replace("\n", " ").replace("\r", " ")
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
 
 # Why a request was refused: a frame that is not a valid message, or the status it got. A fixed
 # set, so the rejected-requests counter has bounded labels.

@@ -78,8 +78,9 @@ async def _run(
     """Run one item (repeated once per target class) through a model; outputs by name."""
     count = max(len(targets or []), 1)
     inputs = {INPUT: np.repeat(pixels[np.newaxis], count, 0)}
-    if targets is not None:
-        inputs[TARGET] = np.asarray(targets, dtype=np.int64).reshape(count, 1)
+    if targets is not None:  # shaped as the graph takes it: [count] or [count, 1]
+        target_dims = model.signature.inputs_by_name[TARGET].model_dims
+        inputs[TARGET] = np.asarray(targets, dtype=np.int64).reshape(count, *target_dims)
     return await model.infer(inputs, count, timeout_s)
 
 

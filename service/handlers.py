@@ -20,11 +20,9 @@ from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import DecodeError, Message
 from google.protobuf.message_factory import GetMessageClass
 
-from .errors import INTERNAL_MESSAGE, MALFORMED, InvalidInput, ServingError
+from .errors import INTERNAL_MESSAGE, MALFORMED, InvalidInput, ServingError, shorten
 
 log = logging.getLogger(__name__)
-
-MAX_ECHO = 200  # characters of a client's text (a name, a version) repeated in a message
 
 
 class RateLimitedLog:
@@ -53,12 +51,6 @@ class RateLimitedLog:
             self._log.log(level, message, *args, exc_info=exc_info)
         else:
             self._suppressed += 1
-
-
-def shorten(text: str, limit: int = MAX_ECHO) -> str:
-    """A client's text, cut to `limit` characters, safe to echo in a message or a log line."""
-    text = text.replace("\n", " ")
-    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
 
 
 @dataclass

@@ -30,8 +30,9 @@ log = logging.getLogger(__name__)
 ONNX_PLATFORMS = ("onnxruntime_onnx", "")
 ONNX_BACKENDS = ("onnxruntime", "")
 DEFAULT_CLASS_INPUTS = modelrepo.TARGET_CLASS
-# The idle fast path runs on the event loop; a model slower than this per image stays off it.
-FAST_PATH_MAX_S = 0.005
+# The idle fast path runs on the event loop: it takes only requests expected to run within this
+# (measured seconds per image x images), and a model slower than this per image stays off it.
+FAST_PATH_MAX_S = 0.001
 
 
 def build_signature(spec: ModelSpec) -> Signature:
@@ -170,10 +171,13 @@ async def load_version(
     """Check the config, open the sessions (in a thread), warm them up and start serving."""
     _check_config(spec.config)
     signature = build_signature(spec)
-    sessions, latency, _ = await asyncio.to_thread(
+    sessions, latency, per_image = await asyncio.to_thread(
         _open_sessions, spec, version, signature, settings
     )
-    model = ServedModel(spec, version, sessions, signature, settings, metrics, latency)
+    idle_max_size = max(1, int(FAST_PATH_MAX_S / per_image)) if latency and per_image > 0 else 1
+    model = ServedModel(
+        spec, version, sessions, signature, settings, metrics, latency, idle_max_size
+    )
     log.info(
         "loaded %s version %s: %d instance(s) on %s, max_batch_size %d",
         spec.name, version, len(sessions), model.provider, signature.max_batch_size,

@@ -40,6 +40,7 @@ class ServedModel:
         settings: Settings,
         metrics: ServingMetrics,
         latency_session: OnnxModel | None = None,
+        idle_max_size: int = 1,
     ) -> None:
         self.name = spec.name
         self.version = str(version)
@@ -50,6 +51,7 @@ class ServedModel:
         self.stats = VersionStatistics(self.name, self.version)
         self.metrics = metrics.version(self.name, self.version)
         self.in_flight = 0
+        self.cancelled = 0  # requests whose caller went away (a client cancel, a drain's end)
         batching = spec.config.dynamic_batching
         functions: list[BatchFunction] = [s.run for s in sessions]
         self.latency_session = latency_session
@@ -62,6 +64,8 @@ class ServedModel:
             wait_for_preferred=settings.batching == "delay",
             on_batch=self._batch_done,
             idle_function=latency_session.run if latency_session else None,
+            idle_max_size=idle_max_size,
+            max_queue_bytes=settings.max_queue_bytes,
             name=f"{self.name}:{self.version}",
         )
         self.metrics.watch(lambda: self.batcher.queue_depth, lambda: self.in_flight)
@@ -104,6 +108,7 @@ class ServedModel:
         """Count a failed request (a refused decode as well as a failed run)."""
         if isinstance(cause, str):
             outcome = cause
+            self.cancelled += cause == "cancelled"
         else:
             outcome = cause.status.lower() if isinstance(cause, ServingError) else "internal"
         elapsed = time.perf_counter_ns() - started_ns

@@ -10,17 +10,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Iterator
+import re
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from google.protobuf import text_format
 
 import modelrepo
 from pb import model_config_pb2 as mc
 
-from .errors import ModelLoadError, ModelNotFound, ModelNotReady
+from .errors import ModelLoadError, ModelNotFound, ModelNotReady, shorten
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,7 @@ UNAVAILABLE = "UNAVAILABLE"
 LOADING = "LOADING"
 UNLOADING = "UNLOADING"
 STATES = (READY, UNAVAILABLE, LOADING, UNLOADING)
+_VERSION = re.compile(r"[0-9]{1,18}")  # ASCII digits only ("²".isdigit() is true), int64-sized
 
 
 @dataclass(frozen=True)
@@ -152,6 +154,7 @@ class ModelRepository(Generic[V]):
         self._loader = loader
         self._on_state = on_state
         self._entries: dict[str, ModelEntry[V]] = {}
+        self._control: set[asyncio.Future[None]] = set()
 
     def model_names(self) -> list[str]:
         """Model folders in the repository now (hidden folders skipped)."""
@@ -170,73 +173,109 @@ class ModelRepository(Generic[V]):
                 await self.load(name)
 
     async def load(self, name: str) -> ModelEntry[V]:
-        """(Re)load one model; on failure it is left UNAVAILABLE (or keeps its old versions)."""
+        """(Re)load one model; on failure it is left UNAVAILABLE (or keeps its old versions).
+
+        Loads and unloads of one model run one at a time, each in a task of its own: a caller
+        that stops waiting (a cancelled RPC) does not stop it, so it always ends in a defined
+        state.
+        """
         if name not in self.model_names():
-            raise ModelNotFound(f"no model '{name}' in the repository")
+            raise ModelNotFound(f"no model '{shorten(name)}' in the repository")
         entry = self._entries.setdefault(name, ModelEntry[V](name))
-        async with entry.lock:
-            previous = dict(entry.versions)
-            if not previous:
-                self._set(entry, LOADING, "")
-            try:
-                spec = await asyncio.to_thread(read_model, self.root / name)
-                loaded: dict[int, V] = {}
-                failed = {v: "version folder or model file missing" for v in spec.missing_versions}
-                for version in spec.versions:
-                    try:
-                        loaded[version] = await self._loader(spec, version)
-                    except Exception as exc:
-                        failed[version] = _reason(exc)
-                        log.warning(
-                            "model %s version %d failed to load: %s", name, version, failed[version]
-                        )
-                if not loaded:
-                    raise ModelLoadError("; ".join(f"version {v}: {r}" for v, r in failed.items()))
-            except Exception as exc:
-                reason = _reason(exc)
-                log.error("model %s is unavailable: %s", name, reason)
-                if not previous:
-                    entry.failed = {}
-                    self._set(entry, UNAVAILABLE, reason)
-                raise ModelLoadError(f"failed to load '{name}': {reason}") from exc
-            entry.spec, entry.versions, entry.failed = spec, loaded, failed
-            self._set(entry, READY, "")
-            log.info("model %s ready, versions %s", name, sorted(loaded))
-        for old in previous.values():
-            await old.close()
+        await self._in_own_task(self._load(entry))
         return entry
 
     async def unload(self, name: str) -> None:
         """Stop serving one model: new requests are refused, accepted ones finish."""
         entry = self._entries.get(name)
         if entry is None:
-            raise ModelNotFound(f"unknown model '{name}'")
+            raise ModelNotFound(f"unknown model '{shorten(name)}'")
+        await self._in_own_task(self._unload(entry))
+
+    async def _in_own_task(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._control.add(task)
+        task.add_done_callback(self._control.discard)
+        await asyncio.shield(task)
+
+    async def _load(self, entry: ModelEntry[V]) -> None:
+        name = entry.name
+        async with entry.lock:
+            previous = dict(entry.versions)
+            if not previous:
+                self._set(entry, LOADING, "")
+            loaded: dict[int, V] = {}
+            try:
+                spec = await asyncio.to_thread(read_model, self.root / name)
+                failed = {v: "version folder or model file missing" for v in spec.missing_versions}
+                for version in spec.versions:
+                    try:
+                        loaded[version] = await self._loader(spec, version)
+                    except Exception as exc:
+                        failed[version] = self._reason(exc)
+                        log.warning(
+                            "model %s version %d failed to load: %s", name, version, failed[version]
+                        )
+                if not loaded:
+                    raise ModelLoadError("; ".join(f"version {v}: {r}" for v, r in failed.items()))
+            except BaseException as exc:
+                for half_open in loaded.values():  # a load cut short keeps nothing half-open
+                    await half_open.close()
+                cancelled = not isinstance(exc, Exception)
+                reason = "load cancelled" if cancelled else self._reason(exc)
+                log.error("model %s: %s", name, reason if cancelled else f"unavailable: {reason}")
+                if not previous:
+                    entry.failed = {}
+                    self._set(entry, UNAVAILABLE, reason)
+                if cancelled:
+                    raise
+                raise ModelLoadError(f"failed to load '{name}': {reason}") from exc
+            entry.spec, entry.versions, entry.failed = spec, loaded, failed
+            self._set(entry, READY, "")
+            log.info("model %s ready, versions %s", name, sorted(loaded))
+        for old in previous.values():
+            await old.close()
+
+    async def _unload(self, entry: ModelEntry[V]) -> None:
         async with entry.lock:
             versions = entry.versions
             entry.versions = {}
             self._set(entry, UNLOADING, "")
-            for version in versions.values():
-                await version.close()
-            self._set(entry, UNAVAILABLE, "unloaded")
+            try:
+                for version in versions.values():
+                    await version.close()
+            finally:
+                self._set(entry, UNAVAILABLE, "unloaded")
 
     async def close(self) -> None:
         """Unload every model (used at shutdown, after the server stopped taking requests)."""
+        if self._control:  # let loads and unloads in progress finish first
+            await asyncio.gather(*self._control, return_exceptions=True)
         for name in list(self._entries):
             await self.unload(name)
+
+    def _reason(self, exc: BaseException) -> str:
+        """A one-line reason for the index, naming files relative to the repository."""
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        for root in {str(self.root.resolve()), str(self.root)}:
+            text = text.replace(root.rstrip("/") + "/", "")
+        if isinstance(exc, ModelLoadError):
+            return text[:500]
+        return f"{type(exc).__name__}: {text}"[:500]
 
     def get(self, name: str, version: str = "") -> tuple[int, V]:
         """The serving version for a request: the newest one, or the one named."""
         entry = self._entries.get(name)
         if entry is None:
-            raise ModelNotFound(f"unknown model '{name}'")
+            raise ModelNotFound(f"unknown model '{shorten(name)}'")
         if not entry.versions:
             detail = f": {entry.reason}" if entry.reason else ""
             raise ModelNotReady(f"model '{name}' is {entry.state.lower()}{detail}")
         if not version:
             number = max(entry.versions)
             return number, entry.versions[number]
-        if not version.isdigit():
-            raise ModelNotFound(f"model '{name}' has no version '{version}'")
+        if not _VERSION.fullmatch(version):
+            raise ModelNotFound(f"model '{name}' has no version '{shorten(version)}'")
         number = int(version)
         loaded = entry.versions.get(number)
         if loaded is None:
@@ -249,7 +288,7 @@ class ModelRepository(Generic[V]):
         """The entry of a known model."""
         entry = self._entries.get(name)
         if entry is None:
-            raise ModelNotFound(f"unknown model '{name}'")
+            raise ModelNotFound(f"unknown model '{shorten(name)}'")
         return entry
 
     def entries(self) -> Iterator[ModelEntry[V]]:
@@ -293,11 +332,3 @@ class ModelRepository(Generic[V]):
         entry.state, entry.reason = state, reason
         if self._on_state is not None:
             self._on_state(entry)
-
-
-def _reason(exc: BaseException) -> str:
-    """A one-line reason for the index; ONNX Runtime's messages can be long."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    if isinstance(exc, ModelLoadError):
-        return text[:500]
-    return f"{type(exc).__name__}: {text}"[:500]

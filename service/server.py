@@ -34,6 +34,7 @@ INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 EXPLAIN_SERVICE = ex.DESCRIPTOR.services_by_name["Explainer"]
 SERVICE_NAME = INFERENCE_SERVICE.full_name
 EXPLAIN_SERVICE_NAME = EXPLAIN_SERVICE.full_name
+CLOSE_MARGIN_S = 5.0  # after the grace period, how long unloading may take before we give up
 
 
 class InferenceServer:
@@ -46,11 +47,12 @@ class InferenceServer:
             settings.model_repository, self._load_version, on_state=self._state_changed
         )
         self.grpc = grpc.aio.server(
+            maximum_concurrent_rpcs=settings.max_concurrent_rpcs or None,
             options=[
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
                 ("grpc.max_send_message_length", settings.max_message_bytes),
                 ("grpc.so_reuseport", 0),
-            ]
+            ],
         )
         self.health = health.aio.HealthServicer()
         self.grpc_port = 0
@@ -83,7 +85,11 @@ class InferenceServer:
             lambda reason: self.metrics.rejected.labels(reason).inc(), RateLimitedLog(log)
         )
         inference = InferenceServicer(
-            self.repository, lambda: self.ready, lambda: self.draining, rejections
+            self.repository,
+            lambda: self.ready,
+            lambda: self.draining,
+            rejections,
+            stream_max_in_flight=self.settings.stream_max_in_flight,
         )
         self.grpc.add_generic_rpc_handlers(
             (
@@ -133,12 +139,19 @@ class InferenceServer:
         log.info("draining (grace period %.1f s)", grace)
         with contextlib.suppress(Exception):
             await self.health.enter_graceful_shutdown()
+        cancelled_before = sum(m.cancelled for m in self.repository.serving())
         await self.grpc.stop(grace)
         served = self.repository.serving()
         answered = sum(m.stats.success.count for m in served)
         failed = sum(m.stats.fail.count for m in served)
         log.info("drained: %d requests succeeded, %d failed since start", answered, failed)
-        await self.repository.close()
+        abandoned = sum(m.cancelled for m in served) - cancelled_before
+        if abandoned:
+            log.warning("%d requests were still running at the end of the grace period", abandoned)
+        try:  # what is left: batches already running, loads in progress
+            await asyncio.wait_for(self.repository.close(), CLOSE_MARGIN_S)
+        except TimeoutError:
+            log.warning("models did not close within %.0f s after the grace period", CLOSE_MARGIN_S)
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()

@@ -7,6 +7,7 @@ domain errors (`errors.py`); `handlers.py` parses each request and turns errors 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -38,8 +39,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         ready: Callable[[], bool],
         draining: Callable[[], bool],
         rejections: Rejections,
+        stream_max_in_flight: int = 128,
     ) -> None:
         self._repository = repository
+        self._stream_cap = stream_max_in_flight
         self._rejections = rejections
         self._ready = ready
         self._draining = draining
@@ -126,57 +129,66 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         request_iterator: AsyncIterator[pb.ModelInferRequest | InvalidInput],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        """Run each streamed request as it arrives; answers come back as they finish."""
+        """Run each streamed request as it arrives; answers come back as they finish.
+
+        At most `stream_max_in_flight` messages of one stream are read and not yet answered: at
+        the cap the server stops reading, so a client that writes and never reads is held back
+        by HTTP/2 flow control instead of growing the server. While the server drains, new
+        messages are answered with an error and not run; accepted ones finish.
+        """
         answers: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+        slots = asyncio.Semaphore(self._stream_cap)
         pending: set[asyncio.Task[None]] = set()
-        reading = True
 
-        async def answer(request: pb.ModelInferRequest | InvalidInput) -> None:
-            if isinstance(request, InvalidInput):  # a frame that did not parse
-                answers.put_nowait(pb.ModelStreamInferResponse(error_message=str(request)))
-                return
-            try:
-                response = await self._infer(request, context.time_remaining())
-                answers.put_nowait(pb.ModelStreamInferResponse(infer_response=response))
-            except Exception as exc:
-                _, message = self._rejections.status("ModelStreamInfer", exc)
-                answers.put_nowait(
-                    pb.ModelStreamInferResponse(
-                        error_message=message,
-                        infer_response=pb.ModelInferResponse(
-                            model_name=request.model_name,
-                            model_version=request.model_version,
-                            id=request.id,
-                        ),
-                    )
-                )
-
-        def finished(task: asyncio.Task[None]) -> None:
-            pending.discard(task)
-            if not reading and not pending:
-                answers.put_nowait(None)
+        async def answer(request: pb.ModelInferRequest) -> None:
+            answers.put_nowait(await self._stream_answer(request, context))
 
         async def read() -> None:
-            nonlocal reading
-            try:
-                async for request in request_iterator:
+            messages = aiter(request_iterator)
+            while True:
+                await slots.acquire()  # the backpressure: no free slot, no reading
+                try:
+                    request = await anext(messages)
+                except StopAsyncIteration:
+                    break
+                if isinstance(request, InvalidInput):  # a frame that did not parse
+                    answers.put_nowait(pb.ModelStreamInferResponse(error_message=str(request)))
+                elif self._draining():
+                    answers.put_nowait(_stream_error(request, SHUTTING_DOWN))
+                else:
                     task = asyncio.create_task(answer(request))
                     pending.add(task)
-                    task.add_done_callback(finished)
-            finally:
-                reading = False
-                if not pending:
-                    answers.put_nowait(None)
+                    task.add_done_callback(pending.discard)
+            if pending:
+                await asyncio.wait(set(pending))
+            answers.put_nowait(None)
 
         reader = asyncio.create_task(read())
         try:
             while (item := await answers.get()) is not None:
                 yield item
+                slots.release()
             await reader
         finally:
             reader.cancel()
+            if pending:
+                self._rejections.log.log(
+                    logging.WARNING,
+                    "ModelStreamInfer: stream ended with %d requests unanswered",
+                    len(pending),
+                )
             for task in list(pending):
                 task.cancel()
+
+    async def _stream_answer(
+        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelStreamInferResponse:
+        try:
+            response = await self._infer(request, context.time_remaining())
+        except Exception as exc:
+            _, message = self._rejections.status("ModelStreamInfer", exc)
+            return _stream_error(request, message)
+        return pb.ModelStreamInferResponse(infer_response=response)
 
     async def ModelStatistics(
         self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext
@@ -217,3 +229,16 @@ class ExplainServicer(ex_grpc.ExplainerServicer):
         self, request: ex.ExplainRequest, context: grpc.aio.ServicerContext
     ) -> ex.ExplainResponse:
         return await explain(self._repository, request, context.time_remaining())
+
+
+SHUTTING_DOWN = "the server is shutting down; this request was not run"
+
+
+def _stream_error(request: pb.ModelInferRequest, message: str) -> pb.ModelStreamInferResponse:
+    """An in-band error answer on a stream, naming the request it answers."""
+    return pb.ModelStreamInferResponse(
+        error_message=message,
+        infer_response=pb.ModelInferResponse(
+            model_name=request.model_name, model_version=request.model_version, id=request.id
+        ),
+    )

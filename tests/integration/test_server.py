@@ -18,6 +18,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from onnx import TensorProto, helper, numpy_helper
 
+from pb import explain_pb2 as ex
+from pb import explain_pb2_grpc as ex_grpc
 from pb import grpc_service_pb2 as pb
 from service.codec import decode_bytes_tensor
 from service.errors import INTERNAL_MESSAGE
@@ -480,3 +482,43 @@ def test_a_model_without_batch_dimension(tmp_path: Path, latency_threads: int) -
             client.ModelInfer(request)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         channel.close()
+
+
+def test_explain_api_through_the_stand_in_explainer(server: ServerThread) -> None:
+    """The explain API calls `<model>_gradcam` with arrays: top-k maps, then bounds."""
+    x = images(1, seed=11)[0]
+    expected = np.argsort(-reference_logits(x[np.newaxis])[0], kind="stable")
+    with server.channel() as channel:
+        client = ex_grpc.ExplainerStub(channel)
+        request = ex.ExplainRequest(
+            model_name="classifier",
+            tensor=ex.RawTensor(shape=[1, 28, 28], data=x.tobytes()),
+            top_k=3,
+        )
+        response = client.Explain(request)
+        assert [p.class_index for p in response.predictions] == list(expected[:3])
+        assert [e.target.class_index for e in response.explanations] == list(expected[:3])
+        for explanation in response.explanations:  # the stand-in's map: image * (class + 1) / 10
+            cam = np.frombuffer(explanation.heatmap, np.float32).reshape(28, 28)
+            scale = (explanation.target.class_index + 1) / 10
+            np.testing.assert_allclose(cam, x[0] * scale, rtol=1e-5)
+            assert explanation.overlay_png.startswith(b"\x89PNG")
+        request.top_k = 1
+        request.target_classes[:] = [4, -1]
+        chosen = client.Explain(request).explanations
+        assert [e.target.class_index for e in chosen] == [4, expected[0]]
+        for field, value, text in [
+            ("top_k", 11, "the model has 10 classes"),
+            ("target_classes", [10], "each must be -1 (the predicted class) or in [0, 10)"),
+            ("target_classes", list(range(33)), "at most 32 (the explainer's max batch)"),
+        ]:
+            bad = ex.ExplainRequest()
+            bad.CopyFrom(request)
+            if isinstance(value, list):
+                bad.target_classes[:] = value
+            else:
+                setattr(bad, field, value)
+            with pytest.raises(grpc.RpcError) as err:
+                client.Explain(bad)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert text in err.value.details()
