@@ -126,4 +126,3 @@ def write_model(
     write_config(model_dir, config_from_onnx(name, target, policy, labels_output, parameters))
     write_labels(model_dir, labels)
     return target
-
