@@ -46,7 +46,8 @@ def export_classifier(
             dynamo=True,
             input_names=[INPUT],
             output_names=[LOGITS, PROBABILITIES],
-            dynamic_shapes={INPUT: {0: torch.export.Dim("batch", min=1, max=4096)}},
+            # By position: the keys of a dict would be forward()'s parameter names.
+            dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},),
             opset_version=OPSET,
             external_data=False,
             verbose=False,

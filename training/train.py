@@ -25,7 +25,8 @@ from torch import nn
 from tqdm import tqdm
 
 from training.checkpoint import CheckpointConfig, save_checkpoint
-from training.data import MEAN, STD, load_dataset
+from training.data import load_dataset
+from training.mnist import MEAN, STD
 from training.models import MODELS, ModelSpec, get_spec
 from training.models.layers import ACTIVATIONS
 

@@ -132,7 +132,7 @@ def export_gradcam(
             (example, targets),
             input_names=list(INPUT_NAMES),
             output_names=list(OUTPUT_NAMES),
-            dynamic_shapes={INPUT: {0: batch}, TARGET_CLASS: {0: batch}},
+            dynamic_shapes=({0: batch}, {0: batch}),  # by position, as forward() takes them
             opset_version=opset,
             dynamo=True,
             external_data=False,
