@@ -12,6 +12,7 @@ import pytest
 import torch
 from google.protobuf import text_format
 
+from export import pipeline
 from export.errors import ExportVerificationError
 from export.onnx_export import export_classifier, verify_classifier
 from export.pipeline import export_checkpoint, real_test_inputs
@@ -127,3 +128,15 @@ def test_every_zoo_classifier_exports_with_parity_at_any_batch(name: str, tmp_pa
     for batch in (1, 5):
         pixels = inputs(spec, batch).numpy()
         assert verify_classifier(path, model, pixels, 0.0, 1.0, batch_sizes=(batch,)) <= 1e-4
+
+
+def test_nothing_is_written_when_a_graph_fails_verification(
+    tmp_path: Path, mnist_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def failing(*_args: object) -> None:
+        raise ExportVerificationError("the explainer differs")
+
+    monkeypatch.setattr(pipeline, "build_explainer", failing)
+    with pytest.raises(ExportVerificationError, match="the explainer differs"):
+        export_checkpoint(mnist_checkpoint, tmp_path / "repository")
+    assert not (tmp_path / "repository").exists()
