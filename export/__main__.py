@@ -11,6 +11,7 @@ from pathlib import Path
 
 from export.pipeline import export_checkpoint
 from export.repository import BatchingPolicy
+from training.train import HelpFormatter
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,7 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Export a training checkpoint to ONNX (classifier and Grad-CAM explainer), "
         "verify both against PyTorch on real test images, and add them as new versions to a "
         "Triton-layout model repository.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument(
         "--checkpoint", required=True, type=Path, help="checkpoint from training.train"
@@ -59,7 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="real test images used to verify the explainer",
     )
     parser.add_argument(
-        "--summary", type=Path, default=None, help="also write the summary as JSON here"
+        "--summary",
+        type=Path,
+        default=None,
+        help="also write the summary as JSON here (default: not written)",
     )
     return parser
 

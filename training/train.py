@@ -346,7 +346,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     return metrics
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows defaults, except None ones: their help says what the model picks instead."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
@@ -360,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m training.train",
         description="Train a CNN of the zoo on MNIST and write a checkpoint (weights, config, "
         "normalisation, labels, metrics) and a PNG of its training curves.",
-        formatter_class=_HelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--model", default="mnist_cnn", choices=sorted(MODELS), help="architecture")
     parser.add_argument(

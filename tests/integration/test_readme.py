@@ -307,8 +307,6 @@ def test_readme_shows_commands_for_each_step() -> None:
 # "known:" still runs its help and fails once it complies (then drop its line).
 HELP_EXEMPT: dict[str, str] = {
     "proto/generate.py": "takes no flags: running it regenerates pb/",
-    "export/__main__.py": "known: --name and --gradcam-layer add `(default: None)` to the default "
-    "their help states (export/ is another branch's; training/train.py's formatter shows the fix)",
     "bench/gradcam.py": "known: --repository, --checkpoint, --model, --concurrency, --out and "
     "--picture name no default (bench/ is another branch's)",
     "bench/zoo.py": "known: no option names its default (bench/ is another branch's)",
