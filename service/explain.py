@@ -9,7 +9,9 @@ apply as to any client), and draws the results. The tensor names are the reposit
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -17,13 +19,14 @@ import modelrepo
 from pb import explain_pb2 as ex
 
 from .errors import InvalidInput
-from .imaging import decode_image, feature_grid_png, overlay_png, pixels_png
+from .imaging import NEVER, Stop, decode_image, feature_grid_png, overlay_png, pixels_png
 from .model import ServedModel
 from .repository import ModelRepository
 
 INPUT, TARGET = modelrepo.INPUT, modelrepo.TARGET_CLASS
 PROBABILITIES, CAM = modelrepo.PROBABILITIES, modelrepo.CAM
 MAX_TOP_K = 100
+T = TypeVar("T")
 _POLARITY = {ex.POLARITY_AUTO: "auto", ex.POLARITY_AS_IS: "as_is", ex.POLARITY_INVERT: "invert"}
 
 
@@ -35,7 +38,7 @@ class ModelInput:
     original: np.ndarray
 
 
-def read_input(request: ex.ExplainRequest, dims: tuple[int, ...]) -> ModelInput:
+def read_input(request: ex.ExplainRequest, dims: tuple[int, ...], stop: Stop = NEVER) -> ModelInput:
     """The request's image or tensor as one model input item of `dims` (e.g. (1, 28, 28))."""
     which = request.WhichOneof("input")
     if which == "tensor":
@@ -59,7 +62,7 @@ def read_input(request: ex.ExplainRequest, dims: tuple[int, ...]) -> ModelInput:
                 "send `tensor` instead"
             )
         polarity = _POLARITY.get(request.polarity, "auto")
-        decoded = decode_image(request.image, (dims[1], dims[2]), polarity)
+        decoded = decode_image(request.image, (dims[1], dims[2]), polarity, stop)
         return ModelInput(decoded.pixels[np.newaxis], decoded.original)
     raise InvalidInput("input: send `image` (PNG or JPEG bytes) or `tensor`")
 
@@ -139,9 +142,9 @@ async def explain(
     _, model = repository.get(served, request.model_version)
     labels = _check_model(model, explainer=not request.predictions_only)
     _check_counts(model, request, top_k)
-    item = await asyncio.to_thread(
-        read_input, request, model.signature.inputs_by_name[INPUT].model_dims
-    )
+    stop = Stop(timeout_s)
+    dims = model.signature.inputs_by_name[INPUT].model_dims
+    item = await _in_thread(stop, read_input, request, dims, stop)
     response = ex.ExplainResponse(
         model_name=name,
         model_version=model.version,
@@ -168,7 +171,8 @@ async def explain(
         cams.extend(rest[CAM])
         explained.extend(ranked[1:])
     activations = first.get(modelrepo.ACTIVATIONS) if request.feature_maps else None
-    pictures = await asyncio.to_thread(_draw, item, cams, activations, bool(request.feature_maps))
+    grid = bool(request.feature_maps)
+    pictures = await _in_thread(stop, _draw, item, cams, activations, grid, stop)
     for cam, index, overlay in zip(cams, explained, pictures.overlays, strict=True):
         response.explanations.append(
             ex.Explanation(
@@ -192,9 +196,26 @@ class _Pictures:
     feature_maps: bytes
 
 
+async def _in_thread(stop: Stop, func: Callable[..., T], /, *args: Any) -> T:
+    """Run picture work in a worker thread; a cancelled caller tells it to stop early."""
+    try:
+        return await asyncio.to_thread(func, *args)
+    except asyncio.CancelledError:
+        stop.cancel()
+        raise
+
+
 def _draw(
-    item: ModelInput, cams: list[np.ndarray], activations: np.ndarray | None, grid: bool
+    item: ModelInput,
+    cams: list[np.ndarray],
+    activations: np.ndarray | None,
+    grid: bool,
+    stop: Stop = NEVER,
 ) -> _Pictures:
-    overlays = [overlay_png(item.original, cam) for cam in cams]
+    overlays = []
+    for cam in cams:
+        stop.check("overlay_png")
+        overlays.append(overlay_png(item.original, cam))
+    stop.check("feature_maps_png")
     maps = feature_grid_png(activations[0]) if grid and activations is not None else b""
     return _Pictures(overlays, maps)
