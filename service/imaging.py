@@ -184,10 +184,15 @@ def _fit(grey: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 def colormap(values: np.ndarray) -> np.ndarray:
     """The classic 'jet' colour map: [0, 1] floats -> uint8 RGB (blue cold, red hot)."""
-    v = np.clip(values, 0.0, 1.0)[..., np.newaxis]
+    v = _unit(values)[..., np.newaxis]
     centres = np.array([0.75, 0.5, 0.25])  # red, green, blue
     rgb = np.clip(1.5 - np.abs(4.0 * (v - centres)), 0.0, 1.0)
     return (rgb * 255.0 + 0.5).astype(np.uint8)
+
+
+def _unit(values: np.ndarray) -> np.ndarray:
+    """Values clipped to [0, 1], NaN as 0: a model fed odd pixels may answer with NaN."""
+    return np.clip(np.nan_to_num(values, nan=0.0, posinf=1.0, neginf=0.0), 0.0, 1.0)
 
 
 def _resize_float(values: np.ndarray, width: int, height: int) -> np.ndarray:
@@ -217,7 +222,7 @@ def overlay_png(original: np.ndarray, heatmap: np.ndarray) -> bytes:
         width, height = _scaled((width, height), MAX_OVERLAY_SIDE)
         base_img = Image.fromarray(original).resize((width, height), Image.Resampling.LANCZOS)
         original = np.asarray(base_img, dtype=np.uint8)
-    heat = _resize_float(as_frames(heatmap), width, height)
+    heat = _resize_float(_unit(as_frames(heatmap)), width, height)
     base = np.repeat(original[..., np.newaxis].astype(np.float32), 3, axis=2)
     # Cold regions keep the picture; hot ones take the colour.
     alpha = OVERLAY_ALPHA + (1.0 - OVERLAY_ALPHA) * 0.5 * heat[..., np.newaxis]
@@ -228,6 +233,7 @@ def overlay_png(original: np.ndarray, heatmap: np.ndarray) -> bytes:
 def feature_grid_png(activations: np.ndarray, tile: int = 56) -> bytes:
     """Feature maps [C, h, w] (or [C, T, h, w]) as a grid of tiles, each min-max scaled."""
     maps = np.stack([as_frames(a) for a in activations]).astype(np.float32)
+    maps = np.nan_to_num(maps, nan=0.0, posinf=0.0, neginf=0.0)
     lo = maps.min(axis=(1, 2), keepdims=True)
     span = maps.max(axis=(1, 2), keepdims=True) - lo
     maps = (maps - lo) / np.where(span > 0, span, 1.0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import struct
 import time
+import warnings
 import zlib
 
 import numpy as np
@@ -223,3 +224,13 @@ def test_drawing_stops_between_overlays(digit: np.ndarray) -> None:
         _draw(item, cams, None, False, stop)
     assert stop.checks == 3
     assert len(_draw(item, cams, None, False).overlays) == 8
+
+
+def test_pictures_of_nan_or_infinite_maps_are_drawn_without_warnings(digit: np.ndarray) -> None:
+    odd = np.full((28, 28), np.nan, dtype=np.float32)
+    odd[0, :4] = [np.inf, -np.inf, 1e30, -1e30]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        overlay_png(digit, odd)
+        feature_grid_png(np.stack([odd, np.ones_like(odd)]))
+        assert colormap(odd).dtype == np.uint8
