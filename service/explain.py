@@ -152,13 +152,13 @@ async def explain(
         model_input_shape=item.pixels.shape,
     )
     if request.predictions_only:
-        probs = (await _run(model, item.pixels, None, timeout_s))[PROBABILITIES][0]
+        probs = (await _run(model, item.pixels, None, stop.remaining()))[PROBABILITIES][0]
         for index in np.argsort(-probs, kind="stable")[:top_k]:
             response.predictions.append(_prediction(probs, int(index), labels))
         return response
 
     targets = [int(t) for t in request.target_classes] or [-1]
-    first = await _run(model, item.pixels, targets, timeout_s)
+    first = await _run(model, item.pixels, targets, stop.remaining())
     probs = first[PROBABILITIES][0]
     ranked = [int(i) for i in np.argsort(-probs, kind="stable")[:top_k]]
     for index in ranked:
@@ -167,7 +167,7 @@ async def explain(
     explained = [int(c) for c in first[modelrepo.EXPLAINED_CLASS].reshape(-1)]
     if not request.target_classes and len(ranked) > 1:
         # The top class is explained; the runners-up go in one more (batched) request.
-        rest = await _run(model, item.pixels, ranked[1:], timeout_s)
+        rest = await _run(model, item.pixels, ranked[1:], stop.remaining())
         cams.extend(rest[CAM])
         explained.extend(ranked[1:])
     activations = first.get(modelrepo.ACTIVATIONS) if request.feature_maps else None

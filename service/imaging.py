@@ -24,8 +24,8 @@ FORMATS = ("PNG", "JPEG")
 # The picture's size as its header states it, in pixels: a JPEG this big is still decoded reduced
 # (below), so this bounds the compressed data a decoder walks through.
 MAX_IMAGE_PIXELS = 8192 * 8192
-# Pixels actually decoded into memory (a PNG at full size, a JPEG after its reduced decode): at
-# most 4 bytes each, so 100 MB for the largest RGBA picture.
+# Pixels actually decoded into memory (a PNG at full size, a JPEG after its reduced decode). At
+# its peak a decode holds about 6 bytes a pixel (an RGBA picture, its grey and its alpha): 150 MB.
 MAX_DECODED_PIXELS = 25_000_000
 # Longer side of the grey working copy the overlays are drawn on (and the model input is fitted
 # from, unless the model's input is larger): a bigger picture is scaled down once, after decoding.
