@@ -7,7 +7,9 @@ busy with ModelInfer (batches of 1-4), ModelStreamInfer (streams of 1-16 message
 Explain calls for `--minutes`, sampling the server's RSS, threads and open file descriptors from
 /proc. After the warm-up it reports the drift: the median of the last tenth of the samples
 against the median of the first tenth. Targets: RSS drift under 5 %, no errors. Prints a table;
-writes bench/results/soak.json.
+writes bench/results/soak.json. The server inherits the environment: with glibc's default of
+8 malloc arenas a core, RSS creeps for minutes as threads take new arenas (MALLOC_ARENA_MAX=2
+held it flat in a short run), so compare runs with the same setting.
 """
 
 from __future__ import annotations
