@@ -46,6 +46,15 @@ def free_port() -> int:
 @contextmanager
 def running_server(repository: Path, *extra: str) -> Iterator[str]:
     """Start `python -m service` on free ports; yield its gRPC address; SIGTERM it afterwards."""
+    with server_process(repository, *extra) as (address, _, _):
+        yield address
+
+
+@contextmanager
+def server_process(
+    repository: Path, *extra: str
+) -> Iterator[tuple[str, subprocess.Popen[bytes], str]]:
+    """Like `running_server`, yielding (gRPC address, the process, the metrics URL)."""
     port, metrics = free_port(), free_port()
     cmd = [sys.executable, "-m", "service", "--model-repository", str(repository),
            "--grpc-port", str(port), "--metrics-port", str(metrics), "--log-level", "WARNING", *extra]  # fmt: skip
@@ -64,10 +73,24 @@ def running_server(repository: Path, *extra: str) -> Iterator[str]:
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"server did not become ready: {' '.join(cmd)}")
                 time.sleep(0.2)
-        yield address
+        yield address, proc, f"http://127.0.0.1:{metrics}/metrics"
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+
+
+def process_status(pid: int) -> dict[str, int]:
+    """A process's RSS and peak RSS (bytes), threads and open file descriptors, from /proc."""
+    fields = {"VmRSS": "rss", "VmHWM": "peak_rss", "Threads": "threads"}
+    status: dict[str, int] = {}
+    with open(f"/proc/{pid}/status") as lines:
+        for line in lines:
+            key, _, value = line.partition(":")
+            if key in fields:
+                number = int(value.split()[0])
+                status[fields[key]] = number * 1024 if key.startswith("Vm") else number
+    status["fds"] = len(os.listdir(f"/proc/{pid}/fd"))
+    return status
 
 
 @dataclass
