@@ -1,0 +1,189 @@
+"""Where a server's CPU goes per request: py-spy stacks and per-thread CPU under h2load.
+
+    .venv/bin/python bench/profile_server.py --repository model_repository [--native]
+
+For each server (the project; the minimal server for comparison) and each concurrency (16, 64):
+start it fresh, drive it with h2load (batch-1 ModelInfer over one HTTP/2 connection) and, in the
+middle of that load, sample it with `py-spy record --threads --format raw` while reading every
+thread's CPU from /proc/<pid>/task/*/stat. Prints per-thread cores and the functions with the
+most samples (self and inclusive), each also as CPU microseconds per inference; writes
+bench/results/profile.json and the collapsed stacks (flamegraph input) under bench/results/profile/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.compare import server  # noqa: E402
+from bench.loadgen import (  # noqa: E402
+    grpc_frame,
+    h2load,
+    infer_request,
+    print_table,
+    response_frame_size,
+    thread_cpu_seconds,
+)
+
+PY_SPY = Path(sys.executable).parent / "py-spy"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repository", type=Path, default=ROOT / "model_repository",
+                        help="model repository (default: model_repository)")  # fmt: skip
+    parser.add_argument("--model", default="mnist_cnn", help="model (default: mnist_cnn)")
+    parser.add_argument("--servers", default="project,minimal",
+                        help="servers to profile (default: project,minimal)")  # fmt: skip
+    parser.add_argument("--concurrency", default="16,64", help="levels (default: 16,64)")
+    parser.add_argument("--seconds", type=float, default=10.0,
+                        help="sampling seconds per point (default: 10)")  # fmt: skip
+    parser.add_argument("--rate", type=int, default=200, help="py-spy samples/s (default: 200)")
+    parser.add_argument("--native", action="store_true",
+                        help="include C/C++ frames (gRPC core, ONNX Runtime) in the stacks")  # fmt: skip
+    parser.add_argument("--top", type=int, default=25, help="functions to print (default: 25)")
+    parser.add_argument("--server-args", default="", help="extra flags for python -m service")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results",
+                        help="output folder (default: bench/results)")  # fmt: skip
+    return parser.parse_args(argv)
+
+
+FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::\d+)?\)$")
+
+
+def frame_name(frame: str) -> str:
+    """`func (path/to/file.py:123)` -> `func (file.py)`: one entry per function, not per line."""
+    match = FRAME.match(frame)
+    if not match:
+        return frame
+    file = match.group("file")
+    short = "/".join(file.split("/")[-2:]) if "/" in file else file
+    return f"{match.group('func')} ({short})"
+
+
+def aggregate(collapsed: str) -> dict[str, Any]:
+    """Samples per thread, per function (self: leaf frame; inclusive: anywhere in the stack)."""
+    threads: Counter[str] = Counter()
+    own: Counter[str] = Counter()
+    inclusive: Counter[str] = Counter()
+    total = 0
+    for line in collapsed.splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        frames = stack.split(";")
+        thread = frames[0] if frames[0].startswith(("thread", "process")) else "?"
+        frames = [f for f in frames if not f.startswith(("thread", "process"))]
+        total += count
+        threads[thread] += count
+        names = [frame_name(f) for f in frames]
+        if names:
+            own[names[-1]] += count
+        for name in set(names):
+            inclusive[name] += count
+    return {"samples": total, "threads": threads, "self": own, "inclusive": inclusive}
+
+
+def profile_point(name: str, args: argparse.Namespace, frame: Path, concurrency: int,
+                  raw_dir: Path) -> dict[str, Any]:  # fmt: skip
+    with server(name, args) as (address, pid):
+        response_bytes = response_frame_size(address, infer_request(args.repository, args.model))
+        h2load(address, frame, response_bytes, concurrency, 1.0)  # warm up
+        load_seconds = args.seconds + 2
+        with tempfile.NamedTemporaryFile("w+", suffix=".txt") as out:
+            import threading
+
+            holder: dict[str, Any] = {}
+            loader = threading.Thread(target=lambda: holder.update(
+                h2load(address, frame, response_bytes, concurrency, load_seconds)))  # fmt: skip
+            loader.start()
+            time.sleep(1.5)
+            before, t0 = thread_cpu_seconds(pid), time.monotonic()
+            cmd = [str(PY_SPY), "record", "--pid", str(pid), "--threads", "--nonblocking",
+                   "--format", "raw", "--rate", str(args.rate), "--duration", str(int(args.seconds)),
+                   "--output", out.name, *(["--native"] if args.native else [])]  # fmt: skip
+            spy = subprocess.run(cmd, capture_output=True, text=True)
+            after, wall = thread_cpu_seconds(pid), time.monotonic() - t0
+            loader.join()
+            collapsed = Path(out.name).read_text()
+        if spy.returncode != 0:
+            print(spy.stdout[-1000:], spy.stderr[-1000:], file=sys.stderr)
+    raw_dir.mkdir(parents=True, exist_ok=True)
+    (raw_dir / f"{name}-c{concurrency}.txt").write_text(collapsed)
+    threads = {t: (after[t] - before.get(t, 0.0)) / wall for t in after}
+    infer_per_s = holder.get("infer_per_s", float("nan"))
+    cores = sum(threads.values())
+    stacks = aggregate(collapsed)
+    us_per_sample = 1e6 * cores / infer_per_s / max(stacks["samples"], 1) if infer_per_s else 0.0
+    # py-spy's samples include idle-less stacks of every thread; spread the measured CPU over them
+
+    def top(counter: Counter[str]) -> list[dict[str, Any]]:
+        return [{"function": f, "share": c / stacks["samples"], "us_per_infer": c * us_per_sample}
+                for f, c in counter.most_common(args.top)]  # fmt: skip
+
+    return {
+        "server": name,
+        "concurrency": concurrency,
+        "infer_per_s": infer_per_s,
+        "server_cores": cores,
+        "cpu_us_per_infer": 1e6 * cores / infer_per_s if infer_per_s else None,
+        "thread_cores": dict(sorted(threads.items(), key=lambda kv: -kv[1])),
+        "samples": stacks["samples"],
+        "thread_samples": dict(stacks["threads"].most_common()),
+        "self": top(stacks["self"]),
+        "inclusive": top(stacks["inclusive"]),
+        "py_spy_error": spy.stderr[-500:] if spy.returncode else "",
+    }
+
+
+def report(point: dict[str, Any], top: int) -> None:
+    print(f"\n== {point['server']} at c={point['concurrency']}: {point['infer_per_s']:,.0f} infer/s, "
+          f"{point['server_cores']:.2f} cores, {point['cpu_us_per_infer'] or 0:.0f} us CPU/infer, "
+          f"{point['samples']} samples")  # fmt: skip
+    busy = [(t, c) for t, c in point["thread_cores"].items() if c >= 0.005]
+    print("threads (cores): " + ", ".join(f"{t} {c:.2f}" for t, c in busy))
+    for kind in ("self", "inclusive"):
+        print_table(
+            f"{kind} samples",
+            ["share", "us/infer", "function"],
+            [[f"{r['share']:.1%}", f"{r['us_per_infer']:.1f}", r["function"][:110]]
+             for r in point[kind][:top]],
+        )  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not PY_SPY.exists():
+        print(f"{PY_SPY} is missing (pip install py-spy)", file=sys.stderr)
+        return 2
+    points = []
+    with tempfile.TemporaryDirectory() as tmp:
+        frame = Path(tmp) / "infer.grpc"
+        frame.write_bytes(grpc_frame(infer_request(args.repository, args.model)))
+        for name in [s for s in args.servers.split(",") if s]:
+            for concurrency in [int(c) for c in args.concurrency.split(",")]:
+                print(f"profiling {name} at c={concurrency} ...", flush=True)
+                point = profile_point(name, args, frame, concurrency, args.out / "profile")
+                report(point, args.top)
+                points.append(point)
+    path = args.out / "profile.json"
+    path.write_text(json.dumps({"native": args.native, "rate": args.rate, "points": points},
+                               indent=2) + "\n")  # fmt: skip
+    print(f"\nwrote {path} and collapsed stacks under {args.out / 'profile'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
