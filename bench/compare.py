@@ -26,6 +26,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import grpc
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -43,6 +45,8 @@ from bench.loadgen import (  # noqa: E402
     response_frame_size,
     running_process,
 )
+from pb import grpc_service_pb2 as pb  # noqa: E402
+from pb import grpc_service_pb2_grpc as pb_grpc  # noqa: E402
 
 SERVERS = ("minimal", "triton", "project")
 
@@ -96,6 +100,14 @@ def server(name: str, args: argparse.Namespace) -> Iterator[tuple[str, int]]:
         yield address, proc.pid
 
 
+def executed(address: str, model: str) -> tuple[int, int]:
+    """(images, batches) executed so far, from ModelStatistics (all three servers answer it)."""
+    with grpc.insecure_channel(address) as channel:
+        stats = pb_grpc.GRPCInferenceServiceStub(channel).ModelStatistics(
+            pb.ModelStatisticsRequest(name=model), timeout=10).model_stats  # fmt: skip
+    return sum(s.inference_count for s in stats), sum(s.execution_count for s in stats)
+
+
 def measure(name: str, args: argparse.Namespace, frame: Path) -> dict[str, list[dict]]:
     """Every point for one server, started fresh."""
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -105,8 +117,13 @@ def measure(name: str, args: argparse.Namespace, frame: Path) -> dict[str, list[
         response_bytes = response_frame_size(address, request)
         h2load(address, frame, response_bytes, 16, 1.0)  # warm the server up
         for concurrency in levels:
+            before = executed(address, args.model)
             with CpuMeter(pid) as cpu:
                 row = h2load(address, frame, response_bytes, concurrency, args.seconds)
+            images, batches = (
+                a - b for a, b in zip(executed(address, args.model), before, strict=True)
+            )
+            row["avg_batch"] = images / batches if batches else float("nan")
             rows["h2load"].append({**row, "server_cores": cpu.cores})
         if not args.no_perf_analyzer:
             for concurrency in levels:
@@ -147,6 +164,7 @@ def summarise(rounds: list[dict[str, dict[str, list[dict]]]]) -> list[dict[str, 
                     1000 * r["server_cores"] / r["infer_per_s"] for r in good if r["infer_per_s"]),
                 latency_ms=statistics.median(r.get("p50_ms", r.get("mean_ms", 0)) for r in good),
                 failed=sum(r.get("failed", 0) for r in good),
+                avg_batch=statistics.median(r.get("avg_batch", float("nan")) for r in good),
             )  # fmt: skip
         summary.append(entry)
     return summary
@@ -164,11 +182,23 @@ def print_summary(summary: list[dict[str, Any]]) -> None:
             e["server"], e["client"].replace("perf_analyzer", "perf_an."), str(e["concurrency"]),
             f"{e['infer_per_s']:,.0f}", f"{e['infer_per_s_min']:,.0f}-{e['infer_per_s_max']:,.0f}",
             f"{e['server_cores']:.2f}", f"{e['cpu_ms_per_infer']:.3f}", f"{e['latency_ms']:.2f}",
+            "" if e["avg_batch"] != e["avg_batch"] else f"{e['avg_batch']:.1f}",
             str(e["failed"] + e["errors"]),
         ])  # fmt: skip
     print_table(
         "batch-1 mnist_cnn, one HTTP/2 connection (h2load latency: mean; perf_analyzer: p50)",
-        ["server", "client", "conc", "infer/s", "range", "cores", "CPU ms/infer", "lat ms", "fail"],
+        [
+            "server",
+            "client",
+            "conc",
+            "infer/s",
+            "range",
+            "cores",
+            "CPU ms/infer",
+            "lat ms",
+            "batch",
+            "fail",
+        ],
         rows,
     )
     by_key = {(e["server"], e["client"], e["concurrency"]): e for e in summary}

@@ -5,7 +5,8 @@
 grpc.aio on uvloop; a batcher that never waits (whatever is queued runs as soon as ONNX Runtime
 is free); one ONNX Runtime session with one intra-op thread, run in a one-thread executor;
 np.frombuffer in, raw_output_contents out. It answers just enough of the Open Inference Protocol
-for h2load and perf_analyzer (ModelInfer, readiness, metadata, config) for one FP32 model.
+for h2load and perf_analyzer (ModelInfer, readiness, metadata, config; ModelStatistics
+counts only images and batches) for one FP32 model.
 No validation, statistics, metrics or deadlines: that is the point of it.
 """
 
@@ -40,6 +41,7 @@ class EagerBatcher:
         self.executor = ThreadPoolExecutor(max_workers=1)
         self.queue: list[tuple[np.ndarray, asyncio.Future]] = []
         self.running = False
+        self.images = self.batches = 0  # for ModelStatistics: the average executed batch
 
     def submit(self, x: np.ndarray) -> asyncio.Future:
         future = asyncio.get_running_loop().create_future()
@@ -58,6 +60,7 @@ class EagerBatcher:
             while self.queue:
                 batch, self.queue = self.queue[: self.max_batch], self.queue[self.max_batch :]
                 x = batch[0][0] if len(batch) == 1 else np.concatenate([b[0] for b in batch])
+                self.images, self.batches = self.images + len(x), self.batches + 1
                 try:
                     y = await loop.run_in_executor(self.executor, self._run, x)
                 except Exception as error:
@@ -117,6 +120,12 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelConfig(self, request, context):
         return pb.ModelConfigResponse(config=self.config)
+
+    async def ModelStatistics(self, request, context):
+        stats = pb.ModelStatistics(name=self.config.name, version="1",
+                                   inference_count=self.batcher.images,
+                                   execution_count=self.batcher.batches)  # fmt: skip
+        return pb.ModelStatisticsResponse(model_stats=[stats])
 
     async def ModelInfer(self, request, context):
         tensor = request.inputs[0]

@@ -51,7 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="sampling seconds per point (default: 10)")  # fmt: skip
     parser.add_argument("--rate", type=int, default=200, help="py-spy samples/s (default: 200)")
     parser.add_argument("--native", action="store_true",
-                        help="include C/C++ frames (gRPC core, ONNX Runtime) in the stacks")  # fmt: skip
+                        help="include C/C++ frames (gRPC core, uvloop, ONNX Runtime); py-spy then "
+                        "pauses the process for each sample, which slows it")  # fmt: skip
     parser.add_argument("--top", type=int, default=25, help="functions to print (default: 25)")
     parser.add_argument("--server-args", default="", help="extra flags for python -m service")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results",
@@ -72,28 +73,45 @@ def frame_name(frame: str) -> str:
     return f"{match.group('func')} ({short})"
 
 
-def aggregate(collapsed: str) -> dict[str, Any]:
-    """Samples per thread, per function (self: leaf frame; inclusive: anywhere in the stack)."""
-    threads: Counter[str] = Counter()
-    own: Counter[str] = Counter()
-    inclusive: Counter[str] = Counter()
-    total = 0
+THREAD = re.compile(r"^thread \((?P<tid>\d+)\)(?::\s*(?P<name>.*))?$")
+
+
+def aggregate(collapsed: str, thread_cores: dict[str, float], infer_per_s: float) -> dict[str, Any]:
+    """CPU microseconds per inference by function, from py-spy's collapsed stacks.
+
+    A sample says where a thread was, not whether it had a core (on a shared machine it often
+    waits for one), so each thread's samples share out that thread's CPU measured from /proc:
+    a function's cost is the sum over threads of (its samples / the thread's samples) x the
+    thread's CPU. Self: the function is the innermost frame; inclusive: anywhere in the stack."""
+    cores_by_tid = {key.rsplit("/", 1)[1]: cores for key, cores in thread_cores.items()}
+    per_thread: dict[str, list[tuple[list[str], int]]] = {}
+    names: dict[str, str] = {}
     for line in collapsed.splitlines():
         stack, _, count_text = line.rpartition(" ")
         if not stack or not count_text.isdigit():
             continue
-        count = int(count_text)
         frames = stack.split(";")
-        thread = frames[0] if frames[0].startswith(("thread", "process")) else "?"
-        frames = [f for f in frames if not f.startswith(("thread", "process"))]
-        total += count
-        threads[thread] += count
-        names = [frame_name(f) for f in frames]
-        if names:
-            own[names[-1]] += count
-        for name in set(names):
-            inclusive[name] += count
-    return {"samples": total, "threads": threads, "self": own, "inclusive": inclusive}
+        match = THREAD.match(frames[0])
+        tid = match.group("tid") if match else "?"
+        if match:
+            names[tid] = match.group("name") or tid
+            frames = frames[1:]
+        per_thread.setdefault(tid, []).append(([frame_name(f) for f in frames], int(count_text)))
+    own: Counter[str] = Counter()
+    inclusive: Counter[str] = Counter()
+    threads: dict[str, dict[str, float]] = {}
+    for tid, stacks in per_thread.items():
+        samples = sum(count for _, count in stacks)
+        us_per_sample = 1e6 * cores_by_tid.get(tid, 0.0) / infer_per_s / samples
+        threads[f"{names.get(tid, tid)}/{tid}"] = {
+            "samples": samples, "us_per_infer": us_per_sample * samples}  # fmt: skip
+        for frames, count in stacks:
+            if frames:
+                own[frames[-1]] += count * us_per_sample
+            for name in set(frames):
+                inclusive[name] += count * us_per_sample
+    return {"samples": sum(t["samples"] for t in threads.values()), "threads": threads,
+            "self": own, "inclusive": inclusive}  # fmt: skip
 
 
 def profile_point(name: str, args: argparse.Namespace, frame: Path, concurrency: int,
@@ -111,9 +129,10 @@ def profile_point(name: str, args: argparse.Namespace, frame: Path, concurrency:
             loader.start()
             time.sleep(1.5)
             before, t0 = thread_cpu_seconds(pid), time.monotonic()
-            cmd = [str(PY_SPY), "record", "--pid", str(pid), "--threads", "--nonblocking",
+            cmd = [str(PY_SPY), "record", "--pid", str(pid), "--threads",
                    "--format", "raw", "--rate", str(args.rate), "--duration", str(int(args.seconds)),
-                   "--output", out.name, *(["--native"] if args.native else [])]  # fmt: skip
+                   "--output", out.name,
+                   *(["--native"] if args.native else ["--nonblocking"])]  # fmt: skip
             spy = subprocess.run(cmd, capture_output=True, text=True)
             after, wall = thread_cpu_seconds(pid), time.monotonic() - t0
             loader.join()
@@ -125,13 +144,12 @@ def profile_point(name: str, args: argparse.Namespace, frame: Path, concurrency:
     threads = {t: (after[t] - before.get(t, 0.0)) / wall for t in after}
     infer_per_s = holder.get("infer_per_s", float("nan"))
     cores = sum(threads.values())
-    stacks = aggregate(collapsed)
-    us_per_sample = 1e6 * cores / infer_per_s / max(stacks["samples"], 1) if infer_per_s else 0.0
-    # py-spy's samples include idle-less stacks of every thread; spread the measured CPU over them
+    stacks = aggregate(collapsed, threads, infer_per_s)
+    total_us = 1e6 * cores / infer_per_s
 
     def top(counter: Counter[str]) -> list[dict[str, Any]]:
-        return [{"function": f, "share": c / stacks["samples"], "us_per_infer": c * us_per_sample}
-                for f, c in counter.most_common(args.top)]  # fmt: skip
+        return [{"function": f, "share": us / total_us, "us_per_infer": us}
+                for f, us in counter.most_common(args.top)]  # fmt: skip
 
     return {
         "server": name,
@@ -141,7 +159,7 @@ def profile_point(name: str, args: argparse.Namespace, frame: Path, concurrency:
         "cpu_us_per_infer": 1e6 * cores / infer_per_s if infer_per_s else None,
         "thread_cores": dict(sorted(threads.items(), key=lambda kv: -kv[1])),
         "samples": stacks["samples"],
-        "thread_samples": dict(stacks["threads"].most_common()),
+        "thread_samples": stacks["threads"],
         "self": top(stacks["self"]),
         "inclusive": top(stacks["inclusive"]),
         "py_spy_error": spy.stderr[-500:] if spy.returncode else "",
@@ -155,6 +173,8 @@ def report(point: dict[str, Any], top: int) -> None:
     busy = [(t, c) for t, c in point["thread_cores"].items() if c >= 0.005]
     print("threads (cores): " + ", ".join(f"{t} {c:.2f}" for t, c in busy))
     for kind in ("self", "inclusive"):
+        if not point[kind]:
+            continue
         print_table(
             f"{kind} samples",
             ["share", "us/infer", "function"],
