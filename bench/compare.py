@@ -49,6 +49,11 @@ from pb import grpc_service_pb2 as pb  # noqa: E402
 from pb import grpc_service_pb2_grpc as pb_grpc  # noqa: E402
 
 SERVERS = ("minimal", "triton", "project")
+# Extra project configurations one can add to --servers, e.g. to test a hypothesis in the same run.
+VARIANTS = {
+    "project-nofastpath": ["--latency-threads", "0"],
+    "project-fastpath1": ["--latency-threads", "1"],
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -57,7 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="model repository (default: model_repository)")  # fmt: skip
     parser.add_argument("--model", default="mnist_cnn", help="model (default: mnist_cnn)")
     parser.add_argument("--servers", default=",".join(SERVERS),
-                        help=f"servers to measure (default: {','.join(SERVERS)})")  # fmt: skip
+                        help=f"servers to measure (default: {','.join(SERVERS)}; also "
+                        f"{', '.join(VARIANTS)})")  # fmt: skip
     parser.add_argument("--concurrency", default="1,16,64",
                         help="streams in flight (default: 1,16,64)")  # fmt: skip
     parser.add_argument("--stream-concurrency", default="16,64",
@@ -95,7 +101,8 @@ def server(name: str, args: argparse.Namespace) -> Iterator[tuple[str, int]]:
         cmd = [sys.executable, str(ROOT / "bench" / "minimal_server.py"), "--repository",
                str(args.repository), "--model", args.model, "--port", str(port)]  # fmt: skip
     else:
-        cmd = project_command(args.repository, port, *args.server_args.split())
+        extra = [*VARIANTS.get(name, []), *args.server_args.split()]
+        cmd = project_command(args.repository, port, *extra)
     with running_process(cmd, address, args.model) as proc:
         yield address, proc.pid
 
@@ -214,6 +221,9 @@ def print_summary(summary: list[dict[str, Any]]) -> None:
             print(f"  c={concurrency}: {', '.join(parts)}")
 
 
+ORDER = (*SERVERS, *VARIANTS)
+
+
 def plot(summary: list[dict[str, Any]], title: str, path: Path) -> None:
     import matplotlib
 
@@ -221,10 +231,11 @@ def plot(summary: list[dict[str, Any]], title: str, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     series = sorted({(e["server"], e["client"]) for e in summary if "infer_per_s" in e},
-                    key=lambda s: (SERVERS.index(s[0]), s[1]))  # fmt: skip
+                    key=lambda s: (ORDER.index(s[0]), s[1]))  # fmt: skip
     levels = sorted({e["concurrency"] for e in summary})
     by_key = {(e["server"], e["client"], e["concurrency"]): e for e in summary}
-    colours = {"minimal": "tab:blue", "triton": "tab:green", "project": "tab:orange"}
+    colours = {"minimal": "tab:blue", "triton": "tab:green", "project": "tab:orange",
+               "project-nofastpath": "tab:red", "project-fastpath1": "tab:purple"}  # fmt: skip
     hatches = {"h2load": "", "perf_analyzer": "//", "perf_analyzer_streaming": "xx"}
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
     width = 0.8 / max(len(series), 1)
