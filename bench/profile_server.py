@@ -99,17 +99,21 @@ def aggregate(collapsed: str, thread_cores: dict[str, float], infer_per_s: float
         per_thread.setdefault(tid, []).append(([frame_name(f) for f in frames], int(count_text)))
     own: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
-    threads: dict[str, dict[str, float]] = {}
+    threads: dict[str, dict[str, Any]] = {}
     for tid, stacks in per_thread.items():
         samples = sum(count for _, count in stacks)
         us_per_sample = 1e6 * cores_by_tid.get(tid, 0.0) / infer_per_s / samples
-        threads[f"{names.get(tid, tid)}/{tid}"] = {
-            "samples": samples, "us_per_infer": us_per_sample * samples}  # fmt: skip
+        thread_own: Counter[str] = Counter()
         for frames, count in stacks:
             if frames:
                 own[frames[-1]] += count * us_per_sample
+                thread_own[frames[-1]] += count * us_per_sample
             for name in set(frames):
                 inclusive[name] += count * us_per_sample
+        threads[f"{names.get(tid, tid)}/{tid}"] = {
+            "samples": samples, "us_per_infer": us_per_sample * samples,
+            "self": [{"function": f, "us_per_infer": us} for f, us in thread_own.most_common(12)],
+        }  # fmt: skip
     return {"samples": sum(t["samples"] for t in threads.values()), "threads": threads,
             "self": own, "inclusive": inclusive}  # fmt: skip
 
@@ -172,6 +176,13 @@ def report(point: dict[str, Any], top: int) -> None:
           f"{point['samples']} samples")  # fmt: skip
     busy = [(t, c) for t, c in point["thread_cores"].items() if c >= 0.005]
     print("threads (cores): " + ", ".join(f"{t} {c:.2f}" for t, c in busy))
+    for thread, info in sorted(
+        point["thread_samples"].items(), key=lambda kv: -kv[1]["us_per_infer"]
+    ):
+        if info["us_per_infer"] < 0.05 * (point["cpu_us_per_infer"] or 1):
+            continue
+        print(f"  {thread}: {info['us_per_infer']:.0f} us/infer; self: " + ", ".join(
+            f"{r['function']} {r['us_per_infer']:.0f}" for r in info["self"][:6]))  # fmt: skip
     for kind in ("self", "inclusive"):
         if not point[kind]:
             continue
