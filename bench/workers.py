@@ -90,16 +90,22 @@ class Group:
                 continue
         return total
 
-    def served_by_worker(self) -> dict[str, float]:
-        """Successful ModelInfer requests so far, by worker ("0" alone for a single process)."""
-        totals: dict[str, float] = {}
+    def served(self) -> tuple[dict[str, float], float]:
+        """ModelInfer requests so far: successes by worker ("0" alone for a single process), and
+        failures (not counting cancellations: h2load cancels what is in flight when it stops)."""
+        by_worker: dict[str, float] = {}
+        failed = 0.0
         pattern = re.compile(r"^cnnserve_requests_total\{([^}]*)\} (\S+)$", re.M)
         for labels, value in pattern.findall(self.scrape()):
-            if 'outcome="success"' in labels:
-                worker = re.search(r'worker="(\d+)"', labels)
-                key = worker.group(1) if worker else "0"
-                totals[key] = totals.get(key, 0.0) + float(value)
-        return totals
+            if 'outcome="cancelled"' in labels:
+                continue
+            if 'outcome="success"' not in labels:
+                failed += float(value)
+                continue
+            worker = re.search(r'worker="(\d+)"', labels)
+            key = worker.group(1) if worker else "0"
+            by_worker[key] = by_worker.get(key, 0.0) + float(value)
+        return by_worker, failed
 
 
 @contextmanager
@@ -151,17 +157,26 @@ def request_frame(address: str, model: str) -> tuple[bytes, int]:
 
 def h2load(port: int, frame: Path, connections: int, streams: int, args: argparse.Namespace,
            answer_bytes: int) -> dict[str, Any]:  # fmt: skip
-    cmd = ["h2load", "-D", str(args.seconds), "--warm-up-time", str(args.warmup),
+    """One h2load run: requests done in the measured period (warm-up excluded) per second, and
+    the successes counted from every response body received (warm-up included)."""
+    cmd = ["h2load", "-D", f"{round(args.seconds * 1000)}ms",
+           "--warm-up-time", f"{round(args.warmup * 1000)}ms",
            "-c", str(connections), "-m", str(streams),
            "-H", "content-type: application/grpc", "-H", "te: trailers",
            "-d", str(frame), f"http://127.0.0.1:{port}{PATH}"]  # fmt: skip
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.seconds * 4 + 60).stdout
-    done = re.search(r"requests: \d+ total, \d+ started, (\d+) done", out)
+    done_run = subprocess.run(cmd, capture_output=True, text=True, timeout=args.seconds * 4 + 60)
+    out = done_run.stdout + done_run.stderr
+    done = re.search(r"requests: \d+ total, \d+ started, (\d+) done, \d+ succeeded, (\d+) failed, "
+                     r"(\d+) errored", out)  # fmt: skip
     data = re.search(r"traffic: .* \((\d+)\) data", out)
     if not done or not data:
         raise RuntimeError(f"unexpected h2load output:\n{out}")
-    ok = int(data.group(1)) // answer_bytes
-    return {"ok": ok, "errors": int(done.group(1)) - ok, "infer_per_s": ok / args.seconds}
+    return {
+        "done": int(done.group(1)),
+        "http_errors": int(done.group(2)) + int(done.group(3)),
+        "answers_with_body": int(data.group(1)) // answer_bytes,
+        "infer_per_s": int(done.group(1)) / args.seconds,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -186,12 +201,18 @@ def main(argv: list[str] | None = None) -> int:
         for repeat in range(args.repeats):
             for connections, streams in loads:
                 for group in groups:
-                    served, cpu, start = group.served_by_worker(), group.cpu_seconds(), time.time()
+                    (served, failed), cpu = group.served(), group.cpu_seconds()
+                    start = time.time()
                     run = h2load(group.port, frame, connections, streams, args, answer_bytes)
                     wall = time.time() - start
                     cores = (group.cpu_seconds() - cpu) / wall
-                    after = group.served_by_worker()
+                    after, failed_after = group.served()
                     split = {w: after[w] - served.get(w, 0.0) for w in sorted(after)}
+                    # A gRPC error is an HTTP 200 without a body: every answer received must have
+                    # one (the server may count a few more, sent as h2load stopped).
+                    unreceived = round(sum(split.values())) - run["answers_with_body"]
+                    run["errors"] = int(failed_after - failed) + run["http_errors"]
+                    run["errors"] += max(0, -unreceived, unreceived - connections * streams)
                     runs.append({"workers": group.workers, "connections": connections,
                                  "streams": streams, "repeat": repeat, **run,
                                  "server_cores": cores, "by_worker": split})  # fmt: skip
