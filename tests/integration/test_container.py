@@ -28,7 +28,8 @@ import pytest
 from tests.deploy.tools import DEPLOY, ROOT, binary, free_port, missing
 from tests.support.tools_venv.paths import require_tools_python
 
-pytestmark = pytest.mark.slow
+# Building an image on 2 busy cores takes minutes: more than the suite's default timeout.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 BUILDAH = ["buildah", "--storage-driver", "vfs"]
 TAG = "localhost/cnnserve:test"
@@ -52,12 +53,19 @@ def build_context(repository: Path, into: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def image(mnist_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+def repository(request: pytest.FixtureRequest) -> Path:
+    """The model repository to bake in: CNNSERVE_TEST_REPOSITORY, else the session's trained one."""
+    given = os.environ.get("CNNSERVE_TEST_REPOSITORY")
+    return Path(given) if given else request.getfixturevalue("mnist_repository")
+
+
+@pytest.fixture(scope="module")
+def image(repository: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     binary("buildah", "apt-get install buildah debootstrap (make sysdeps)")
     binary("debootstrap", "apt-get install debootstrap (make sysdeps)")
     if os.geteuid() != 0:
         missing("building with buildah's chroot isolation and vfs storage needs root here")
-    context = build_context(mnist_repository, tmp_path_factory.mktemp("context"))
+    context = build_context(repository, tmp_path_factory.mktemp("context"))
     started = time.monotonic()
     done = subprocess.run(
         [str(DEPLOY / "build-image.sh"), "-t", TAG, str(context)],
@@ -201,7 +209,7 @@ def test_runs_as_non_root_without_training_code(container: Container) -> None:
 
 
 def test_tritonclient_infers_and_explains(
-    container: Container, mnist_repository: Path, tmp_path: Path
+    container: Container, repository: Path, tmp_path: Path
 ) -> None:
     python = require_tools_python()
     script = ROOT / "tests" / "deploy" / "triton_infer_explain.py"
@@ -217,7 +225,7 @@ def test_tritonclient_infers_and_explains(
     assert summary["explainer_ready"]
     assert summary["provider"] == {"string_value": "CPUExecutionProvider"}
     session = ort.InferenceSession(
-        str(mnist_repository / MODEL / "1" / "model.onnx"), providers=["CPUExecutionProvider"]
+        str(repository / MODEL / "1" / "model.onnx"), providers=["CPUExecutionProvider"]
     )
     images = np.load(tmp_path / "inputs.npy")
     (expected,) = session.run(["probabilities"], {"input": images})
