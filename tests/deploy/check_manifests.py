@@ -10,13 +10,12 @@ API does not know). Prints a JSON summary: kinds checked, and errors.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from typing import Any
 
-import re
-
-import kubernetes.client.models as k8s_models
 import kserve.models
+import kubernetes.client.models as k8s_models
 import kubernetes_validate
 import yaml
 
@@ -89,7 +88,11 @@ def main(paths: list[str]) -> dict[str, Any]:
     version = kubernetes_validate.latest_version()
     summary: dict[str, Any] = {"kubernetes": version, "checked": [], "errors": []}
     for path in paths:
-        text = sys.stdin.read() if path == "-" else open(path).read()
+        if path == "-":
+            text = sys.stdin.read()
+        else:
+            with open(path) as handle:
+                text = handle.read()
         for obj in yaml.safe_load_all(text):
             if not obj:
                 continue

@@ -185,7 +185,9 @@ def test_service_hpa_and_monitor_fit_together(
         service, deployment = objects["Service"], objects["Deployment"]
         ports = {p["name"]: p for p in service["spec"]["ports"]}
         assert ports["grpc"]["appProtocol"] == "kubernetes.io/h2c"
-        container_ports = {p["name"] for p in deployment["spec"]["template"]["spec"]["containers"][0]["ports"]}
+        container_ports = {
+            p["name"] for p in deployment["spec"]["template"]["spec"]["containers"][0]["ports"]
+        }
         assert {p["targetPort"] for p in ports.values()} <= container_ports
         pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
         assert service["spec"]["selector"].items() <= pod_labels.items()
@@ -211,9 +213,8 @@ def test_kserve_runtime_matches_the_image() -> None:
     assert args[args.index("--grpc-port") + 1] == str(container["ports"][0]["containerPort"])
     assert container["ports"][0]["name"] == "h2c"
     model = isvc["predictor"]["model"]
-    assert model["runtime"] == yaml.safe_load(
-        (DEPLOY / "kserve" / "servingruntime.yaml").read_text()
-    )["metadata"]["name"]
+    runtime_name = yaml.safe_load((DEPLOY / "kserve" / "servingruntime.yaml").read_text())
+    assert model["runtime"] == runtime_name["metadata"]["name"]
     assert model["protocolVersion"] == "grpc-v2" and model["modelFormat"]["name"] == "onnx"
 
 
@@ -234,7 +235,11 @@ def test_rules_read_only_metrics_the_server_exports() -> None:
     exported = set(re.findall(r'^\s+"(\w+)", "', source, re.MULTILINE))
     texts = [p.read_text() for p in RULE_FILES]
     texts.append((DEPLOY / "grafana" / "cnnserve-dashboard.json").read_text())
-    used = {m for text in texts for m in re.findall(r"\bcnnserve_(\w+?)(?:_total|_bucket|_sum|_count)?\b", text)}
+    used = {
+        m
+        for text in texts
+        for m in re.findall(r"\bcnnserve_(\w+?)(?:_total|_bucket|_sum|_count)?\b", text)
+    }
     unknown = {m for m in used if m not in exported and not m.startswith("gpu_")}
     assert not unknown, f"rules or dashboard name metrics the server does not export: {unknown}"
 

@@ -9,7 +9,9 @@ the main ones with data.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import subprocess
 import threading
 import time
@@ -65,7 +67,9 @@ class Load:
         self.stop = threading.Event()
         self.sent = 0
         self.deadline = time.monotonic() + limit_s
-        self.threads = [threading.Thread(target=self.run, args=(i,), daemon=True) for i in range(clients)]
+        self.threads = [
+            threading.Thread(target=self.run, args=(i,), daemon=True) for i in range(clients)
+        ]
 
     def run(self, seed: int) -> None:
         rng = np.random.default_rng(seed)
@@ -76,10 +80,8 @@ class Load:
                 request = infer_request(MODEL, images)
                 if self.sent % 25 == 0:
                     request.inputs[0].datatype = "FP64"  # refused: INVALID_ARGUMENT
-                try:
+                with contextlib.suppress(grpc.RpcError):
                     client.ModelInfer(request, timeout=10)
-                except grpc.RpcError:
-                    pass
                 self.sent += 1
                 time.sleep(0.01)
 
@@ -102,8 +104,11 @@ def get(url: str, params: dict[str, str] | None = None) -> Any:
 
 
 @pytest.fixture(scope="module")
-def server(mnist_repository: Path) -> Iterator[ServerThread]:
-    with running_server(mnist_repository) as thread:
+def server(request: pytest.FixtureRequest) -> Iterator[ServerThread]:
+    """The server on CNNSERVE_TEST_REPOSITORY, else on the session's trained repository."""
+    given = os.environ.get("CNNSERVE_TEST_REPOSITORY")
+    repository = Path(given) if given else request.getfixturevalue("mnist_repository")
+    with running_server(repository) as thread:
         yield thread
 
 
@@ -207,21 +212,26 @@ def test_recording_rules_produce_series(prometheus: str) -> None:
     empty = [name for name in MUST_HAVE_DATA if not query(prometheus, name)]
     assert not empty, f"no series for {empty}"
     (series,) = [
-        s for s in query(prometheus, 'cnnserve:requests:rate1m{outcome="success"}')
+        s
+        for s in query(prometheus, 'cnnserve:requests:rate1m{outcome="success"}')
         if s["metric"]["model"] == MODEL
     ]
     assert float(series["value"][1]) > 0
     (mean,) = [
-        s for s in query(prometheus, "cnnserve:batch_size:mean_rate5m") if s["metric"]["model"] == MODEL
+        s
+        for s in query(prometheus, "cnnserve:batch_size:mean_rate5m")
+        if s["metric"]["model"] == MODEL
     ]
     assert 1 <= float(mean["value"][1]) <= 128
 
 
 def test_every_rule_expression_evaluates(prometheus: str) -> None:
-    for name, expr in rule_exprs().items():
+    for expr in rule_exprs().values():
         query(prometheus, expr)  # asserts no error
     # No alert fires on a healthy server under light load.
-    firing = [a for a in get(f"{prometheus}/api/v1/alerts")["data"]["alerts"] if a["state"] == "firing"]
+    firing = [
+        a for a in get(f"{prometheus}/api/v1/alerts")["data"]["alerts"] if a["state"] == "firing"
+    ]
     assert not firing, firing
 
 

@@ -30,7 +30,9 @@ def main(address: str, model: str, outdir: Path) -> dict[str, object]:
     np.save(outdir / "inputs.npy", images)
     image_input = grpcclient.InferInput("input", list(images.shape), "FP32")
     image_input.set_data_from_numpy(images)
-    result = client.infer(model, [image_input], outputs=[grpcclient.InferRequestedOutput("probabilities")])
+    result = client.infer(
+        model, [image_input], outputs=[grpcclient.InferRequestedOutput("probabilities")]
+    )
     np.save(outdir / "probabilities.npy", result.as_numpy("probabilities"))
 
     targets = np.array([[-1], [0], [3], [9]], dtype=np.int64)

@@ -117,7 +117,9 @@ class Container:
         )
 
     def exec(self, *command: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(self.run_args(*command), capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(
+            self.run_args(*command), capture_output=True, text=True, timeout=timeout
+        )
 
     def healthcheck(self) -> subprocess.CompletedProcess[str]:
         test = list(self.config["Healthcheck"]["Test"])  # type: ignore[index]
