@@ -10,6 +10,7 @@ handed in through CNNSERVE_* variables, which the HEALTHCHECK follows too.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -157,6 +158,9 @@ class Container:
 
     def remove(self) -> None:
         if self.process is not None and self.process.poll() is None:
+            # Killing buildah alone would orphan the server inside: stop the server first.
+            with contextlib.suppress(LookupError, ProcessLookupError):
+                os.kill(self.server_pid(), signal.SIGKILL)
             self.process.kill()
             self.process.wait(30)
         subprocess.run([*BUILDAH, "rm", self.name], capture_output=True, check=False)
