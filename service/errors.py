@@ -67,3 +67,9 @@ class ModelLoadError(ServingError):
     """A model in the repository could not be read or loaded; the message gives the reason."""
 
     status = "FAILED_PRECONDITION"
+
+
+class ModelControlDisabled(ServingError):
+    """Load or unload over the API while the model-control mode does not allow it."""
+
+    status = "FAILED_PRECONDITION"
