@@ -14,8 +14,8 @@ import pytest
 from service.auth import (
     ADMIN,
     INFERENCE,
-    AuthInterceptor,
     Authenticator,
+    AuthInterceptor,
     Refusal,
     TokenFile,
     bearer_token,
