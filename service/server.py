@@ -31,8 +31,10 @@ from .errors import ModelNotReady, Unsupported, to_status
 from .explain import explain
 from .metrics import ServingMetrics
 from .model import ServedModel
+from .model_control import ModelControl
 from .repository import READY, STATES, UNAVAILABLE, ModelEntry, ModelRepository, ModelSpec
 from .runtime import CUDA
+from .security import ServerSecurity, start_health_server
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +69,11 @@ def map_errors(method: Handler[Request, Response]) -> Handler[Request, Response]
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     """The Open Inference Protocol over the model repository."""
 
-    def __init__(self, repository: ModelRepository, server: InferenceServer) -> None:
+    def __init__(
+        self, repository: ModelRepository, control: ModelControl, server: InferenceServer
+    ) -> None:
         self._repository = repository
+        self._control = control
         self._server = server
 
     def _model(self, name: str, version: str) -> ServedModel:
@@ -255,14 +260,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.RepositoryModelLoadResponse:
         if request.parameters:
             raise Unsupported("load parameters (config or file overrides) are not supported")
-        await self._repository.load(request.model_name)
+        await self._control.load(request.model_name)
         return pb.RepositoryModelLoadResponse()
 
     @map_errors
     async def RepositoryModelUnload(
         self, request: pb.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext
     ) -> pb.RepositoryModelUnloadResponse:
-        await self._repository.unload(request.model_name)
+        await self._control.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
 
 
@@ -288,16 +293,26 @@ class InferenceServer:
         self.repository = ModelRepository(
             settings.model_repository, self._load_version, on_state=self._state_changed
         )
+        self.control = ModelControl(
+            self.repository,
+            settings.model_control_mode,
+            settings.load_model,
+            settings.repository_poll_secs,
+        )
+        self.security = ServerSecurity.from_settings(settings)
         self.grpc = grpc.aio.server(
+            interceptors=self.security.interceptors(),
             options=[
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
                 ("grpc.max_send_message_length", settings.max_message_bytes),
                 ("grpc.so_reuseport", 0),
-            ]
+            ],
         )
         self.health = health.aio.HealthServicer()
         self.grpc_port = 0
         self.metrics_port: int | None = None
+        self.health_port: int | None = None
+        self._health_grpc: grpc.aio.Server | None = None
         self.draining = False
         self._started = False
         self._metrics_http: Any = None
@@ -325,30 +340,33 @@ class InferenceServer:
             "onnxruntime %s, providers compiled in: %s",
             ort.__version__, ", ".join(ort.get_available_providers()),
         )  # fmt: skip
-        await self.repository.load_all()
+        await self.control.start()
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceServicer(self.repository, self), self.grpc
+            InferenceServicer(self.repository, self.control, self), self.grpc
         )
         ex_grpc.add_ExplainerServicer_to_server(ExplainServicer(self.repository), self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
-        reflection.enable_server_reflection(
-            (
-                SERVICE_NAME,
-                EXPLAIN_SERVICE_NAME,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
-            ),
-            self.grpc,
-        )
-        address = f"{settings.host}:{settings.grpc_port}"
-        try:
-            self.grpc_port = self.grpc.add_insecure_port(address)
-        except RuntimeError as exc:  # grpc reports a failed bind this way
-            raise OSError(f"cannot listen on {address} (is the port in use?)") from exc
+        if settings.reflection:
+            reflection.enable_server_reflection(
+                (
+                    SERVICE_NAME,
+                    EXPLAIN_SERVICE_NAME,
+                    health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                    reflection.SERVICE_NAME,
+                ),
+                self.grpc,
+            )
+        self.grpc_port = self.security.add_port(self.grpc, f"{settings.host}:{settings.grpc_port}")
         await self.grpc.start()
+        if settings.health_port >= 0:
+            self._health_grpc, self.health_port = await start_health_server(
+                self.health, settings.host, settings.health_port
+            )
         if settings.metrics_port >= 0:
             httpd, _ = start_http_server(
-                settings.metrics_port, addr=settings.host, registry=self.metrics.registry
+                settings.metrics_port,
+                addr=settings.effective_metrics_host,
+                registry=self.metrics.registry,
             )
             self._metrics_http = httpd
             self.metrics_port = httpd.server_port
@@ -358,9 +376,15 @@ class InferenceServer:
             await self.health.set(service, status)
         ready = [e.name for e in self.repository.entries() if e.state == READY]
         log.info(
-            "serving %s on gRPC port %d, metrics port %s",
-            ", ".join(ready) or "no models", self.grpc_port, self.metrics_port,
+            "serving %s on gRPC port %d (%s, model control %s), metrics port %s, health port %s",
+            ", ".join(ready) or "no models", self.grpc_port, self.security.describe(),
+            self.control.mode, self.metrics_port, self.health_port,
         )  # fmt: skip
+        self.security.warn_if_exposed(settings.host)
+
+    def reload_tokens(self) -> None:
+        """Re-read the token files (the SIGHUP handler)."""
+        self.security.reload()
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Drain: health NOT_SERVING, refuse new RPCs, finish accepted ones, unload, close."""
@@ -372,7 +396,10 @@ class InferenceServer:
         log.info("draining (grace period %.1f s)", grace)
         with contextlib.suppress(Exception):
             await self.health.enter_graceful_shutdown()
+        await self.control.stop()  # no repository change while draining
         await self.grpc.stop(grace)
+        if self._health_grpc is not None:
+            await self._health_grpc.stop(0)
         served = [m for e in self.repository.entries() for m in e.versions.values()]
         answered = sum(m.stats.success.count for m in served if isinstance(m, ServedModel))
         failed = sum(m.stats.fail.count for m in served if isinstance(m, ServedModel))
