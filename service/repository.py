@@ -171,6 +171,13 @@ class ModelRepository:
                     try:
                         loaded[version] = await self._loader(spec, version)
                     except Exception as exc:
+                        if version in previous:  # a changed file that fails: the old one stays
+                            loaded[version] = previous[version]
+                            log.warning(
+                                "model %s version %d failed to reload, the loaded one keeps "
+                                "serving: %s", name, version, _reason(exc),
+                            )  # fmt: skip
+                            continue
                         failed[version] = _reason(exc)
                         log.warning(
                             "model %s version %d failed to load: %s", name, version, failed[version]
@@ -187,8 +194,9 @@ class ModelRepository:
             entry.spec, entry.versions, entry.failed = spec, loaded, failed
             self._set(entry, READY, "")
             log.info("model %s ready, versions %s", name, sorted(loaded))
-        for old in previous.values():
-            await old.close()
+        for version, old in previous.items():
+            if loaded.get(version) is not old:
+                await old.close()
         return entry
 
     async def unload(self, name: str) -> None:

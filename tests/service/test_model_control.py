@@ -169,3 +169,20 @@ def test_fingerprint_sees_changes_in_version_folders(tmp_path: Path) -> None:
     (tmp_path / "m" / "1" / "model.onnx").write_text("m1, retrained")
     assert fingerprint(tmp_path / "m") != before
     assert fingerprint(tmp_path / "gone") == ()
+
+
+def test_poll_a_serving_version_changed_into_a_broken_file_keeps_serving(tmp_path: Path) -> None:
+    add_model(tmp_path, "m", {1: "m1", 2: "m2"}, policy="version_policy { all {} }")
+
+    async def scenario(control: ModelControl) -> dict[str, Any]:
+        old = control.repository.entry("m").versions[2]
+        (tmp_path / "m" / "2" / "model.onnx").write_text("broken")
+        await control.poll_once()
+        entry = control.repository.entry("m")
+        return {
+            "serving": serving(control.repository),
+            "kept": entry.versions[2] is old and not old.closed,  # type: ignore[attr-defined]
+        }
+
+    seen = run(tmp_path, scenario, mode="poll", poll_secs=3600)
+    assert seen == {"serving": {"m": {1: "m1", 2: "m2"}}, "kept": True}
