@@ -30,8 +30,9 @@ RUN apt-get update \
     && useradd --system --uid 10001 --no-create-home cnnserve
 COPY --from=build /opt/venv /opt/venv
 COPY model_repository/ /models/
+# All interfaces inside the container (the server's own default is loopback); see README Security.
 ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 \
-    CNNSERVE_MODEL_REPOSITORY=/models CNNSERVE_LOG_FORMAT=json
+    CNNSERVE_MODEL_REPOSITORY=/models CNNSERVE_LOG_FORMAT=json CNNSERVE_HOST=0.0.0.0
 USER 10001
 EXPOSE 8001 8002
 HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 \
