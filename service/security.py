@@ -14,7 +14,7 @@ from grpc_health.v1 import health_pb2_grpc
 
 from .auth import Authenticator, AuthInterceptor
 from .config import Settings
-from .tls import TlsFiles, server_credentials, tls_files
+from .tls import TlsFiles, check_files, server_credentials, tls_files
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,8 @@ class ServerSecurity:
         except ValueError as exc:
             raise OSError(str(exc)) from exc
         files = tls_files(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+        if files is not None:
+            check_files(files)  # before any model loads: a bad file stops the start at once
         return cls(authenticator, files)
 
     def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
