@@ -68,13 +68,18 @@ class BatchResult:
 
 
 class _Pending:
-    __slots__ = ("enqueued_ns", "future", "inputs", "size", "timer")
+    __slots__ = ("enqueued_ns", "future", "inputs", "nbytes", "size", "timer")
 
     def __init__(
-        self, inputs: Arrays, size: int, future: asyncio.Future[BatchResult] | None
+        self,
+        inputs: Arrays,
+        size: int,
+        future: asyncio.Future[BatchResult] | None,
+        nbytes: int = 0,
     ) -> None:
         self.inputs = inputs
         self.size = size
+        self.nbytes = nbytes
         self.future = future
         self.enqueued_ns = time.perf_counter_ns()
         self.timer: asyncio.TimerHandle | None = None
@@ -94,6 +99,8 @@ class DynamicBatcher:
         wait_for_preferred: bool = False,
         on_batch: Callable[[BatchRecord], None] | None = None,
         idle_function: BatchFunction | None = None,
+        idle_max_size: int = 1,
+        max_queue_bytes: int = 0,
         name: str = "model",
     ) -> None:
         if not functions:
@@ -102,12 +109,15 @@ class DynamicBatcher:
             raise ValueError("max_batch_size must be at least 1")
         self.max_batch_size = max_batch_size
         self.max_queue_size = max_queue_size  # 0: unbounded
+        self.max_queue_bytes = max_queue_bytes  # 0: unbounded
+        self._queued_bytes = 0
         self._functions = list(functions)
         self._delay_s = max_queue_delay_s
         fitting = [p for p in preferred_batch_sizes if 0 < p <= max_batch_size]
         self._hold_below = min(fitting) if (wait_for_preferred and fitting) else 0
         self._on_batch = on_batch
         self._idle_function = idle_function
+        self._idle_max_size = idle_max_size  # larger requests would hold up the event loop
         self._arriving = 0  # requests looking at the idle fast path in this turn of the loop
         self._last_done_ns = 0
         self._calm = 1.0
@@ -150,7 +160,17 @@ class DynamicBatcher:
             raise ValueError(f"request of {size} exceeds max_batch_size {self.max_batch_size}")
         if timeout_s is not None and timeout_s <= 0:
             raise DeadlineExceeded("deadline exceeded before the request was queued")
-        if self._idle_function is not None:
+        nbytes = sum(a.nbytes for a in inputs.values())
+        if (
+            self.max_queue_bytes
+            and self._queued_bytes + nbytes > self.max_queue_bytes
+            and self._queue
+        ):
+            raise QueueFull(
+                f"model '{self._name}': queue is full ({self._queued_bytes:,} bytes waiting, "
+                f"limit {self.max_queue_bytes:,})"
+            )
+        if self._idle_function is not None and size <= self._idle_max_size:
             alone = self._is_idle() and time.perf_counter_ns() - self._last_done_ns > IDLE_GAP_NS
             if alone and self._calm >= CALM_LEVEL:
                 result = await self._run_if_alone(self._idle_function, inputs, size)
@@ -161,7 +181,8 @@ class DynamicBatcher:
             self._calm += CALM_WEIGHT * (float(alone) - self._calm)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[BatchResult] = loop.create_future()
-        item = _Pending(inputs, size, future)
+        item = _Pending(inputs, size, future, nbytes)
+        self._queued_bytes += nbytes
         if timeout_s is not None:
             item.timer = loop.call_later(timeout_s, self._expire, item)
         self._queue.append(item)
@@ -210,6 +231,7 @@ class DynamicBatcher:
             item.timer.cancel()
         with contextlib.suppress(ValueError):
             self._queue.remove(item)
+            self._queued_bytes -= item.nbytes
             self._check_idle()
 
     def _expire(self, item: _Pending) -> None:
@@ -220,6 +242,7 @@ class DynamicBatcher:
             self._queue.remove(item)
         except ValueError:
             return  # already running: it will finish
+        self._queued_bytes -= item.nbytes
         item.future.set_exception(DeadlineExceeded("deadline exceeded while queued"))
         self._check_idle()
 
@@ -233,6 +256,7 @@ class DynamicBatcher:
         queue = self._queue
         while queue and total + queue[0].size <= self.max_batch_size:
             item = queue.popleft()
+            self._queued_bytes -= item.nbytes
             if item.future is None or item.future.done():
                 continue
             if item.timer is not None:

@@ -18,7 +18,7 @@ import numpy as np
 from pb import grpc_service_pb2 as pb
 from pb import model_config_pb2 as mc
 
-from .errors import InvalidInput
+from .errors import InvalidInput, shorten
 
 # Protocol datatype name -> numpy dtype (little-endian). BF16 and BYTES have no numpy twin here.
 NUMPY_DTYPES: dict[str, np.dtype[Any]] = {
@@ -140,7 +140,7 @@ class RequestedOutput:
 
 @dataclass
 class DecodedRequest:
-    """A request's inputs as arrays shaped for the model, its batch size and wanted outputs."""
+    """A request's inputs as batch-first arrays, its batch size and the outputs it wants."""
 
     inputs: dict[str, np.ndarray]
     batch_size: int
@@ -218,8 +218,9 @@ def decode_request(request: pb.ModelInferRequest, sig: Signature) -> DecodedRequ
                     f"input '{spec.name}': values must lie in [{low}, {high - 1}]; "
                     f"got {array.min()}..{array.max()}"
                 )
-        lead = (batch,) if sig.batching else ()
-        arrays[spec.name] = array.reshape(lead + _resolve(spec.model_dims, shape[len(lead) :]))
+        # Inside the server every array is batch-first; a model without a batch dim gets 1.
+        item = shape[1:] if sig.batching else shape
+        arrays[spec.name] = array.reshape((max(batch, 1), *_resolve(spec.model_dims, item)))
     return DecodedRequest(arrays, max(batch, 1), requested_outputs(request, sig))
 
 
@@ -227,11 +228,12 @@ def _explain_input_names(names: list[str], sig: Signature) -> None:
     seen: set[str] = set()
     for name in names:
         if name in seen:
-            raise InvalidInput(f"input '{name}' is given more than once")
+            raise InvalidInput(f"input '{shorten(name)}' is given more than once")
         seen.add(name)
         if name not in sig.inputs_by_name:
             raise InvalidInput(
-                f"unknown input '{name}'; the model's inputs are: {', '.join(sig.inputs_by_name)}"
+                f"unknown input '{shorten(name)}'; the model's inputs are: "
+                f"{', '.join(sig.inputs_by_name)}"
             )
     missing = [n for n in sig.inputs_by_name if n not in seen]
     raise InvalidInput(f"missing input(s): {', '.join(missing)}")
@@ -275,14 +277,23 @@ def requested_outputs(request: pb.ModelInferRequest, sig: Signature) -> list[Req
     """The outputs a request asks for (all, when it names none), checked against the model."""
     if not request.outputs:
         return [RequestedOutput(spec) for spec in sig.outputs]
+    if len(request.outputs) > len(sig.outputs):
+        raise InvalidInput(
+            f"{len(request.outputs)} outputs requested; the model has {len(sig.outputs)}: "
+            f"{', '.join(sig.outputs_by_name)}"
+        )
     wanted: list[RequestedOutput] = []
+    seen: set[str] = set()
     for out in request.outputs:
         spec = sig.outputs_by_name.get(out.name)
         if spec is None:
             raise InvalidInput(
-                f"unknown output '{out.name}' requested; the model's outputs are: "
+                f"unknown output '{shorten(out.name)}' requested; the model's outputs are: "
                 f"{', '.join(sig.outputs_by_name)}"
             )
+        if out.name in seen:
+            raise InvalidInput(f"output '{out.name}' is requested more than once")
+        seen.add(out.name)
         classes = 0
         if CLASSIFICATION in out.parameters:
             param = out.parameters[CLASSIFICATION]
@@ -330,13 +341,14 @@ def encode_response(
 
 
 def _wire_shape(spec: TensorSpec, shape: tuple[int, ...], batching: bool) -> tuple[int, ...]:
-    if spec.dims == spec.model_dims:
-        return shape
+    """The protocol shape of a batch-first output (no leading dim for a model without one)."""
     lead = shape[:1] if batching else ()
+    if spec.dims == spec.model_dims:
+        return lead + shape[1:]
     if -1 not in spec.dims:
         return lead + spec.dims
     known = int(np.prod([d for d in spec.dims if d != -1], dtype=np.int64))
-    items = int(np.prod(shape[len(lead) :], dtype=np.int64))
+    items = int(np.prod(shape[1:], dtype=np.int64))
     return lead + tuple(items // max(known, 1) if d == -1 else d for d in spec.dims)
 
 
@@ -344,7 +356,7 @@ def _classify(
     array: np.ndarray, k: int, labels: Sequence[str], batching: bool
 ) -> tuple[bytes, tuple[int, ...]]:
     """Top-k as Triton's classification extension: BYTES "value:index[:label]" per class."""
-    rows = array.reshape(-1, array.shape[-1]) if batching else array.reshape(1, -1)
+    rows = array.reshape(array.shape[0], -1)
     k = min(k, rows.shape[-1])
     top = np.argsort(-rows, axis=1, kind="stable")[:, :k]
     parts: list[bytes] = []

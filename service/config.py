@@ -141,6 +141,24 @@ class Settings:
         default=64 * MiB,
         metadata=_doc("largest gRPC message accepted or sent, in bytes (gRPC's default: 4 MiB)"),
     )
+    max_queue_bytes: int = field(
+        default=256 * MiB,
+        metadata=_doc(
+            "per model version: bytes of request data waiting for a batch before new requests "
+            "get RESOURCE_EXHAUSTED (beside the config's max_queue_size; 0: no limit)"
+        ),
+    )
+    max_concurrent_rpcs: int = field(
+        default=2048,
+        metadata=_doc("RPCs the server runs at once; more get RESOURCE_EXHAUSTED (0: no limit)"),
+    )
+    stream_max_in_flight: int = field(
+        default=128,
+        metadata=_doc(
+            "requests of one ModelStreamInfer stream in flight at once; at the cap the server "
+            "stops reading the stream until an answer has been sent"
+        ),
+    )
     grace_period_s: float = field(
         default=15.0,
         metadata=_doc("seconds to finish accepted requests after SIGTERM or Ctrl-C"),
@@ -155,7 +173,13 @@ class Settings:
     )
 
     def __post_init__(self) -> None:
-        for name, low in (("intra_op_threads", 1), ("max_message_bytes", 1024)):
+        for name, low in (
+            ("intra_op_threads", 1),
+            ("max_message_bytes", 1024),
+            ("stream_max_in_flight", 1),
+            ("max_queue_bytes", 0),
+            ("max_concurrent_rpcs", 0),
+        ):
             if getattr(self, name) < low:
                 raise ValueError(f"{name} must be at least {low}")
         if self.latency_threads < 0:

@@ -5,10 +5,6 @@ Nothing here imports grpc: the server turns a status name into a `grpc.StatusCod
 
 from __future__ import annotations
 
-import logging
-
-log = logging.getLogger(__name__)
-
 
 class ServingError(Exception):
     """An error the client may see: `status` names the gRPC status code, the message is safe."""
@@ -53,14 +49,32 @@ class Unsupported(ServingError):
 
 
 INTERNAL_MESSAGE = "internal error (details are in the server log)"
+MAX_ECHO = 100  # characters of a client's text (a name, a version) repeated in a message
 
 
-def to_status(exc: BaseException) -> tuple[str, str]:
-    """Return (status name, client message) for an exception; unexpected ones are logged."""
-    if isinstance(exc, ServingError):
-        return exc.status, str(exc)
-    log.error("unhandled error while serving a request", exc_info=exc)
-    return "INTERNAL", INTERNAL_MESSAGE
+def shorten(text: str, limit: int = MAX_ECHO) -> str:
+    """A client's text cut to `limit` characters, on one line: safe to echo or to log."""
+    text = text.replace("\n", " ").replace("\r", " ")
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+# Why a request was refused: a frame that is not a valid message, or the status it got. A fixed
+# set, so the rejected-requests counter has bounded labels.
+MALFORMED = "malformed"
+REJECT_REASONS = (
+    MALFORMED,
+    "invalid_argument",
+    "not_found",
+    "unavailable",
+    "resource_exhausted",
+    "deadline_exceeded",
+    "unimplemented",
+    "failed_precondition",
+    "unauthenticated",
+    "permission_denied",
+    "cancelled",
+    "internal",
+)
 
 
 class ModelLoadError(ServingError):

@@ -1,8 +1,9 @@
 """The explain API: image in, predictions, Grad-CAM heatmaps and pictures out.
 
-It adds no model code of its own: it decodes the picture, sends ordinary ModelInfer requests to
-`<model>` or `<model>_gradcam` (so batching, statistics and metrics apply as to any client), and
-draws the results.
+It adds no model code of its own: it decodes the picture, calls `<model>` or its explainer
+`<model>_gradcam` through `ServedModel.infer` with arrays (so batching, statistics and metrics
+apply as to any client), and draws the results. The tensor names are the repository's contract
+(`modelrepo`).
 """
 
 from __future__ import annotations
@@ -12,17 +13,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
+import modelrepo
 from pb import explain_pb2 as ex
-from pb import grpc_service_pb2 as pb
 
-from .codec import NUMPY_DTYPES
 from .errors import InvalidInput
 from .imaging import decode_image, feature_grid_png, overlay_png, pixels_png
 from .model import ServedModel
 from .repository import ModelRepository
 
-EXPLAINER_SUFFIX = "_gradcam"
-INPUT, TARGET = "input", "target_class"
+INPUT, TARGET = modelrepo.INPUT, modelrepo.TARGET_CLASS
+PROBABILITIES, CAM = modelrepo.PROBABILITIES, modelrepo.CAM
 MAX_TOP_K = 100
 _POLARITY = {ex.POLARITY_AUTO: "auto", ex.POLARITY_AS_IS: "as_is", ex.POLARITY_INVERT: "invert"}
 
@@ -33,12 +33,6 @@ class ModelInput:
 
     pixels: np.ndarray
     original: np.ndarray
-
-
-def _served(repository: ModelRepository, name: str, version: str) -> ServedModel:
-    _, model = repository.get(name, version)
-    assert isinstance(model, ServedModel)
-    return model
 
 
 def read_input(request: ex.ExplainRequest, dims: tuple[int, ...]) -> ModelInput:
@@ -70,34 +64,70 @@ def read_input(request: ex.ExplainRequest, dims: tuple[int, ...]) -> ModelInput:
     raise InvalidInput("input: send `image` (PNG or JPEG bytes) or `tensor`")
 
 
-def _infer_request(
-    model: ServedModel, pixels: np.ndarray, targets: list[int] | None, outputs: list[str]
-) -> pb.ModelInferRequest:
-    batch = np.ascontiguousarray(np.repeat(pixels[np.newaxis], max(len(targets or []), 1), 0))
-    request = pb.ModelInferRequest(model_name=model.name, model_version=model.version)
-    request.inputs.add(name=INPUT, datatype="FP32", shape=batch.shape)
-    request.raw_input_contents.append(batch.tobytes())
-    if targets is not None:
-        request.inputs.add(name=TARGET, datatype="INT64", shape=[len(targets), 1])
-        request.raw_input_contents.append(np.asarray(targets, dtype=np.int64).tobytes())
-    for name in outputs:
-        request.outputs.add(name=name)
-    return request
-
-
-def _outputs(response: pb.ModelInferResponse) -> dict[str, np.ndarray]:
-    return {
-        out.name: np.frombuffer(raw, dtype=NUMPY_DTYPES[out.datatype]).reshape(tuple(out.shape))
-        for out, raw in zip(response.outputs, response.raw_output_contents, strict=True)
-    }
-
-
 def _prediction(probabilities: np.ndarray, index: int, labels: tuple[str, ...]) -> ex.Prediction:
     label = labels[index] if index < len(labels) else str(index)
     return ex.Prediction(class_index=index, label=label, probability=float(probabilities[index]))
 
 
-async def explain(repository: ModelRepository, request: ex.ExplainRequest) -> ex.ExplainResponse:
+async def _run(
+    model: ServedModel,
+    pixels: np.ndarray,
+    targets: list[int] | None,
+    timeout_s: float | None,
+) -> dict[str, np.ndarray]:
+    """Run one item (repeated once per target class) through a model; outputs by name."""
+    count = max(len(targets or []), 1)
+    inputs = {INPUT: np.repeat(pixels[np.newaxis], count, 0)}
+    if targets is not None:  # shaped as the graph takes it: [count] or [count, 1]
+        target_dims = model.signature.inputs_by_name[TARGET].model_dims
+        inputs[TARGET] = np.asarray(targets, dtype=np.int64).reshape(count, *target_dims)
+    return await model.infer(inputs, count, timeout_s)
+
+
+def _check_model(model: ServedModel, explainer: bool) -> tuple[str, ...]:
+    """The model's class labels; refuses a model that does not follow the repository contract."""
+    sig = model.signature
+    input_spec = sig.inputs_by_name.get(INPUT)
+    if input_spec is None or input_spec.datatype != "FP32":
+        raise InvalidInput(f"model '{model.name}' has no FP32 input named '{INPUT}'")
+    needed = [PROBABILITIES, CAM, modelrepo.EXPLAINED_CLASS] if explainer else [PROBABILITIES]
+    missing = [n for n in needed if n not in sig.outputs_by_name]
+    if explainer and TARGET not in sig.inputs_by_name:
+        missing.append(f"input {TARGET}")
+    if missing:
+        raise InvalidInput(
+            f"model '{model.name}' cannot be explained: it lacks {', '.join(missing)}"
+        )
+    return sig.outputs_by_name[PROBABILITIES].labels
+
+
+def _check_counts(model: ServedModel, request: ex.ExplainRequest, top_k: int) -> None:
+    """Bound what the client asks for by the model: classes, targets and batch size."""
+    sig = model.signature
+    classes = int(np.prod(sig.outputs_by_name[PROBABILITIES].model_dims))
+    if classes > 0 and top_k > classes:
+        raise InvalidInput(f"top_k: the model has {classes} classes, got {top_k}")
+    if request.predictions_only:
+        return
+    batch = max(sig.max_batch_size, 1)
+    wanted = len(request.target_classes) or top_k
+    if wanted > batch:
+        what = "target_classes" if request.target_classes else "top_k"
+        raise InvalidInput(f"{what}: at most {batch} (the explainer's max batch), got {wanted}")
+    value_range = sig.inputs_by_name[TARGET].value_range
+    high = value_range[1] if value_range else classes
+    bad = [t for t in request.target_classes if not -1 <= t < high]
+    if bad:
+        raise InvalidInput(
+            f"target_classes: each must be -1 (the predicted class) or in [0, {high}); got {bad[0]}"
+        )
+
+
+async def explain(
+    repository: ModelRepository[ServedModel],
+    request: ex.ExplainRequest,
+    timeout_s: float | None = None,
+) -> ex.ExplainResponse:
     """Answer one ExplainRequest."""
     if not request.model_name:
         raise InvalidInput("model_name: required (e.g. mnist_cnn)")
@@ -105,15 +135,13 @@ async def explain(repository: ModelRepository, request: ex.ExplainRequest) -> ex
         raise InvalidInput(f"top_k: at most {MAX_TOP_K}, got {request.top_k}")
     top_k = max(int(request.top_k), 1)
     name = request.model_name
-    if request.predictions_only:
-        model = _served(repository, name, request.model_version)
-    else:
-        model = _served(repository, name + EXPLAINER_SUFFIX, request.model_version)
-    input_spec = model.signature.inputs_by_name.get(INPUT)
-    if input_spec is None or input_spec.datatype != "FP32":
-        raise InvalidInput(f"model '{model.name}' has no FP32 input named '{INPUT}'")
-    item = await asyncio.to_thread(read_input, request, input_spec.model_dims)
-    labels = model.signature.outputs_by_name["probabilities"].labels
+    served = name if request.predictions_only else modelrepo.explainer_name(name)
+    _, model = repository.get(served, request.model_version)
+    labels = _check_model(model, explainer=not request.predictions_only)
+    _check_counts(model, request, top_k)
+    item = await asyncio.to_thread(
+        read_input, request, model.signature.inputs_by_name[INPUT].model_dims
+    )
     response = ex.ExplainResponse(
         model_name=name,
         model_version=model.version,
@@ -121,33 +149,26 @@ async def explain(repository: ModelRepository, request: ex.ExplainRequest) -> ex
         model_input_shape=item.pixels.shape,
     )
     if request.predictions_only:
-        out = _outputs(
-            await model.infer(_infer_request(model, item.pixels, None, ["probabilities"]))
-        )
-        probs = out["probabilities"][0]
+        probs = (await _run(model, item.pixels, None, timeout_s))[PROBABILITIES][0]
         for index in np.argsort(-probs, kind="stable")[:top_k]:
             response.predictions.append(_prediction(probs, int(index), labels))
         return response
 
-    wanted = ["cam", "probabilities", "explained_class"]
-    if request.feature_maps:
-        wanted.append("activations")
     targets = [int(t) for t in request.target_classes] or [-1]
-    first = _outputs(await model.infer(_infer_request(model, item.pixels, targets, wanted)))
-    probs = first["probabilities"][0]
+    first = await _run(model, item.pixels, targets, timeout_s)
+    probs = first[PROBABILITIES][0]
     ranked = [int(i) for i in np.argsort(-probs, kind="stable")[:top_k]]
     for index in ranked:
         response.predictions.append(_prediction(probs, index, labels))
-    cams = [first["cam"][i] for i in range(len(targets))]
-    explained = [int(c) for c in first["explained_class"].reshape(-1)]
+    cams = [first[CAM][i] for i in range(len(targets))]
+    explained = [int(c) for c in first[modelrepo.EXPLAINED_CLASS].reshape(-1)]
     if not request.target_classes and len(ranked) > 1:
         # The top class is explained; the runners-up go in one more (batched) request.
-        rest = _outputs(await model.infer(_infer_request(model, item.pixels, ranked[1:], ["cam"])))
-        cams.extend(rest["cam"])
+        rest = await _run(model, item.pixels, ranked[1:], timeout_s)
+        cams.extend(rest[CAM])
         explained.extend(ranked[1:])
-    pictures = await asyncio.to_thread(
-        _draw, item, cams, first.get("activations"), bool(request.feature_maps)
-    )
+    activations = first.get(modelrepo.ACTIVATIONS) if request.feature_maps else None
+    pictures = await asyncio.to_thread(_draw, item, cams, activations, bool(request.feature_maps))
     for cam, index, overlay in zip(cams, explained, pictures.overlays, strict=True):
         response.explanations.append(
             ex.Explanation(
@@ -159,7 +180,7 @@ async def explain(repository: ModelRepository, request: ex.ExplainRequest) -> ex
         )
     if pictures.feature_maps:
         response.feature_maps_png = pictures.feature_maps
-    layer = model.config.parameters.get("target_layer")
+    layer = model.config.parameters.get(modelrepo.TARGET_LAYER)
     if layer is not None:
         response.target_layer = layer.string_value
     return response

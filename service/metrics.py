@@ -21,6 +21,8 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from .errors import REJECT_REASONS
+
 log = logging.getLogger(__name__)
 
 NAMESPACE = "cnnserve"
@@ -125,6 +127,12 @@ class ServingMetrics:
             "execution_provider_info", "ONNX Runtime execution provider a model version runs on",
             (*per_version, "provider"), namespace=NAMESPACE, registry=registry,
         )  # fmt: skip
+        self.rejected = Counter(
+            "rejected_requests", "Requests answered with an error, by reason (a fixed set)",
+            ("reason",), namespace=NAMESPACE, registry=registry,
+        )  # fmt: skip
+        for reason in REJECT_REASONS:
+            self.rejected.labels(reason)
         ProcessCollector(registry=registry)
         PlatformCollector(registry=registry)
         self._gpu: GpuCollector | None = None

@@ -18,6 +18,7 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from .errors import ModelControlDisabled, ModelLoadError, ModelNotFound
 from .repository import ModelEntry, ModelRepository
@@ -62,7 +63,7 @@ def fingerprint(directory: Path) -> Fingerprint:
     return tuple(sorted(found))
 
 
-def snapshot(repository: ModelRepository) -> dict[str, Fingerprint]:
+def snapshot(repository: ModelRepository[Any]) -> dict[str, Fingerprint]:
     """Fingerprints of every model folder in the repository now."""
     return {name: fingerprint(repository.root / name) for name in repository.model_names()}
 
@@ -72,7 +73,7 @@ class ModelControl:
 
     def __init__(
         self,
-        repository: ModelRepository,
+        repository: ModelRepository[Any],
         mode: str = NONE,
         load_models: Sequence[str] = (),
         poll_secs: float = 15.0,
@@ -137,7 +138,7 @@ class ModelControl:
             "server with --model-control-mode explicit to allow it"
         )
 
-    async def load(self, name: str) -> ModelEntry:
+    async def load(self, name: str) -> ModelEntry[Any]:
         """RepositoryModelLoad: (re)load a model, if the mode allows it."""
         self._refuse("load")
         return await self.repository.load(name)

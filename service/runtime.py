@@ -57,7 +57,12 @@ def requested_providers(device: str) -> list[str]:
 
 
 class OnnxModel:
-    """One ONNX Runtime session; `run` is safe to call from one thread at a time."""
+    """One ONNX Runtime session; `run` is safe to call from one thread at a time.
+
+    `run` takes and returns batch-first arrays, as everything in the server does. For a graph
+    without a batch dimension (`batched=False`) it is the one place that drops the leading axis
+    of 1 before running and puts it back after.
+    """
 
     def __init__(
         self,
@@ -66,6 +71,7 @@ class OnnxModel:
         intra_op_threads: int = 1,
         device: str = "auto",
         spinning: bool = True,
+        batched: bool = True,
     ) -> None:
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
@@ -78,6 +84,7 @@ class OnnxModel:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
         self.path = path
+        self.batched = batched
         self.session = ort.InferenceSession(
             str(path), sess_options=options, providers=requested_providers(device)
         )
@@ -94,8 +101,11 @@ class OnnxModel:
     ) -> dict[str, np.ndarray]:
         """Run one batch; returns every output (or those named) by name."""
         names = list(output_names) if output_names is not None else self._output_names
-        values = self.session.run(names, dict(inputs))
-        return dict(zip(names, values, strict=True))
+        if self.batched:
+            values = self.session.run(names, dict(inputs))
+            return dict(zip(names, values, strict=True))
+        values = self.session.run(names, {k: v[0] for k, v in inputs.items()})
+        return {name: value[np.newaxis] for name, value in zip(names, values, strict=True)}
 
 
 def _graph_tensor(arg: ort.NodeArg) -> GraphTensor:

@@ -1,17 +1,16 @@
-"""The gRPC servicers (thin: route, call, answer) and `create_server`, which wires everything.
+"""The server's life cycle: `create_server` wires everything, `InferenceServer.stop` drains.
 
 settings -> metrics -> repository -> models (sessions + batchers) -> servicers -> grpc.aio server,
-plus grpc.health.v1, server reflection and the Prometheus endpoint on its own port.
+plus grpc.health.v1, server reflection (when asked for), the Prometheus endpoint on its own port,
+TLS and token checks (`security.py`), an optional plaintext health port, and model control.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 import onnxruntime as ort
@@ -20,268 +19,25 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
 from pb import explain_pb2 as ex
-from pb import explain_pb2_grpc as ex_grpc
 from pb import grpc_service_pb2 as pb
-from pb import grpc_service_pb2_grpc as pb_grpc
-from pb import model_config_pb2 as mc
 
-from . import __version__
 from .config import Settings
-from .errors import ModelNotReady, Unsupported, to_status
-from .explain import explain
+from .handlers import RateLimitedLog, Rejections, service_handler
+from .loading import load_version
 from .metrics import ServingMetrics
 from .model import ServedModel
 from .model_control import ModelControl
-from .repository import READY, STATES, UNAVAILABLE, ModelEntry, ModelRepository, ModelSpec
-from .runtime import CUDA
+from .repository import READY, STATES, ModelEntry, ModelRepository, ModelSpec
 from .security import ServerSecurity, start_health_server
+from .servicers import ExplainServicer, InferenceServicer
 
 log = logging.getLogger(__name__)
 
-SERVER_NAME = "cnnserve"
-SERVICE_NAME = "inference.GRPCInferenceService"
-EXPLAIN_SERVICE_NAME = ex.DESCRIPTOR.services_by_name["Explainer"].full_name
-EXTENSIONS = ("classification", "model_repository", "model_configuration", "statistics")
-PROVIDER_PARAMETER = "execution_provider"
-
-Request = TypeVar("Request")
-Response = TypeVar("Response")
-Handler = Callable[[Any, Request, grpc.aio.ServicerContext], Awaitable[Response]]
-
-
-def map_errors(method: Handler[Request, Response]) -> Handler[Request, Response]:
-    """Answer domain errors with their status code; anything else is INTERNAL, text withheld."""
-
-    @functools.wraps(method)
-    async def wrapper(self: Any, request: Request, context: grpc.aio.ServicerContext) -> Response:
-        try:
-            return await method(self, request, context)
-        except grpc.aio.AbortError:
-            raise
-        except Exception as exc:
-            code, message = to_status(exc)
-            await context.abort(grpc.StatusCode[code], message)
-            raise AssertionError("unreachable") from None  # abort always raises
-
-    return wrapper
-
-
-class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    """The Open Inference Protocol over the model repository."""
-
-    def __init__(
-        self, repository: ModelRepository, control: ModelControl, server: InferenceServer
-    ) -> None:
-        self._repository = repository
-        self._control = control
-        self._server = server
-
-    def _model(self, name: str, version: str) -> ServedModel:
-        _, model = self._repository.get(name, version)
-        assert isinstance(model, ServedModel)
-        return model
-
-    @map_errors
-    async def ServerLive(
-        self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ServerLiveResponse:
-        return pb.ServerLiveResponse(live=True)
-
-    @map_errors
-    async def ServerReady(
-        self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ServerReadyResponse:
-        return pb.ServerReadyResponse(ready=self._server.ready)
-
-    @map_errors
-    async def ModelReady(
-        self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ModelReadyResponse:
-        try:
-            self._repository.get(request.name, request.version)
-        except ModelNotReady:
-            return pb.ModelReadyResponse(ready=False)
-        return pb.ModelReadyResponse(ready=not self._server.draining)
-
-    @map_errors
-    async def ServerMetadata(
-        self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ServerMetadataResponse:
-        return pb.ServerMetadataResponse(
-            name=SERVER_NAME, version=__version__, extensions=EXTENSIONS
-        )
-
-    @map_errors
-    async def ModelMetadata(
-        self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ModelMetadataResponse:
-        model = self._model(request.name, request.version)
-        entry = self._repository.entry(request.name)
-        lead = [-1] if model.signature.batching else []
-        tensor = pb.ModelMetadataResponse.TensorMetadata
-        return pb.ModelMetadataResponse(
-            name=model.name,
-            versions=[str(v) for v in sorted(entry.versions)],
-            platform=model.config.platform or "onnxruntime_onnx",
-            inputs=[
-                tensor(name=t.name, datatype=t.datatype, shape=[*lead, *t.dims])
-                for t in model.signature.inputs
-            ],
-            outputs=[
-                tensor(name=t.name, datatype=t.datatype, shape=[*lead, *t.dims])
-                for t in model.signature.outputs
-            ],
-        )
-
-    @map_errors
-    async def ModelConfig(
-        self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ModelConfigResponse:
-        model = self._model(request.name, request.version)
-        config = mc.ModelConfig()
-        config.CopyFrom(model.config)
-        # Say where the sessions really run, as Triton resolves KIND_AUTO.
-        kinds = [s.provider == CUDA for s in model.sessions]
-        del config.instance_group[:]
-        for index, on_gpu in enumerate(kinds):
-            config.instance_group.add(
-                name=f"{model.name}_{index}",
-                count=1,
-                kind=mc.ModelInstanceGroup.KIND_GPU if on_gpu else mc.ModelInstanceGroup.KIND_CPU,
-            )
-        config.parameters[PROVIDER_PARAMETER].string_value = model.provider
-        return pb.ModelConfigResponse(config=config)
-
-    @map_errors
-    async def ModelInfer(
-        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ModelInferResponse:
-        model = self._model(request.model_name, request.model_version)
-        return await model.infer(request, context.time_remaining())
-
-    async def ModelStreamInfer(
-        self,
-        request_iterator: AsyncIterator[pb.ModelInferRequest],
-        context: grpc.aio.ServicerContext,
-    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        """Run each streamed request as it arrives; answers come back as they finish."""
-        answers: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
-        pending: set[asyncio.Task[None]] = set()
-        reading = True
-
-        async def answer(request: pb.ModelInferRequest) -> None:
-            try:
-                model = self._model(request.model_name, request.model_version)
-                response = await model.infer(request, context.time_remaining())
-                answers.put_nowait(pb.ModelStreamInferResponse(infer_response=response))
-            except Exception as exc:
-                _, message = to_status(exc)
-                answers.put_nowait(
-                    pb.ModelStreamInferResponse(
-                        error_message=message,
-                        infer_response=pb.ModelInferResponse(
-                            model_name=request.model_name,
-                            model_version=request.model_version,
-                            id=request.id,
-                        ),
-                    )
-                )
-
-        def finished(task: asyncio.Task[None]) -> None:
-            pending.discard(task)
-            if not reading and not pending:
-                answers.put_nowait(None)
-
-        async def read() -> None:
-            nonlocal reading
-            try:
-                async for request in request_iterator:
-                    task = asyncio.create_task(answer(request))
-                    pending.add(task)
-                    task.add_done_callback(finished)
-            finally:
-                reading = False
-                if not pending:
-                    answers.put_nowait(None)
-
-        reader = asyncio.create_task(read())
-        try:
-            while (item := await answers.get()) is not None:
-                yield item
-            await reader
-        finally:
-            reader.cancel()
-            for task in list(pending):
-                task.cancel()
-
-    @map_errors
-    async def ModelStatistics(
-        self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ModelStatisticsResponse:
-        if request.name:
-            entry = self._repository.entry(request.name)
-            if request.version:
-                _, model = self._repository.get(request.name, request.version)
-                models = [model]
-            else:
-                models = [entry.versions[v] for v in sorted(entry.versions)]
-        else:
-            models = [e.versions[v] for e in self._repository.entries() for v in sorted(e.versions)]
-        return pb.ModelStatisticsResponse(
-            model_stats=[m.stats.to_proto() for m in models if isinstance(m, ServedModel)]
-        )
-
-    @map_errors
-    async def RepositoryIndex(
-        self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext
-    ) -> pb.RepositoryIndexResponse:
-        index = pb.RepositoryIndexResponse()
-        known = {e.name for e in self._repository.entries()}
-        for entry in self._repository.entries():
-            for version in sorted(entry.versions):
-                index.models.add(name=entry.name, version=str(version), state=READY)
-            if request.ready:
-                continue
-            for version, reason in sorted(entry.failed.items()):
-                index.models.add(
-                    name=entry.name, version=str(version), state=UNAVAILABLE, reason=reason
-                )
-            if not entry.versions and not entry.failed:
-                index.models.add(name=entry.name, state=entry.state, reason=entry.reason)
-        if not request.ready:
-            for name in self._repository.model_names():
-                if name not in known:
-                    index.models.add(name=name, state=UNAVAILABLE, reason="not loaded")
-        return index
-
-    @map_errors
-    async def RepositoryModelLoad(
-        self, request: pb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext
-    ) -> pb.RepositoryModelLoadResponse:
-        if request.parameters:
-            raise Unsupported("load parameters (config or file overrides) are not supported")
-        await self._control.load(request.model_name)
-        return pb.RepositoryModelLoadResponse()
-
-    @map_errors
-    async def RepositoryModelUnload(
-        self, request: pb.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext
-    ) -> pb.RepositoryModelUnloadResponse:
-        await self._control.unload(request.model_name)
-        return pb.RepositoryModelUnloadResponse()
-
-
-class ExplainServicer(ex_grpc.ExplainerServicer):
-    """The explain API: an image in, predictions, Grad-CAM heatmaps and pictures out."""
-
-    def __init__(self, repository: ModelRepository) -> None:
-        self._repository = repository
-
-    @map_errors
-    async def Explain(
-        self, request: ex.ExplainRequest, context: grpc.aio.ServicerContext
-    ) -> ex.ExplainResponse:
-        return await explain(self._repository, request)
+INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+EXPLAIN_SERVICE = ex.DESCRIPTOR.services_by_name["Explainer"]
+SERVICE_NAME = INFERENCE_SERVICE.full_name
+EXPLAIN_SERVICE_NAME = EXPLAIN_SERVICE.full_name
+CLOSE_MARGIN_S = 5.0  # after the grace period, how long unloading may take before we give up
 
 
 class InferenceServer:
@@ -290,7 +46,7 @@ class InferenceServer:
     def __init__(self, settings: Settings, registry: CollectorRegistry) -> None:
         self.settings = settings
         self.metrics = ServingMetrics(registry)
-        self.repository = ModelRepository(
+        self.repository: ModelRepository[ServedModel] = ModelRepository(
             settings.model_repository, self._load_version, on_state=self._state_changed
         )
         self.control = ModelControl(
@@ -302,6 +58,7 @@ class InferenceServer:
         self.security = ServerSecurity.from_settings(settings)
         self.grpc = grpc.aio.server(
             interceptors=self.security.interceptors(),
+            maximum_concurrent_rpcs=settings.max_concurrent_rpcs or None,
             options=[
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
                 ("grpc.max_send_message_length", settings.max_message_bytes),
@@ -319,19 +76,15 @@ class InferenceServer:
         self._stopped = asyncio.Event()
 
     async def _load_version(self, spec: ModelSpec, version: int) -> ServedModel:
-        return await ServedModel.load(spec, version, self.settings, self.metrics)
+        return await load_version(spec, version, self.settings, self.metrics)
 
-    def _state_changed(self, entry: ModelEntry) -> None:
+    def _state_changed(self, entry: ModelEntry[ServedModel]) -> None:
         self.metrics.set_model_state(entry.name, entry.state, STATES)
 
     @property
     def ready(self) -> bool:
         """Started, not draining, and at least one model serving."""
-        return (
-            self._started
-            and not self.draining
-            and any(e.state == READY for e in self.repository.entries())
-        )
+        return self._started and not self.draining and self.repository.ready()
 
     async def start(self) -> None:
         """Load the models, then bind and start the gRPC and metrics servers."""
@@ -341,10 +94,23 @@ class InferenceServer:
             ort.__version__, ", ".join(ort.get_available_providers()),
         )  # fmt: skip
         await self.control.start()
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceServicer(self.repository, self.control, self), self.grpc
+        rejections = Rejections(
+            lambda reason: self.metrics.rejected.labels(reason).inc(), RateLimitedLog(log)
         )
-        ex_grpc.add_ExplainerServicer_to_server(ExplainServicer(self.repository), self.grpc)
+        inference = InferenceServicer(
+            self.repository,
+            lambda: self.ready,
+            lambda: self.draining,
+            rejections,
+            stream_max_in_flight=self.settings.stream_max_in_flight,
+            control=self.control,
+        )
+        self.grpc.add_generic_rpc_handlers(
+            (
+                service_handler(inference, INFERENCE_SERVICE, rejections),
+                service_handler(ExplainServicer(self.repository), EXPLAIN_SERVICE, rejections),
+            )
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         if settings.reflection:
             reflection.enable_server_reflection(
@@ -376,9 +142,9 @@ class InferenceServer:
             await self.health.set(service, status)
         ready = [e.name for e in self.repository.entries() if e.state == READY]
         log.info(
-            "serving %s on gRPC port %d (%s, model control %s), metrics port %s, health port %s",
-            ", ".join(ready) or "no models", self.grpc_port, self.security.describe(),
-            self.control.mode, self.metrics_port, self.health_port,
+            "serving %s on gRPC port %d, metrics port %s (%s, model control %s, health port %s)",
+            ", ".join(ready) or "no models", self.grpc_port, self.metrics_port,
+            self.security.describe(), self.control.mode, self.health_port,
         )  # fmt: skip
         self.security.warn_if_exposed(settings.host)
 
@@ -397,14 +163,21 @@ class InferenceServer:
         with contextlib.suppress(Exception):
             await self.health.enter_graceful_shutdown()
         await self.control.stop()  # no repository change while draining
+        cancelled_before = sum(m.cancelled for m in self.repository.serving())
         await self.grpc.stop(grace)
         if self._health_grpc is not None:
             await self._health_grpc.stop(0)
-        served = [m for e in self.repository.entries() for m in e.versions.values()]
-        answered = sum(m.stats.success.count for m in served if isinstance(m, ServedModel))
-        failed = sum(m.stats.fail.count for m in served if isinstance(m, ServedModel))
+        served = self.repository.serving()
+        answered = sum(m.stats.success.count for m in served)
+        failed = sum(m.stats.fail.count for m in served)
         log.info("drained: %d requests succeeded, %d failed since start", answered, failed)
-        await self.repository.close()
+        abandoned = sum(m.cancelled for m in served) - cancelled_before
+        if abandoned:
+            log.warning("%d requests were still running at the end of the grace period", abandoned)
+        try:  # what is left: batches already running, loads in progress
+            await asyncio.wait_for(self.repository.close(), CLOSE_MARGIN_S)
+        except TimeoutError:
+            log.warning("models did not close within %.0f s after the grace period", CLOSE_MARGIN_S)
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()

@@ -13,9 +13,13 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import onnx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from onnx import TensorProto, helper, numpy_helper
 
+from pb import explain_pb2 as ex
+from pb import explain_pb2_grpc as ex_grpc
 from pb import grpc_service_pb2 as pb
 from service.codec import decode_bytes_tensor
 from service.errors import INTERNAL_MESSAGE
@@ -30,6 +34,7 @@ from tests.support.harness import (
 from tests.support.onnx_models import (
     classifier_config,
     classifier_graph,
+    classifier_weights,
     images,
     reference_logits,
     write_model,
@@ -428,3 +433,98 @@ def test_health_watch_turns_not_serving_while_draining(tmp_path: Path) -> None:
     channel.close()
     assert seen[0] == health_pb2.HealthCheckResponse.SERVING
     assert seen[1:] == [health_pb2.HealthCheckResponse.NOT_SERVING]
+
+
+def unbatched_graph() -> onnx.ModelProto:
+    """The test classifier for a graph with no batch dimension: [1, 28, 28] -> [10]."""
+    weight, bias = classifier_weights()
+    nodes = [
+        helper.make_node("Reshape", ["input", "flat_shape"], ["flat"]),
+        helper.make_node("MatMul", ["flat", "W"], ["scores"]),
+        helper.make_node("Add", ["scores", "b"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=0),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "unbatched",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 28, 28])],
+        [
+            helper.make_tensor_value_info("logits", TensorProto.FLOAT, [10]),
+            helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [10]),
+        ],
+        [
+            numpy_helper.from_array(weight, "W"),
+            numpy_helper.from_array(bias, "b"),
+            numpy_helper.from_array(np.array([784], np.int64), "flat_shape"),
+        ],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("latency_threads", [0, 1], ids=["batcher", "idle fast path"])
+def test_a_model_without_batch_dimension(tmp_path: Path, latency_threads: int) -> None:
+    write_model(tmp_path, classifier_config("flat", max_batch_size=0), unbatched_graph())
+    x = images(1, seed=3)[0]
+    with running_server(tmp_path, latency_threads=latency_threads) as thread:
+        channel = thread.channel()
+        client = stub(channel)
+        metadata = client.ModelMetadata(pb.ModelMetadataRequest(name="flat"))
+        assert list(metadata.inputs[0].shape) == [1, 28, 28]
+        request = pb.ModelInferRequest(model_name="flat")
+        request.inputs.add(name="input", datatype="FP32", shape=[1, 28, 28])
+        request.raw_input_contents.append(x.tobytes())
+        request.outputs.add(name="logits")
+        top = request.outputs.add(name="probabilities")
+        top.parameters["classification"].int64_param = 2
+        response = client.ModelInfer(request)
+        assert list(response.outputs[0].shape) == [10]
+        logits = np.frombuffer(response.raw_output_contents[0], np.float32)
+        np.testing.assert_allclose(logits, reference_logits(x[np.newaxis])[0], atol=1e-5)
+        assert list(response.outputs[1].shape) == [2]
+        best = decode_bytes_tensor(response.raw_output_contents[1])[0].decode()
+        assert best.split(":")[1] == str(int(np.argmax(logits)))
+        request.inputs[0].shape[:] = [2, 1, 28, 28]
+        with pytest.raises(grpc.RpcError) as err:
+            client.ModelInfer(request)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        channel.close()
+
+
+def test_explain_api_through_the_stand_in_explainer(server: ServerThread) -> None:
+    """The explain API calls `<model>_gradcam` with arrays: top-k maps, then bounds."""
+    x = images(1, seed=11)[0]
+    expected = np.argsort(-reference_logits(x[np.newaxis])[0], kind="stable")
+    with server.channel() as channel:
+        client = ex_grpc.ExplainerStub(channel)
+        request = ex.ExplainRequest(
+            model_name="classifier",
+            tensor=ex.RawTensor(shape=[1, 28, 28], data=x.tobytes()),
+            top_k=3,
+        )
+        response = client.Explain(request)
+        assert [p.class_index for p in response.predictions] == list(expected[:3])
+        assert [e.target.class_index for e in response.explanations] == list(expected[:3])
+        for explanation in response.explanations:  # the stand-in's map: image * (class + 1) / 10
+            cam = np.frombuffer(explanation.heatmap, np.float32).reshape(28, 28)
+            scale = (explanation.target.class_index + 1) / 10
+            np.testing.assert_allclose(cam, x[0] * scale, rtol=1e-5)
+            assert explanation.overlay_png.startswith(b"\x89PNG")
+        request.top_k = 1
+        request.target_classes[:] = [4, -1]
+        chosen = client.Explain(request).explanations
+        assert [e.target.class_index for e in chosen] == [4, expected[0]]
+        for field, value, text in [
+            ("top_k", 11, "the model has 10 classes"),
+            ("target_classes", [10], "each must be -1 (the predicted class) or in [0, 10)"),
+            ("target_classes", list(range(33)), "at most 32 (the explainer's max batch)"),
+        ]:
+            bad = ex.ExplainRequest()
+            bad.CopyFrom(request)
+            if isinstance(value, list):
+                bad.target_classes[:] = value
+            else:
+                setattr(bad, field, value)
+            with pytest.raises(grpc.RpcError) as err:
+                client.Explain(bad)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert text in err.value.details()

@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -156,3 +157,58 @@ def test_log_format(tmp_path: Path, fmt: str) -> None:
         assert json.loads(first)["level"] == "INFO"
     else:
         assert " INFO " in first
+
+
+def test_sigterm_during_a_stream_answers_every_message_it_read(tmp_path: Path) -> None:
+    """Streams under load at SIGTERM: accepted messages finish, later ones get an error answer
+    saying the server is shutting down, and no message read by the server goes unanswered."""
+    repository = write_test_repository(tmp_path, broken=False)
+    process, port, log = start_server(repository, "--grace-period-s", "10")
+    request = infer_request("classifier", images(1))
+    results: list[tuple[int, Counter[str]]] = []
+    lock = threading.Lock()
+    signalled = threading.Event()
+
+    def streamer() -> None:
+        seen_error = threading.Event()
+        sent = 0
+
+        def messages() -> Iterator[pb.ModelInferRequest]:
+            nonlocal sent
+            while not seen_error.is_set() and sent < 20_000:
+                sent += 1
+                yield request
+                if signalled.is_set():
+                    time.sleep(0.002)  # after SIGTERM: keep sending until told to stop
+
+        answers: Counter[str] = Counter()
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            for answer in stub(channel).ModelStreamInfer(messages(), timeout=60):
+                if answer.error_message:
+                    answers[answer.error_message] += 1
+                    seen_error.set()
+                else:
+                    answers["ok"] += 1
+        with lock:
+            results.append((sent, answers))
+
+    threads = [threading.Thread(target=streamer) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    time.sleep(1.5)
+    signalled.set()
+    process.send_signal(signal.SIGTERM)
+    code = process.wait(40)
+    for thread in threads:
+        thread.join(30)
+    text = "".join(log)
+    assert code == 0, text
+    assert len(results) == 3, "a stream ended with an error status"
+    ok = sum(answers["ok"] for _, answers in results)
+    for sent, answers in results:
+        assert set(answers) <= {"ok", "the server is shutting down; this request was not run"}
+        assert sum(answers.values()) == sent, "a message sent on the stream went unanswered"
+    drained = re.search(r"drained: (\d+) requests succeeded, (\d+) failed", text)
+    assert drained, text
+    assert int(drained.group(1)) == ok > 0
+    assert int(drained.group(2)) == 0

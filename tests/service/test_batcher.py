@@ -269,7 +269,7 @@ def test_a_lone_request_runs_at_once_on_the_loop_thread() -> None:
         queued, idle = Recorder(), Recorder()
         records: list[BatchRecord] = []
         batcher = DynamicBatcher(
-            [queued], max_batch_size=8, idle_function=idle, on_batch=records.append
+            [queued], max_batch_size=8, idle_function=idle, idle_max_size=2, on_batch=records.append
         )
         for start in range(3):  # one after another, with a pause: the model is idle each time
             await asyncio.sleep(0.002)
@@ -279,6 +279,12 @@ def test_a_lone_request_runs_at_once_on_the_loop_thread() -> None:
         assert idle.calls == [(threading.current_thread().name, 2)] * 3
         assert queued.calls == []
         assert [r.size for r in records] == [2, 2, 2]  # statistics still see every batch
+        # Larger than the fast path's share of the event loop: it goes to the batcher's thread.
+        await asyncio.sleep(0.002)
+        result = await batcher.submit(rows(0, 3), 3)
+        np.testing.assert_array_equal(result.outputs["y"], rows(0, 3)["x"] * 2)
+        assert len(idle.calls) == 3 and [n for _, n in queued.calls] == [3]
+        assert queued.calls[0][0] != threading.current_thread().name
         await batcher.close()
 
     asyncio.run(scenario())
@@ -340,5 +346,30 @@ def test_fast_path_failure_fails_only_that_request() -> None:
             await batcher.submit(rows(0, 1), 1)
         assert batcher.busy == 0
         await asyncio.wait_for(batcher.drain(), 1)  # nothing left behind
+
+    asyncio.run(scenario())
+
+
+def test_queue_is_bounded_in_bytes_as_well_as_requests() -> None:
+    async def scenario() -> None:
+        gate = threading.Event()
+
+        def slow(inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+            gate.wait(5)
+            return {"y": inputs["x"]}
+
+        item = rows(0, 1)["x"].nbytes
+        batcher = DynamicBatcher([slow], max_batch_size=1, max_queue_bytes=2 * item)
+        running = asyncio.ensure_future(batcher.submit(rows(0, 1), 1))
+        await asyncio.sleep(0.05)  # the first request is running: the queue is empty
+        queued = [asyncio.ensure_future(batcher.submit(rows(i, 1), 1)) for i in (1, 2)]
+        await asyncio.sleep(0.01)
+        with pytest.raises(QueueFull, match="bytes waiting"):
+            await batcher.submit(rows(3, 1), 1)
+        gate.set()
+        for future in [running, *queued]:
+            await future
+        await batcher.submit(rows(4, 1), 1)  # room again once the queue has drained
+        await batcher.close()
 
     asyncio.run(scenario())

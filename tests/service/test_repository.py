@@ -9,11 +9,11 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from pb import model_config_pb2 as mc
-from service import model as model_module
+from service import loading as loading_module
 from service.config import Settings
 from service.errors import ModelLoadError, ModelNotFound, ModelNotReady
+from service.loading import load_version
 from service.metrics import ServingMetrics
-from service.model import ServedModel
 from service.repository import READY, UNAVAILABLE, ModelRepository, read_model, select_versions
 from tests.support.onnx_models import (
     classifier_config,
@@ -81,7 +81,7 @@ def load_repository(root: Path) -> tuple[ModelRepository, dict[str, str]]:
     metrics = ServingMetrics(CollectorRegistry())
 
     async def loader(spec, version):  # type: ignore[no-untyped-def]
-        return await ServedModel.load(spec, version, settings, metrics)
+        return await load_version(spec, version, settings, metrics)
 
     async def run() -> tuple[ModelRepository, dict[str, str]]:
         repository = ModelRepository(root, loader)
@@ -132,7 +132,7 @@ def test_get_routes_versions(tmp_path: Path) -> None:
 
     async def run() -> None:
         async def loader(spec, version):  # type: ignore[no-untyped-def]
-            return await ServedModel.load(spec, version, settings, metrics)
+            return await load_version(spec, version, settings, metrics)
 
         repository = ModelRepository(tmp_path, loader)
         await repository.load_all()
@@ -163,14 +163,14 @@ def test_idle_fast_path_session_only_for_quick_cpu_models(
     max_s: float,
     fast_path: bool,
 ) -> None:
-    monkeypatch.setattr(model_module, "FAST_PATH_MAX_S", max_s)
+    monkeypatch.setattr(loading_module, "FAST_PATH_MAX_S", max_s)
     write_model(tmp_path, classifier_config("m"), classifier_graph())
     settings = Settings(model_repository=tmp_path, latency_threads=latency_threads)
     metrics = ServingMetrics(CollectorRegistry())
 
     async def run() -> None:
         spec = read_model(tmp_path / "m")
-        model = await ServedModel.load(spec, 1, settings, metrics)
+        model = await load_version(spec, 1, settings, metrics)
         assert (model.latency_session is not None) is fast_path
         await model.close()
 

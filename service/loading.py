@@ -1,0 +1,185 @@
+"""Loading one model version: check its config and ONNX graph, open and warm its sessions.
+
+`load_version` is the only way a `ServedModel` is made from the repository; everything that can
+fail at load time (unsupported platform, config vs graph mismatch, a broken file) fails here with
+a `ModelLoadError` naming the reason, and nothing of a failed load is left running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+import modelrepo
+from pb import model_config_pb2 as mc
+
+from .codec import Signature, TensorSpec
+from .config import Settings
+from .errors import ModelLoadError
+from .metrics import ServingMetrics
+from .model import ServedModel
+from .repository import ModelSpec
+from .runtime import CUDA, GraphTensor, OnnxModel
+
+log = logging.getLogger(__name__)
+
+ONNX_PLATFORMS = ("onnxruntime_onnx", "")
+ONNX_BACKENDS = ("onnxruntime", "")
+DEFAULT_CLASS_INPUTS = modelrepo.TARGET_CLASS
+# The idle fast path runs on the event loop: it takes only requests expected to run within this
+# (measured seconds per image x images), and a model slower than this per image stays off it.
+FAST_PATH_MAX_S = 0.001
+
+
+def build_signature(spec: ModelSpec) -> Signature:
+    """The codec's view of a config; raises ModelLoadError for what we cannot serve."""
+    config = spec.config
+    value_range: tuple[int, int] | None = None
+    class_inputs: set[str] = set()
+    params = config.parameters
+    if modelrepo.NUM_CLASSES in params:
+        try:
+            value_range = (-1, int(params[modelrepo.NUM_CLASSES].string_value))
+        except ValueError:
+            raise ModelLoadError(f"parameter {modelrepo.NUM_CLASSES} must be an integer") from None
+        names = (
+            params[modelrepo.CLASS_INPUTS].string_value
+            if modelrepo.CLASS_INPUTS in params
+            else DEFAULT_CLASS_INPUTS
+        )
+        class_inputs = {n.strip() for n in names.split(",") if n.strip()}
+    try:
+        inputs = tuple(
+            TensorSpec.from_config(t, value_range if t.name in class_inputs else None)
+            for t in config.input
+        )
+        outputs = tuple(
+            TensorSpec.from_config(t, labels=spec.labels.get(t.name, ())) for t in config.output
+        )
+    except ValueError as exc:
+        raise ModelLoadError(str(exc)) from None
+    if not inputs or not outputs:
+        raise ModelLoadError("config.pbtxt must list the model's inputs and outputs")
+    return Signature(inputs, outputs, max(config.max_batch_size, 0))
+
+
+def check_graph(sig: Signature, model: OnnxModel) -> None:
+    """Check that the ONNX graph's inputs and outputs agree with the config."""
+    graph_inputs = {t.name: t for t in model.inputs}
+    graph_outputs = {t.name: t for t in model.outputs}
+    for spec in sig.inputs:
+        _check_tensor("input", spec, graph_inputs.get(spec.name), sig.batching)
+    extra = sorted(set(graph_inputs) - set(sig.inputs_by_name))
+    if extra:
+        raise ModelLoadError(f"the ONNX graph has inputs the config lacks: {', '.join(extra)}")
+    for spec in sig.outputs:
+        _check_tensor("output", spec, graph_outputs.get(spec.name), sig.batching)
+
+
+def _check_tensor(kind: str, spec: TensorSpec, graph: GraphTensor | None, batching: bool) -> None:
+    if graph is None:
+        raise ModelLoadError(f"config {kind} '{spec.name}' is not in the ONNX graph")
+    if graph.datatype != spec.datatype:
+        raise ModelLoadError(
+            f"{kind} '{spec.name}': config says {spec.datatype}, ONNX graph has {graph.datatype}"
+        )
+    want = ((-1,) if batching else ()) + spec.model_dims
+    if len(graph.shape) != len(want) or any(
+        g != -1 and w != -1 and g != w for g, w in zip(graph.shape, want, strict=True)
+    ):
+        raise ModelLoadError(
+            f"{kind} '{spec.name}': config shape {list(want)} (batch first) does not fit the "
+            f"ONNX graph's {list(graph.shape)}"
+        )
+
+
+def instance_devices(config: mc.ModelConfig, device: str) -> list[str]:
+    """One device per session to open: instance_group counts, KIND_CPU forcing the CPU."""
+    devices: list[str] = []
+    for group in config.instance_group:
+        kind = "cpu" if group.kind == mc.ModelInstanceGroup.KIND_CPU else device
+        devices.extend([kind] * max(group.count, 1))
+    return devices or [device]
+
+
+def _warmup_inputs(sig: Signature) -> dict[str, np.ndarray]:
+    """One zero item per input, batch-first like every request inside the server."""
+    return {
+        t.name: np.zeros((1, *(max(d, 1) for d in t.model_dims)), dtype=t.dtype) for t in sig.inputs
+    }
+
+
+def _seconds(fn: Callable[[dict[str, np.ndarray]], object], arg: dict[str, np.ndarray]) -> float:
+    start = time.perf_counter()
+    fn(arg)
+    return time.perf_counter() - start
+
+
+def _check_config(config: mc.ModelConfig) -> None:
+    if config.platform not in ONNX_PLATFORMS or config.backend not in ONNX_BACKENDS:
+        raise ModelLoadError(
+            f"platform '{config.platform or config.backend}' is not served; "
+            "only onnxruntime_onnx models are"
+        )
+    if config.HasField("sequence_batching") or config.HasField("ensemble_scheduling"):
+        raise ModelLoadError("sequence batching and ensembles are not supported")
+
+
+def _open_sessions(
+    spec: ModelSpec, version: int, signature: Signature, settings: Settings
+) -> tuple[list[OnnxModel], OnnxModel | None, float]:
+    """Open, check and warm the sessions (blocking: run in a thread).
+
+    Returns the batch sessions, the idle fast path's session (None when it is off or too slow)
+    and the fast path's measured seconds per image.
+    """
+    path = spec.versions[version]
+    batching = signature.batching
+    sessions = [
+        OnnxModel(path, intra_op_threads=settings.intra_op_threads, device=device, batched=batching)
+        for device in instance_devices(spec.config, settings.device)
+    ]
+    check_graph(signature, sessions[0])
+    latency = None
+    if settings.latency_threads and sessions[0].provider != CUDA:
+        latency = OnnxModel(
+            path,
+            intra_op_threads=settings.latency_threads,
+            device="cpu",
+            spinning=False,
+            batched=batching,
+        )
+    warm = _warmup_inputs(signature)
+    for session in [*sessions, *([latency] if latency else [])]:
+        session.run(warm)
+    per_image = 0.0
+    if latency is not None:
+        per_image = min(_seconds(latency.run, warm) for _ in range(3))
+        if per_image > FAST_PATH_MAX_S:  # it would hold up the event loop: batcher only
+            log.info("%s: one image takes %.1f ms, no idle fast path", spec.name, per_image * 1e3)
+            latency = None
+    return sessions, latency, per_image
+
+
+async def load_version(
+    spec: ModelSpec, version: int, settings: Settings, metrics: ServingMetrics
+) -> ServedModel:
+    """Check the config, open the sessions (in a thread), warm them up and start serving."""
+    _check_config(spec.config)
+    signature = build_signature(spec)
+    sessions, latency, per_image = await asyncio.to_thread(
+        _open_sessions, spec, version, signature, settings
+    )
+    idle_max_size = max(1, int(FAST_PATH_MAX_S / per_image)) if latency and per_image > 0 else 1
+    model = ServedModel(
+        spec, version, sessions, signature, settings, metrics, latency, idle_max_size
+    )
+    log.info(
+        "loaded %s version %s: %d instance(s) on %s, max_batch_size %d",
+        spec.name, version, len(sessions), model.provider, signature.max_batch_size,
+    )  # fmt: skip
+    return model
