@@ -16,7 +16,7 @@ import hmac
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -267,20 +267,37 @@ def _refusing_handler(handler: grpc.RpcMethodHandler, refusal: Refusal) -> grpc.
     async def refuse(_request: Any, context: grpc.aio.ServicerContext) -> None:
         await context.abort(refusal.code, refusal.message)
 
+    async def refuse_stream(_request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        await context.abort(refusal.code, refusal.message)
+        yield  # never reached: this makes it the async generator a streaming answer is
+
     if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(refuse)
+        return grpc.stream_stream_rpc_method_handler(refuse_stream)
     if handler.request_streaming:
         return grpc.stream_unary_rpc_method_handler(refuse)
     if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(refuse)
+        return grpc.unary_stream_rpc_method_handler(refuse_stream)
     return grpc.unary_unary_rpc_method_handler(refuse)
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):
-    """Checks every call's bearer token against the scope its method needs."""
+def _log_refusal(method: str, refusal: Refusal) -> None:
+    log.debug("refused %s: %s %s", method, refusal.code.name, refusal.message)
 
-    def __init__(self, authenticator: Authenticator) -> None:
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Checks every call's bearer token against the scope its method needs.
+
+    `on_refusal(method, refusal)` hears of each refused call (the server counts it and logs it,
+    rate-limited: clients trigger these); by default a debug log line.
+    """
+
+    def __init__(
+        self,
+        authenticator: Authenticator,
+        on_refusal: Callable[[str, Refusal], None] = _log_refusal,
+    ) -> None:
         self.authenticator = authenticator
+        self._on_refusal = on_refusal
 
     async def intercept_service(
         self,
@@ -294,7 +311,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             handler = await continuation(handler_call_details)
             if handler is None:  # unknown method: let gRPC answer UNIMPLEMENTED
                 return handler
-            log.info("refused %s: %s %s", method, refusal.code.name, refusal.message)
+            self._on_refusal(method, refusal)
             return _refusing_handler(handler, refusal)
         return await continuation(handler_call_details)
 

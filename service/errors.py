@@ -72,6 +72,8 @@ REJECT_REASONS = (
     "failed_precondition",
     "unauthenticated",
     "permission_denied",
+    "unauthenticated",
+    "permission_denied",
     "cancelled",
     "internal",
 )

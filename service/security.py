@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health_pb2_grpc
 
-from .auth import Authenticator, AuthInterceptor
+from .auth import Authenticator, AuthInterceptor, Refusal
 from .config import Settings
 from .tls import TlsFiles, check_files, server_credentials, tls_files
 
@@ -50,8 +51,15 @@ class ServerSecurity:
             check_files(files)  # before any model loads: a bad file stops the start at once
         return cls(authenticator, files)
 
-    def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
-        return [AuthInterceptor(self.authenticator)] if self.authenticator.enabled else []
+    def interceptors(
+        self, on_refusal: Callable[[str, Refusal], None] | None = None
+    ) -> list[grpc.aio.ServerInterceptor]:
+        """The token check, when tokens are on; `on_refusal` hears of each refused call."""
+        if not self.authenticator.enabled:
+            return []
+        if on_refusal is None:
+            return [AuthInterceptor(self.authenticator)]
+        return [AuthInterceptor(self.authenticator, on_refusal)]
 
     def add_port(self, server: grpc.aio.Server, address: str) -> int:
         """Bind the gRPC port, with TLS when configured; OSError when the bind fails."""

@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from pb import explain_pb2 as ex
 from pb import grpc_service_pb2 as pb
 
+from .auth import Refusal
 from .config import Settings
 from .handlers import RateLimitedLog, Rejections, service_handler
 from .loading import load_version
@@ -56,8 +57,11 @@ class InferenceServer:
             settings.repository_poll_secs,
         )
         self.security = ServerSecurity.from_settings(settings)
+        self.rejections = Rejections(
+            lambda reason: self.metrics.rejected.labels(reason).inc(), RateLimitedLog(log)
+        )
         self.grpc = grpc.aio.server(
-            interceptors=self.security.interceptors(),
+            interceptors=self.security.interceptors(self._refused),
             maximum_concurrent_rpcs=settings.max_concurrent_rpcs or None,
             options=[
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
@@ -78,6 +82,13 @@ class InferenceServer:
     async def _load_version(self, spec: ModelSpec, version: int) -> ServedModel:
         return await load_version(spec, version, self.settings, self.metrics)
 
+    def _refused(self, method: str, refusal: Refusal) -> None:
+        """A call the token check refused: counted, and logged (rate-limited) without the token."""
+        self.rejections.count(refusal.code.name.lower())
+        self.rejections.log.log(
+            logging.INFO, "%s: %s %s", method, refusal.code.name, refusal.message
+        )
+
     def _state_changed(self, entry: ModelEntry[ServedModel]) -> None:
         self.metrics.set_model_state(entry.name, entry.state, STATES)
 
@@ -94,9 +105,7 @@ class InferenceServer:
             ort.__version__, ", ".join(ort.get_available_providers()),
         )  # fmt: skip
         await self.control.start()
-        rejections = Rejections(
-            lambda reason: self.metrics.rejected.labels(reason).inc(), RateLimitedLog(log)
-        )
+        rejections = self.rejections
         inference = InferenceServicer(
             self.repository,
             lambda: self.ready,

@@ -225,8 +225,12 @@ def test_tritonclient_over_tls_with_tokens(
     assert "--model-control-mode" in report["unload_admin_token"]["message"]
     for name, outcome in report.items():
         assert not any(secret in outcome["message"] for secret in SECRETS), name
-    assert "refused" in caplog.text, "refusals are logged"
+    assert "ModelInfer: UNAUTHENTICATED" in caplog.text, "refusals are logged"
     assert not any(secret in caplog.text for secret in SECRETS), "no token ever logged"
+    metrics = guarded.scrape()
+    for reason in ("unauthenticated", "permission_denied"):
+        line = f'cnnserve_rejected_requests_total{{reason="{reason}"}}'
+        assert line in metrics and f"{line} 0.0" not in metrics, reason
 
 
 def test_explain_api_obeys_the_same_rules(guarded: ServerThread, certs: CertFiles) -> None:
