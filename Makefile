@@ -12,7 +12,7 @@ ORT_EXTRA   := $(if $(filter 1,$(GPU)),gpu,cpu)
 PY          := $(VENV)/bin/python
 PIP_FLAGS   ?= --disable-pip-version-check -q
 
-.PHONY: help venv tools sysdeps proto model serve test lint typecheck zoo perf bench image clean
+.PHONY: help venv tools sysdeps benchdeps triton proto model serve test lint typecheck zoo perf bench image clean
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -91,8 +91,31 @@ perf: tools  ## perf_analyzer against a running server (URL=, MODEL=, CONCURRENC
 	LD_LIBRARY_PATH=$(CUDART) $(TOOLS_VENV)/bin/perf_analyzer -m $(MODEL) -i grpc -u $(URL) \
 		--concurrency-range $(CONCURRENCY)
 
-bench: model tools  ## Benchmarks: tables on stdout, JSON and plots under bench/results/
-	$(PY) bench/serving.py --repository $(REPO) --streaming
+# Benchmark-only system packages (CI never runs the benchmarks): h2load, the cheapest gRPC load.
+benchdeps: sysdeps  ## Install h2load (nghttp2-client) for the benchmarks (apt, as root)
+	@command -v h2load >/dev/null || { apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nghttp2-client >/dev/null; }
+
+# Real NVIDIA Triton 2.51 for the benchmarks: the nvidia-pytriton wheel bundles the tritonserver
+# binary and its Python backend; the backend stub takes numpy (< 2) and onnxruntime from this venv.
+TRITON_VENV ?= .venv-triton
+
+$(TRITON_VENV)/.installed: Makefile
+	$(PYTHON) -m venv $(TRITON_VENV)
+	$(TRITON_VENV)/bin/pip install $(PIP_FLAGS) 'nvidia-pytriton==0.7.0' 'numpy<2' onnxruntime
+	touch $@
+
+triton: $(TRITON_VENV)/.installed  ## Install real Triton (nvidia-pytriton) for the benchmarks
+
+# QUICK=1: one short round of everything (checks the harness, not a figure to quote).
+QUICK       ?= 0
+BENCH_QUICK := $(if $(filter 1,$(QUICK)),--quick,)
+PROFILE_S   := $(if $(filter 1,$(QUICK)),3,10)
+
+bench: model tools benchdeps triton  ## Benchmarks: tables on stdout, JSON and plots under bench/results/ (QUICK=1)
+	$(PY) bench/serving.py --repository $(REPO) --streaming $(BENCH_QUICK)
+	$(PY) bench/compare.py --repository $(REPO) $(BENCH_QUICK)
+	$(PY) bench/profile_server.py --repository $(REPO) --seconds $(PROFILE_S)
 	$(PY) bench/gradcam.py --repository $(REPO) --checkpoint $(CHECKPOINTS)/$(MODEL).pt
 
 BUILDAH ?= buildah --storage-driver vfs
@@ -103,4 +126,4 @@ image: model  ## Build the container image (docker, or buildah where no engine r
 	else echo "no Docker engine and no buildah here: apt-get install buildah" >&2; exit 1; fi
 
 clean:  ## Remove the venvs and generated code (keeps the model repository)
-	rm -rf $(VENV) $(TOOLS_VENV) pb
+	rm -rf $(VENV) $(TOOLS_VENV) $(TRITON_VENV) pb

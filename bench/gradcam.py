@@ -20,6 +20,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.loadgen import ROOT, closed_loop, latest_model, print_table, running_server, save_grid
+from modelrepo import CAM, INPUT, TARGET_CLASS, explainer_name
 from pb import grpc_service_pb2 as pb
 
 
@@ -46,7 +47,7 @@ def overlay_picture(address: str, model: str, out: Path, count: int = 8) -> None
 
     from pb import explain_pb2 as ex
     from pb import explain_pb2_grpc as ex_grpc
-    from training.data import load_mnist
+    from training.mnist import load_mnist
 
     images, labels = load_mnist("test")
     fig, axes = plt.subplots(2, count, figsize=(1.5 * count, 3.3))
@@ -84,14 +85,14 @@ def main() -> None:
     import onnxruntime as ort
     import torch
 
-    from export.__main__ import real_test_inputs
     from export.gradcam import gradcam_reference
+    from export.pipeline import real_test_inputs
     from training.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(args.checkpoint)
     pixels, _ = real_test_inputs(ckpt, 256)
-    layer = str(ckpt.config["gradcam_layer"])
-    explainer = args.model + "_gradcam"
+    layer = ckpt.config.gradcam_layer
+    explainer = explainer_name(args.model)
     onnx_path = latest_model(args.repository, explainer)
     rows: list[dict[str, object]] = []
 
@@ -118,8 +119,8 @@ def main() -> None:
     options.intra_op_num_threads = 1
     session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
     for batch in (1, 32):
-        feeds = {"input": pixels[:batch], "target_class": np.full(batch, -1, dtype=np.int64)}
-        calls, elapsed = timed(lambda f=feeds: session.run(["cam"], f), args.seconds)
+        feeds = {INPUT: pixels[:batch], TARGET_CLASS: np.full(batch, -1, dtype=np.int64)}
+        calls, elapsed = timed(lambda f=feeds: session.run([CAM], f), args.seconds)
         rows.append(
             {
                 "how": "ONNX Runtime in-process (1 thread)",
@@ -134,10 +135,10 @@ def main() -> None:
 
     def request(n: int) -> pb.ModelInferRequest:
         req = pb.ModelInferRequest(model_name=explainer)
-        req.inputs.add(name="input", datatype="FP32", shape=[1, 1, 28, 28])
-        req.inputs.add(name="target_class", datatype="INT64", shape=[1, 1])
+        req.inputs.add(name=INPUT, datatype="FP32", shape=[1, 1, 28, 28])
+        req.inputs.add(name=TARGET_CLASS, datatype="INT64", shape=[1, 1])
         req.raw_input_contents.extend([images[n % len(images)].tobytes(), np.int64(-1).tobytes()])
-        req.outputs.add(name="cam")
+        req.outputs.add(name=CAM)
         return req
 
     with running_server(args.repository) as address:

@@ -1,16 +1,19 @@
-"""What the benchmarks share: a closed-loop gRPC load generator, a server launcher, tables and
-picture grids."""
+"""What the benchmarks share: server launchers, CPU accounting from /proc, load generators
+(a closed-loop gRPC client, h2load, perf_analyzer), tables and picture grids."""
 
 from __future__ import annotations
 
 import asyncio
+import csv
 import os
+import re
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,30 +47,251 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_server(repository: Path, *extra: str) -> Iterator[str]:
-    """Start `python -m service` on free ports; yield its gRPC address; SIGTERM it afterwards."""
-    port, metrics = free_port(), free_port()
-    cmd = [sys.executable, "-m", "service", "--model-repository", str(repository),
-           "--grpc-port", str(port), "--metrics-port", str(metrics), "--log-level", "WARNING", *extra]  # fmt: skip
+def running_process(cmd: list[str], address: str, model: str = "") -> Iterator[subprocess.Popen]:
+    """Start a gRPC inference server; wait until it (and `model`, if given) is ready; yield the
+    process; SIGTERM it afterwards."""
     proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    address = f"127.0.0.1:{port}"
     try:
         with grpc.insecure_channel(address) as channel:
             stub = pb_grpc.GRPCInferenceServiceStub(channel)
             deadline = time.monotonic() + 120
             while True:
                 try:
-                    if stub.ServerReady(pb.ServerReadyRequest(), timeout=1).ready:
+                    if model:
+                        ready = stub.ModelReady(pb.ModelReadyRequest(name=model), timeout=1).ready
+                    else:
+                        ready = stub.ServerReady(pb.ServerReadyRequest(), timeout=1).ready
+                    if ready:
                         break
                 except grpc.RpcError:
                     pass
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"server did not become ready: {' '.join(cmd)}")
                 time.sleep(0.2)
-        yield address
+        yield proc
     finally:
         proc.terminate()
-        proc.wait(timeout=60)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def project_command(repository: Path, port: int, *extra: str) -> list[str]:
+    """`python -m service` on `port` with `make serve` defaults (logs at WARNING, no metrics port)."""
+    return [sys.executable, "-m", "service", "--model-repository", str(repository),
+            "--grpc-port", str(port), "--metrics-port", str(free_port()),
+            "--log-level", "WARNING", *extra]  # fmt: skip
+
+
+@contextmanager
+def running_server(repository: Path, *extra: str) -> Iterator[str]:
+    """Start `python -m service` on free ports; yield its gRPC address; SIGTERM it afterwards."""
+    with server_process(repository, *extra) as (address, _, _):
+        yield address
+
+
+@contextmanager
+def server_process(repository: Path, *extra: str) -> Iterator[tuple[str, subprocess.Popen, str]]:
+    """Like `running_server`, yielding (gRPC address, the process, the metrics URL)."""
+    port, metrics = free_port(), free_port()
+    address = f"127.0.0.1:{port}"
+    cmd = project_command(repository, port, *extra, "--metrics-port", str(metrics))
+    with running_process(cmd, address) as proc:
+        yield address, proc, f"http://127.0.0.1:{metrics}/metrics"
+
+
+def process_status(pid: int) -> dict[str, int]:
+    """A process's RSS and peak RSS (bytes), threads and open file descriptors, from /proc."""
+    fields = {"VmRSS": "rss", "VmHWM": "peak_rss", "Threads": "threads"}
+    status: dict[str, int] = {}
+    with open(f"/proc/{pid}/status") as lines:
+        for line in lines:
+            key, _, value = line.partition(":")
+            if key in fields:
+                number = int(value.split()[0])
+                status[fields[key]] = number * 1024 if key.startswith("Vm") else number
+    status["fds"] = len(os.listdir(f"/proc/{pid}/fd"))
+    return status
+
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _stat_fields(path: Path) -> list[str]:
+    text = path.read_text()
+    return text[text.rindex(")") + 2 :].split()  # after "pid (comm) "
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and all its descendants (Triton's Python-backend stub is a child process)."""
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        for task in Path(f"/proc/{current}/task").glob("*/children"):
+            with suppress(OSError):
+                todo.extend(int(c) for c in task.read_text().split())
+    return found
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds used so far by `pid` and its descendants."""
+    total = 0
+    for member in process_tree(pid):
+        try:
+            fields = _stat_fields(Path(f"/proc/{member}/stat"))
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / CLOCK_TICKS
+
+
+def thread_cpu_seconds(pid: int) -> dict[str, float]:
+    """CPU seconds per thread of `pid`, keyed "name/tid"."""
+    threads = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            name = (task / "comm").read_text().strip()
+            fields = _stat_fields(task / "stat")
+        except OSError:
+            continue
+        threads[f"{name}/{task.name}"] = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    return threads
+
+
+class CpuMeter:
+    """Server cores used while the block runs: `with CpuMeter(pid) as cpu: ...; cpu.cores`."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.cores = float("nan")
+
+    def __enter__(self) -> CpuMeter:
+        self.start_wall, self.start_cpu = time.monotonic(), cpu_seconds(self.pid)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        wall = time.monotonic() - self.start_wall
+        self.cores = (cpu_seconds(self.pid) - self.start_cpu) / wall
+
+
+def infer_request(repository: Path, model: str) -> pb.ModelInferRequest:
+    """A batch-1 FP32 ModelInferRequest for `model`, input described by its config.pbtxt."""
+    from google.protobuf import text_format
+
+    from pb import model_config_pb2
+
+    config = text_format.Parse(
+        (repository / model / "config.pbtxt").read_text(), model_config_pb2.ModelConfig()
+    )
+    spec = config.input[0]
+    shape = [1, *spec.dims]
+    x = np.random.default_rng(0).random(shape, dtype=np.float32)
+    return pb.ModelInferRequest(
+        model_name=model,
+        inputs=[
+            pb.ModelInferRequest.InferInputTensor(name=spec.name, datatype="FP32", shape=shape)
+        ],
+        raw_input_contents=[x.tobytes()],
+    )
+
+
+def grpc_frame(message: Any) -> bytes:
+    """One gRPC length-prefixed message (uncompressed), as it travels in an HTTP/2 DATA frame."""
+    body = message.SerializeToString()
+    return b"\x00" + len(body).to_bytes(4, "big") + body
+
+
+def response_frame_size(address: str, request: pb.ModelInferRequest) -> int:
+    """Bytes of one successful ModelInfer response frame from this server (checks it succeeds)."""
+    with grpc.insecure_channel(address) as channel:
+        response = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=30)
+    return len(grpc_frame(response))
+
+
+def _seconds(text: str) -> float:
+    for unit, scale in (("us", 1e-6), ("ms", 1e-3), ("s", 1.0)):
+        if text.endswith(unit):
+            return float(text[: -len(unit)]) * scale
+    return float(text)
+
+
+def h2load(
+    address: str, frame: Path, response_bytes: int, concurrency: int, seconds: float,
+    method: str = "/inference.GRPCInferenceService/ModelInfer",
+) -> dict[str, Any]:  # fmt: skip
+    """h2load over one HTTP/2 connection with `concurrency` streams in flight, replaying `frame`.
+
+    gRPC errors come back as HTTP 200 with no message, so successes are counted from the response
+    DATA bytes (`response_bytes` per success), not from HTTP status. (h2load's --warm-up-time is
+    not used: its data byte count includes the warm-up; warm the server up with a separate run.)
+    """
+    cmd = ["h2load", "-c", "1", "-t", "1", "-m", str(concurrency), "-D", f"{int(seconds * 1000)}ms",
+           "-H", "content-type: application/grpc", "-H", "te: trailers", "-d", str(frame),
+           f"http://{address}{method}"]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
+    out = done.stdout
+    finished = re.search(r"finished in ([\d.]+\w+), ([\d.]+) req/s", out)
+    requests = re.search(r"requests: (\d+) total, (\d+) started, (\d+) done", out)
+    data = re.search(r"\((\d+)\) data", out)
+    latency = re.search(r"time for request:\s+(\S+)\s+(\S+)\s+(\S+)", out)
+    if not (finished and requests and data and latency):
+        return {"concurrency": concurrency, "error": (out + done.stderr)[-500:]}
+    wall = _seconds(finished.group(1))
+    completed = int(requests.group(3))
+    successes = min(int(data.group(1)) // response_bytes, completed)
+    return {
+        "concurrency": concurrency,
+        "infer_per_s": successes / wall,
+        "requests": completed,
+        "failed": completed - successes,
+        "mean_ms": _seconds(latency.group(3)) * 1000,
+        "max_ms": _seconds(latency.group(2)) * 1000,
+    }
+
+
+TOOLS = ROOT / ".venv-tools"
+PERF_ANALYZER = TOOLS / "bin" / "perf_analyzer"
+CUDA_RUNTIME_LIB = TOOLS / "lib/python3.11/site-packages/nvidia/cuda_runtime/lib"
+
+
+def perf_analyzer(
+    address: str, model: str, concurrency: int, measurement_ms: int = 3000,
+    stability: int = 25, streaming: bool = False,
+) -> dict[str, Any]:  # fmt: skip
+    """One perf_analyzer run (tools venv) at one concurrency; its CSV line as numbers."""
+    env = {**os.environ, "LD_LIBRARY_PATH": str(CUDA_RUNTIME_LIB)}
+    with tempfile.NamedTemporaryFile(suffix=".csv") as report:
+        cmd = [
+            str(PERF_ANALYZER), "-m", model, "-i", "grpc", "-u", address,
+            "--concurrency-range", f"{concurrency}:{concurrency}",
+            "--measurement-interval", str(measurement_ms),
+            "--stability-percentage", str(stability), "--max-trials", "6",
+            "-f", report.name, *(["--streaming"] if streaming else []),
+        ]  # fmt: skip
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+        unstable = done.returncode != 0 and "stable measurement" in done.stdout + done.stderr
+        if unstable:  # a shared box is noisy: accept any measurement rather than none
+            cmd[cmd.index("--stability-percentage") + 1] = "1000"
+            done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+        if done.returncode != 0:
+            return {"concurrency": concurrency, "error": (done.stdout + done.stderr)[-500:]}
+        with open(report.name) as handle:
+            line = next(csv.DictReader(handle))
+    row = {
+        "concurrency": concurrency,
+        "infer_per_s": float(line["Inferences/Second"]),
+        "p50_ms": float(line["p50 latency"]) / 1000,
+        "p90_ms": float(line["p90 latency"]) / 1000,
+        "p99_ms": float(line["p99 latency"]) / 1000,
+        "unstable": unstable,
+    }
+    if "Server Queue" in line:  # only from servers that answer ModelStatistics
+        row["server_queue_ms"] = float(line["Server Queue"]) / 1000
+        row["server_compute_ms"] = sum(float(line[k]) for k in (
+            "Server Compute Input", "Server Compute Infer", "Server Compute Output")) / 1000  # fmt: skip
+    return row
 
 
 @dataclass

@@ -10,13 +10,10 @@ ModelStatistics. Prints a table; writes bench/results/serving.json and serving.p
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import platform
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -28,13 +25,16 @@ import onnxruntime as ort
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.loadgen import latest_model, print_table, running_server  # noqa: E402
+from bench.loadgen import (  # noqa: E402
+    PERF_ANALYZER,
+    latest_model,
+    perf_analyzer,
+    print_table,
+    running_server,
+)
 from pb import grpc_service_pb2 as pb  # noqa: E402
 from pb import grpc_service_pb2_grpc as pb_grpc  # noqa: E402
 
-TOOLS = ROOT / ".venv-tools"
-PERF_ANALYZER = TOOLS / "bin" / "perf_analyzer"
-CUDA_RUNTIME_LIB = TOOLS / "lib/python3.11/site-packages/nvidia/cuda_runtime/lib"
 TARGETS = {"p50_ms_at_c1": 1.0, "infer_per_s_at_c16": 3500, "avg_batch_at_c16": 4}
 
 
@@ -92,12 +92,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="extra flags for python -m service, e.g. '--batching delay'",
     )
     parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="short run: 0.5 s per batch size, concurrency 1,16, 1 s windows",
+    )
+    parser.add_argument(
         "--out",
         type=Path,
         default=ROOT / "bench" / "results",
         help="output folder (default: bench/results)",
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.ort_seconds, args.concurrency, args.measurement_ms = 0.5, "1,16", 1000
+    return args
 
 
 def measure_ort(model_file: Path, batches: list[int], threads: int, seconds: float) -> list[dict]:
@@ -140,43 +148,16 @@ def statistics(address: str, model: str) -> tuple[int, int]:
 
 def measure_server(address: str, args: argparse.Namespace, streaming: bool) -> list[dict]:
     """perf_analyzer at each concurrency, with the executed batch size from ModelStatistics."""
-    env = {**os.environ, "LD_LIBRARY_PATH": str(CUDA_RUNTIME_LIB)}
     rows = []
     for concurrency in [int(c) for c in args.concurrency.split(",")]:
         before = statistics(address, args.model)
-        with tempfile.NamedTemporaryFile(suffix=".csv") as report:
-            cmd = [
-                str(PERF_ANALYZER), "-m", args.model, "-i", "grpc", "-u", address,
-                "--concurrency-range", f"{concurrency}:{concurrency}",
-                "--measurement-interval", str(args.measurement_ms),
-                "--stability-percentage", str(args.stability), "--max-trials", "6",
-                "-f", report.name, *(["--streaming"] if streaming else []),
-            ]  # fmt: skip
-            done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-            unstable = done.returncode != 0 and "stable measurement" in done.stdout + done.stderr
-            if unstable:  # a shared box is noisy: accept any measurement rather than none
-                cmd[cmd.index("--stability-percentage") + 1] = "1000"
-                done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-            if done.returncode != 0:
-                print(done.stdout[-2000:], done.stderr[-2000:], file=sys.stderr)
-                rows.append({"concurrency": concurrency, "error": done.returncode})
-                continue
-            with open(report.name) as handle:
-                line = next(csv.DictReader(handle))
+        row = perf_analyzer(address, args.model, concurrency, args.measurement_ms, args.stability,
+                            streaming=streaming)  # fmt: skip
+        if "error" in row:
+            print(row["error"], file=sys.stderr)
         after = statistics(address, args.model)
         images, batches = after[0] - before[0], after[1] - before[1]
-        rows.append({
-            "concurrency": concurrency,
-            "infer_per_s": float(line["Inferences/Second"]),
-            "p50_ms": float(line["p50 latency"]) / 1000,
-            "p90_ms": float(line["p90 latency"]) / 1000,
-            "p99_ms": float(line["p99 latency"]) / 1000,
-            "server_queue_ms": float(line["Server Queue"]) / 1000,
-            "server_compute_ms": sum(float(line[k]) for k in (
-                "Server Compute Input", "Server Compute Infer", "Server Compute Output")) / 1000,
-            "avg_executed_batch": images / batches if batches else 0.0,
-            "unstable": unstable,
-        })  # fmt: skip
+        rows.append({**row, "avg_executed_batch": images / batches if batches else 0.0})
     return rows
 
 

@@ -23,6 +23,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.loadgen import ROOT, latest_model, save_grid
+from modelrepo import CAM, INPUT, LOGITS, PROBABILITIES, TARGET_CLASS, explainer_name
 
 START, END = "<!-- zoo-table:start -->", "<!-- zoo-table:end -->"
 
@@ -37,17 +38,17 @@ def ort_timings(path: Path, shape: tuple[int, ...], seconds: float = 2.0) -> tup
     rng = np.random.default_rng(0)
     one = rng.random((1, *shape), dtype=np.float32)
     times = []
-    session.run(None, {"input": one})
+    session.run(None, {INPUT: one})
     start = time.perf_counter()
     while time.perf_counter() - start < seconds:
         t = time.perf_counter()
-        session.run(["logits"], {"input": one})
+        session.run([LOGITS], {INPUT: one})
         times.append(time.perf_counter() - t)
     batch = rng.random((32, *shape), dtype=np.float32)
-    session.run(["logits"], {"input": batch})
+    session.run([LOGITS], {INPUT: batch})
     calls, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
-        session.run(["logits"], {"input": batch})
+        session.run([LOGITS], {INPUT: batch})
         calls += 1
     return 1000 * float(np.median(times)), 32 * calls / (time.perf_counter() - start)
 
@@ -71,7 +72,7 @@ def gradcam_picture(repository: Path, names: list[str], out: Path) -> None:
     import onnxruntime as ort
 
     from service.imaging import overlay_png
-    from training.data import load_mnist
+    from training.mnist import load_mnist
 
     images, labels = load_mnist("test")
     picks = [0, 1, 2]  # the first three test digits: 7, 2, 1
@@ -89,11 +90,10 @@ def gradcam_picture(repository: Path, names: list[str], out: Path) -> None:
         axes[row, 0].set_title(f"digit {labels[index]}", fontsize=8)
         for col, name in enumerate(flat, start=1):
             session = ort.InferenceSession(
-                str(latest_model(repository, f"{name}_gradcam")), providers=["CPUExecutionProvider"]
+                str(latest_model(repository, explainer_name(name))),
+                providers=["CPUExecutionProvider"],
             )
-            cam, probs = session.run(
-                ["cam", "probabilities"], {"input": x, "target_class": np.array([-1])}
-            )
+            cam, probs = session.run([CAM, PROBABILITIES], {INPUT: x, TARGET_CLASS: np.array([-1])})
             big = np.kron(images[index], np.ones((4, 4), dtype=np.uint8))
             axes[row, col].imshow(Image.open(io.BytesIO(overlay_png(big, cam[0]))))
             axes[row, col].set_title(
@@ -117,7 +117,7 @@ def clip_picture(repository: Path, out: Path) -> None:
 
     clips, labels, _ = load_dataset("moving_mnist", "test")
     session = ort.InferenceSession(
-        str(latest_model(repository, "cnn3d_gradcam")), providers=["CPUExecutionProvider"]
+        str(latest_model(repository, explainer_name("cnn3d"))), providers=["CPUExecutionProvider"]
     )
     picks = [0, 1]
     frames = clips.shape[1]
@@ -125,7 +125,7 @@ def clip_picture(repository: Path, out: Path) -> None:
     for row, index in enumerate(picks):
         clip = clips[index]
         x = clip.astype(np.float32)[None, None] / 255.0
-        cam, probs = session.run(["cam", "probabilities"], {"input": x, "target_class": [-1]})
+        cam, probs = session.run([CAM, PROBABILITIES], {INPUT: x, TARGET_CLASS: [-1]})
         for t in range(frames):
             big = np.kron(clip[t], np.ones((4, 4), dtype=np.uint8))
             axes[2 * row, t].imshow(clip[t], cmap="gray")

@@ -12,6 +12,7 @@ import os
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -119,77 +120,147 @@ def explain_dir(stub: ex_grpc.ExplainerStub, args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Names each default once: the help text's own `default:` wins, else `(default: X)` is added.
+
+    Nothing is added for a required option, a flag (default False) or a None default (its help
+    says what happens instead); options repeated under a command (default SUPPRESS) state theirs
+    in their help text.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if (
+            "default" in text
+            or action.required
+            or action.default in (None, False, argparse.SUPPRESS)
+            or not action.option_strings
+        ):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _common_options(parser: argparse.ArgumentParser, *, after_command: bool) -> None:
+    """The options every command shares, accepted before the command and after it.
+
+    Before the command they carry the defaults; after it they default to SUPPRESS, so a value
+    given there overrides one given before, and an absent one leaves the earlier value alone.
+    """
+    where = "also accepted before the command" if after_command else "before or after the command"
+    group = parser.add_argument_group(f"common options ({where})")
+    url = os.environ.get("CNNSERVE_URL", "127.0.0.1:8001")
+    options: list[tuple[str, dict[str, Any]]] = [
+        (
+            "--url",
+            {
+                "default": url,
+                "metavar": "HOST:PORT",
+                "help": f"server address (default: {url}; env CNNSERVE_URL)".replace("%", "%%"),
+            },
+        ),
+        ("--model", {"default": "mnist_cnn", "metavar": "NAME", "help": "classifier name"}),
+        (
+            "--model-version",
+            {"default": "", "metavar": "VERSION", "help": "model version (default: the latest)"},
+        ),
+        (
+            "--top-k",
+            {
+                "type": int,
+                "default": 1,
+                "metavar": "K",
+                "help": "predictions to show (and explain, without --target)",
+            },
+        ),
+        (
+            "--polarity",
+            {
+                "choices": sorted(POLARITIES),
+                "default": "auto",
+                "help": "invert dark-on-light pictures to match MNIST (auto: by the border)",
+            },
+        ),
+        (
+            "--timeout",
+            {"type": float, "default": 30.0, "metavar": "SECONDS", "help": "seconds per request"},
+        ),
+    ]
+    for flag, spec in options:
+        if after_command:
+            if "default" not in spec["help"]:
+                spec["help"] += f" (default: {spec['default']})".replace("%", "%%")
+            spec["default"] = argparse.SUPPRESS
+        group.add_argument(flag, **spec)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m client",
         description="Classify and explain images with a running cnnserve server.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog="The common options go before or after the command: "
+        "`python -m client --top-k 3 explain x.png` and `python -m client explain x.png --top-k 3` "
+        "are the same; `python -m client COMMAND --help` shows a command's own options.",
+        formatter_class=_HelpFormatter,
     )
-    parser.add_argument(
-        "--url",
-        default=os.environ.get("CNNSERVE_URL", "127.0.0.1:8001"),
-        help="server address (env CNNSERVE_URL)",
-    )
-    parser.add_argument("--model", default="mnist_cnn", help="classifier name")
-    parser.add_argument("--model-version", default="", help="model version (default: the latest)")
-    parser.add_argument(
-        "--top-k", type=int, default=1, help="predictions to show (and explain, without --target)"
-    )
-    parser.add_argument(
-        "--polarity",
-        choices=sorted(POLARITIES),
-        default="auto",
-        help="invert dark-on-light pictures to match MNIST (auto: by the border)",
-    )
-    parser.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
+    _common_options(parser, after_command=False)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    sub = commands.add_parser(
-        "classify",
-        help="print the top classes of an image",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        return commands.add_parser(
+            name, help=help_text, description=help_text, formatter_class=_HelpFormatter
+        )
+
+    sub = command("classify", "print the top classes of an image")
     sub.add_argument("image", type=Path, help="PNG or JPEG file")
+    _common_options(sub, after_command=True)
     sub.set_defaults(run=classify)
 
-    sub = commands.add_parser(
-        "explain",
-        help="classify an image and write its Grad-CAM overlay",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    sub = command("explain", "classify an image and write its Grad-CAM overlay")
     sub.add_argument("image", type=Path, help="PNG or JPEG file")
     sub.add_argument(
-        "--out", type=Path, default=None, help="overlay PNG (default: <image>_gradcam.png)"
+        "--out",
+        type=Path,
+        default=None,
+        metavar="PNG",
+        help="overlay PNG; several targets add _<label> to its name (default: <image>_gradcam.png)",
     )
     sub.add_argument(
         "--target",
         type=int,
         action="append",
+        metavar="CLASS",
         help="class to explain (repeatable; default: the top prediction(s))",
     )
     sub.add_argument(
         "--feature-maps",
         type=Path,
         default=None,
-        help="also write the target layer's feature maps here",
+        metavar="PNG",
+        help="also write a grid of the target layer's feature maps here (default: not written)",
     )
+    _common_options(sub, after_command=True)
     sub.set_defaults(run=explain)
 
-    sub = commands.add_parser(
-        "explain-dir",
-        help="explain every image under a directory, with a progress bar",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    sub = command("explain-dir", "explain every image under a directory, with a progress bar")
     sub.add_argument(
         "directory", type=Path, help="directory searched recursively for PNG/JPEG files"
     )
     sub.add_argument(
-        "--out-dir", type=Path, required=True, help="where overlays and predictions.csv go"
+        "--out-dir",
+        type=Path,
+        required=True,
+        metavar="DIR",
+        help="where the overlays (mirroring the directory tree) and predictions.csv go",
     )
     sub.add_argument(
-        "--target", type=int, action="append", help="class to explain (default: the top prediction)"
+        "--target",
+        type=int,
+        action="append",
+        metavar="CLASS",
+        help="class to explain (repeatable; default: the top prediction)",
     )
     sub.add_argument("--quiet", action="store_true", help="no progress bar")
+    _common_options(sub, after_command=True)
     sub.set_defaults(run=explain_dir)
     return parser
 

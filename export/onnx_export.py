@@ -12,8 +12,9 @@ import torch
 from torch import nn
 
 from export.errors import ExportVerificationError
+from modelrepo import INPUT, LOGITS, PROBABILITIES
 
-OPSET = 20
+OPSET = 20  # the classifier and the explainer alike
 
 
 class Classifier(nn.Module):
@@ -43,9 +44,10 @@ def export_classifier(
             wrapper,
             (example,),
             dynamo=True,
-            input_names=["input"],
-            output_names=["logits", "probabilities"],
-            dynamic_shapes={"input": {0: torch.export.Dim("batch", min=1, max=4096)}},
+            input_names=[INPUT],
+            output_names=[LOGITS, PROBABILITIES],
+            # By position: the keys of a dict would be forward()'s parameter names.
+            dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},),
             opset_version=OPSET,
             external_data=False,
             verbose=False,
@@ -70,7 +72,7 @@ def verify_classifier(
     worst = 0.0
     for batch in batch_sizes:
         x = np.ascontiguousarray(pixels[:batch], dtype=np.float32)
-        logits_ort, probs_ort = session.run(["logits", "probabilities"], {"input": x})
+        logits_ort, probs_ort = session.run([LOGITS, PROBABILITIES], {INPUT: x})
         with torch.no_grad():
             logits_pt, _ = wrapper(torch.from_numpy(x))
         diff = float(np.abs(logits_ort - logits_pt.numpy()).max())

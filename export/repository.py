@@ -1,4 +1,4 @@
-"""Write models into a Triton-layout repository: <repo>/<model>/config.pbtxt, <version>/model.onnx."""
+"""Write models into the Triton-layout repository (`modelrepo`): config from the graph, new versions."""
 
 from __future__ import annotations
 
@@ -7,11 +7,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
-from google.protobuf import text_format
 
+from modelrepo import LABELS_FILE, MODEL_FILE, PROBABILITIES, write_config, write_labels
 from pb import model_config_pb2 as mc
-
-LABELS_FILE = "labels.txt"
 
 _ONNX_TO_TRITON: dict[int, int] = {
     onnx.TensorProto.FLOAT: mc.TYPE_FP32,
@@ -49,11 +47,22 @@ def config_from_onnx(
     name: str,
     model_path: Path,
     policy: BatchingPolicy,
-    labels_output: str | None = "probabilities",
+    labels_output: str | None = PROBABILITIES,
     parameters: dict[str, str] | None = None,
 ) -> mc.ModelConfig:
-    """A ModelConfig whose inputs and outputs are read from the ONNX graph itself."""
+    """A ModelConfig whose inputs and outputs are read from the ONNX file itself."""
     graph = onnx.load(str(model_path), load_external_data=False).graph
+    return config_from_graph(name, graph, policy, labels_output, parameters)
+
+
+def config_from_graph(
+    name: str,
+    graph: onnx.GraphProto,
+    policy: BatchingPolicy,
+    labels_output: str | None = PROBABILITIES,
+    parameters: dict[str, str] | None = None,
+) -> mc.ModelConfig:
+    """A ModelConfig whose inputs and outputs are read from an ONNX graph."""
     config = mc.ModelConfig(
         name=name,
         platform="onnxruntime_onnx",
@@ -105,21 +114,15 @@ def write_model(
     onnx_file: Path,
     labels: list[str],
     policy: BatchingPolicy,
-    labels_output: str | None = "probabilities",
+    labels_output: str | None = PROBABILITIES,
     parameters: dict[str, str] | None = None,
 ) -> Path:
     """Add `onnx_file` as a new version of `name` (never overwriting one); returns its path."""
     model_dir = repository / name
     version_dir = model_dir / str(next_version(model_dir))
     version_dir.mkdir(parents=True)
-    target = version_dir / "model.onnx"
+    target = version_dir / MODEL_FILE
     shutil.copyfile(onnx_file, target)
-    config = config_from_onnx(name, target, policy, labels_output, parameters)
-    (model_dir / "config.pbtxt").write_text(text_format.MessageToString(config))
-    (model_dir / LABELS_FILE).write_text("".join(f"{label}\n" for label in labels))
+    write_config(model_dir, config_from_onnx(name, target, policy, labels_output, parameters))
+    write_labels(model_dir, labels)
     return target
-
-
-def read_config(model_dir: Path) -> mc.ModelConfig:
-    """Parse a model's config.pbtxt."""
-    return text_format.Parse((model_dir / "config.pbtxt").read_text(), mc.ModelConfig())

@@ -21,13 +21,15 @@ LABELS_FILE = "labels.txt"
 EXPLAINER_SUFFIX = "_gradcam"
 
 # Tensor names: a classifier takes INPUT and returns LOGITS and PROBABILITIES; its explainer takes
-# INPUT and TARGET_CLASS (-1 = the predicted class) and returns CAM, PROBABILITIES,
-# EXPLAINED_CLASS and ACTIVATIONS (the target layer's feature maps).
+# INPUT and TARGET_CLASS (-1 = the predicted class) and returns CAM, CAM_RAW (the map at the
+# target layer's resolution, before upsampling and normalisation), ACTIVATIONS (the target
+# layer's feature maps), LOGITS, PROBABILITIES and EXPLAINED_CLASS.
 INPUT = "input"
 LOGITS = "logits"
 PROBABILITIES = "probabilities"
 TARGET_CLASS = "target_class"
 CAM = "cam"
+CAM_RAW = "cam_raw"
 EXPLAINED_CLASS = "explained_class"
 ACTIVATIONS = "activations"
 
@@ -55,6 +57,13 @@ def write_config(model_dir: Path, config: mc.ModelConfig) -> Path:
     """Write a model's config.pbtxt; returns its path."""
     path = model_dir / CONFIG_FILE
     path.write_text(text_format.MessageToString(config))
+    return path
+
+
+def write_labels(model_dir: Path, labels: list[str]) -> Path:
+    """Write a model's class labels, one a line; returns the file's path."""
+    path = model_dir / LABELS_FILE
+    path.write_text("".join(f"{label}\n" for label in labels))
     return path
 
 

@@ -220,7 +220,13 @@ def decode_request(request: pb.ModelInferRequest, sig: Signature) -> DecodedRequ
                 )
         # Inside the server every array is batch-first; a model without a batch dim gets 1.
         item = shape[1:] if sig.batching else shape
-        arrays[spec.name] = array.reshape((max(batch, 1), *_resolve(spec.model_dims, item)))
+        target = (max(batch, 1), *_resolve(spec.model_dims, item))
+        if not _fills(count, target):
+            raise InvalidInput(
+                f"input '{spec.name}': shape {list(shape)} holds {count} values, which the "
+                f"model's reshape to {list(spec.model_dims)} cannot take"
+            )
+        arrays[spec.name] = array.reshape(target)
     return DecodedRequest(arrays, max(batch, 1), requested_outputs(request, sig))
 
 
@@ -246,6 +252,15 @@ def _resolve(model_dims: tuple[int, ...], wire_item: Sequence[int]) -> tuple[int
     if len(model_dims) == len(wire_item):
         return tuple(w if d == -1 else d for d, w in zip(model_dims, wire_item, strict=True))
     return model_dims  # reshape with a variable dim: numpy infers the one -1
+
+
+def _fills(count: int, shape: tuple[int, ...]) -> bool:
+    """Whether `count` values fill `shape` exactly, one -1 taking the rest (as numpy reshapes)."""
+    known = math.prod(d for d in shape if d != -1)
+    variable = shape.count(-1)
+    if variable == 0:
+        return count == known
+    return variable == 1 and known > 0 and count % known == 0
 
 
 def _from_contents(

@@ -9,7 +9,9 @@ apply as to any client), and draws the results. The tensor names are the reposit
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -17,13 +19,14 @@ import modelrepo
 from pb import explain_pb2 as ex
 
 from .errors import InvalidInput
-from .imaging import decode_image, feature_grid_png, overlay_png, pixels_png
+from .imaging import NEVER, Stop, decode_image, feature_grid_png, overlay_png, pixels_png
 from .model import ServedModel
 from .repository import ModelRepository
 
 INPUT, TARGET = modelrepo.INPUT, modelrepo.TARGET_CLASS
 PROBABILITIES, CAM = modelrepo.PROBABILITIES, modelrepo.CAM
 MAX_TOP_K = 100
+T = TypeVar("T")
 _POLARITY = {ex.POLARITY_AUTO: "auto", ex.POLARITY_AS_IS: "as_is", ex.POLARITY_INVERT: "invert"}
 
 
@@ -35,7 +38,7 @@ class ModelInput:
     original: np.ndarray
 
 
-def read_input(request: ex.ExplainRequest, dims: tuple[int, ...]) -> ModelInput:
+def read_input(request: ex.ExplainRequest, dims: tuple[int, ...], stop: Stop = NEVER) -> ModelInput:
     """The request's image or tensor as one model input item of `dims` (e.g. (1, 28, 28))."""
     which = request.WhichOneof("input")
     if which == "tensor":
@@ -59,7 +62,7 @@ def read_input(request: ex.ExplainRequest, dims: tuple[int, ...]) -> ModelInput:
                 "send `tensor` instead"
             )
         polarity = _POLARITY.get(request.polarity, "auto")
-        decoded = decode_image(request.image, (dims[1], dims[2]), polarity)
+        decoded = decode_image(request.image, (dims[1], dims[2]), polarity, stop)
         return ModelInput(decoded.pixels[np.newaxis], decoded.original)
     raise InvalidInput("input: send `image` (PNG or JPEG bytes) or `tensor`")
 
@@ -139,9 +142,9 @@ async def explain(
     _, model = repository.get(served, request.model_version)
     labels = _check_model(model, explainer=not request.predictions_only)
     _check_counts(model, request, top_k)
-    item = await asyncio.to_thread(
-        read_input, request, model.signature.inputs_by_name[INPUT].model_dims
-    )
+    stop = Stop(timeout_s)
+    dims = model.signature.inputs_by_name[INPUT].model_dims
+    item = await _in_thread(stop, read_input, request, dims, stop)
     response = ex.ExplainResponse(
         model_name=name,
         model_version=model.version,
@@ -149,13 +152,13 @@ async def explain(
         model_input_shape=item.pixels.shape,
     )
     if request.predictions_only:
-        probs = (await _run(model, item.pixels, None, timeout_s))[PROBABILITIES][0]
+        probs = (await _run(model, item.pixels, None, stop.remaining()))[PROBABILITIES][0]
         for index in np.argsort(-probs, kind="stable")[:top_k]:
             response.predictions.append(_prediction(probs, int(index), labels))
         return response
 
     targets = [int(t) for t in request.target_classes] or [-1]
-    first = await _run(model, item.pixels, targets, timeout_s)
+    first = await _run(model, item.pixels, targets, stop.remaining())
     probs = first[PROBABILITIES][0]
     ranked = [int(i) for i in np.argsort(-probs, kind="stable")[:top_k]]
     for index in ranked:
@@ -164,11 +167,12 @@ async def explain(
     explained = [int(c) for c in first[modelrepo.EXPLAINED_CLASS].reshape(-1)]
     if not request.target_classes and len(ranked) > 1:
         # The top class is explained; the runners-up go in one more (batched) request.
-        rest = await _run(model, item.pixels, ranked[1:], timeout_s)
+        rest = await _run(model, item.pixels, ranked[1:], stop.remaining())
         cams.extend(rest[CAM])
         explained.extend(ranked[1:])
     activations = first.get(modelrepo.ACTIVATIONS) if request.feature_maps else None
-    pictures = await asyncio.to_thread(_draw, item, cams, activations, bool(request.feature_maps))
+    grid = bool(request.feature_maps)
+    pictures = await _in_thread(stop, _draw, item, cams, activations, grid, stop)
     for cam, index, overlay in zip(cams, explained, pictures.overlays, strict=True):
         response.explanations.append(
             ex.Explanation(
@@ -192,9 +196,26 @@ class _Pictures:
     feature_maps: bytes
 
 
+async def _in_thread(stop: Stop, func: Callable[..., T], /, *args: Any) -> T:
+    """Run picture work in a worker thread; a cancelled caller tells it to stop early."""
+    try:
+        return await asyncio.to_thread(func, *args)
+    except asyncio.CancelledError:
+        stop.cancel()
+        raise
+
+
 def _draw(
-    item: ModelInput, cams: list[np.ndarray], activations: np.ndarray | None, grid: bool
+    item: ModelInput,
+    cams: list[np.ndarray],
+    activations: np.ndarray | None,
+    grid: bool,
+    stop: Stop = NEVER,
 ) -> _Pictures:
-    overlays = [overlay_png(item.original, cam) for cam in cams]
+    overlays = []
+    for cam in cams:
+        stop.check("overlay_png")
+        overlays.append(overlay_png(item.original, cam))
+    stop.check("feature_maps_png")
     maps = feature_grid_png(activations[0]) if grid and activations is not None else b""
     return _Pictures(overlays, maps)

@@ -145,3 +145,6 @@ class ServedModel:
         """Finish the accepted requests, then stop the batcher and drop live metrics."""
         await self.batcher.close()
         self.metrics.remove()
+        # Release the ONNX Runtime sessions (memory, thread pools) at once: reference cycles
+        # through callbacks would otherwise keep them until the garbage collector runs.
+        self.sessions, self.latency_session = [], None

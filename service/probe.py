@@ -29,7 +29,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tls-cert", type=Path, help="PEM client certificate (mutual TLS)")
     parser.add_argument("--tls-key", type=Path, help="PEM key of --tls-cert")
     parser.add_argument(
-        "--server-name", help="name to check the server certificate against (default: the host)"
+        "--server-name",
+        help="name to check the server certificate against, if not the host of --url",
     )
     args = parser.parse_args(argv)
     if (args.tls_cert is None) != (args.tls_key is None):

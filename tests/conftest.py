@@ -34,7 +34,7 @@ def mnist_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def mnist_repository(tmp_path_factory: pytest.TempPathFactory, mnist_checkpoint: Path) -> Path:
     """A model repository holding that checkpoint as mnist_cnn (and mnist_cnn_gradcam)."""
-    from export.__main__ import export_checkpoint
+    from export.pipeline import export_checkpoint
 
     repository = tmp_path_factory.mktemp("model_repository")
     has_gradcam = importlib.util.find_spec("export.gradcam") is not None

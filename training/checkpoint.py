@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -14,13 +14,49 @@ from training.models import ModelSpec, get_spec
 FORMAT_VERSION = 1
 
 
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """How to rebuild the trained model; saved inside the checkpoint as a plain dict.
+
+    The dict keys are the field names, the same keys checkpoints carried before this class
+    existed, so those still load.
+    """
+
+    model: str  # the zoo name
+    input_shape: tuple[int, ...]  # without the batch dimension
+    gradcam_layer: str
+    num_classes: int
+    build_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data only (str, int, list, dict), as `torch.load(weights_only=True)` accepts."""
+        return {
+            "model": self.model,
+            "build_kwargs": dict(self.build_kwargs),
+            "input_shape": list(self.input_shape),
+            "gradcam_layer": self.gradcam_layer,
+            "num_classes": self.num_classes,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CheckpointConfig:
+        """The config of a checkpoint, from the dict `to_dict` (or an older version) wrote."""
+        return cls(
+            model=str(data["model"]),
+            input_shape=tuple(int(d) for d in data["input_shape"]),
+            gradcam_layer=str(data["gradcam_layer"]),
+            num_classes=int(data["num_classes"]),
+            build_kwargs=dict(data.get("build_kwargs", {})),
+        )
+
+
 @dataclass
 class Checkpoint:
     """A trained model with its configuration, normalisation, labels and metrics."""
 
     model: nn.Module
     spec: ModelSpec
-    config: dict[str, Any]  # model name, build kwargs, input shape, gradcam layer
+    config: CheckpointConfig
     mean: float
     std: float
     labels: list[str]
@@ -28,19 +64,18 @@ class Checkpoint:
 
     @property
     def name(self) -> str:
-        return str(self.config["model"])
+        return self.config.model
 
     @property
     def input_shape(self) -> tuple[int, ...]:
-        return tuple(int(d) for d in self.config["input_shape"])
+        return self.config.input_shape
 
 
 def save_checkpoint(
     path: Path,
     model: nn.Module,
-    spec: ModelSpec,
+    config: CheckpointConfig,
     *,
-    build_kwargs: dict[str, Any],
     mean: float,
     std: float,
     labels: list[str],
@@ -50,13 +85,7 @@ def save_checkpoint(
     """Write the checkpoint atomically (a half-written file never replaces a good one)."""
     payload = {
         "format": FORMAT_VERSION,
-        "config": {
-            "model": spec.name,
-            "build_kwargs": build_kwargs,
-            "input_shape": list(spec.input_shape),
-            "gradcam_layer": spec.gradcam_layer,
-            "num_classes": len(labels),
-        },
+        "config": config.to_dict(),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "normalisation": {"mean": mean, "std": std},
         "labels": labels,
@@ -74,9 +103,9 @@ def load_checkpoint(path: Path | str) -> Checkpoint:
     payload = torch.load(Path(path), map_location="cpu", weights_only=True)
     if payload.get("format") != FORMAT_VERSION:
         raise ValueError(f"{path}: unsupported checkpoint format {payload.get('format')!r}")
-    config = payload["config"]
-    spec = get_spec(config["model"])
-    model = spec.build(num_classes=config["num_classes"], **config["build_kwargs"])
+    config = CheckpointConfig.from_dict(payload["config"])
+    spec = get_spec(config.model)
+    model = spec.build(num_classes=config.num_classes, **config.build_kwargs)
     model.load_state_dict(payload["state_dict"])
     model.eval()
     return Checkpoint(

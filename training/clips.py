@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training.data import DATA_DIR, load_mnist
+from training.mnist import DATA_DIR, load_mnist
 
 FRAMES = 8
 SIZE = 32  # frame height and width

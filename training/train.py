@@ -13,7 +13,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from training.checkpoint import save_checkpoint
-from training.data import MEAN, STD, load_dataset
+from training.checkpoint import CheckpointConfig, save_checkpoint
+from training.data import load_dataset
+from training.mnist import MEAN, STD
 from training.models import MODELS, ModelSpec, get_spec
 from training.models.layers import ACTIVATIONS
 
@@ -109,137 +110,243 @@ def plot_curves(metrics: dict[str, Any], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def train(args: argparse.Namespace) -> dict[str, Any]:
-    """Run the training loop; returns the metrics (rank 0 also writes the checkpoint)."""
-    spec: ModelSpec = get_spec(args.model)
-    epochs = args.epochs if args.epochs is not None else spec.epochs
-    lr = args.lr if args.lr is not None else spec.lr
-    # One place decides the device.
+@dataclass
+class Splits:
+    """A dataset's training and test inputs (normalised float tensors), labels and class names."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    labels: list[str]
+
+
+@dataclass
+class LossCurve:
+    """The running training loss: a point every 20 steps and at the end of each epoch."""
+
+    step: int = 0
+    running: float | None = None
+    points: list[tuple[int, float]] = field(default_factory=list)
+
+    def add(self, value: float, epoch_end: bool) -> bool:
+        """Count one step's loss; True when it also added a point to the curve."""
+        self.step += 1
+        self.running = value if self.running is None else 0.95 * self.running + 0.05 * value
+        if self.step % 20 == 0 or epoch_end:
+            self.points.append((self.step, self.running))
+            return True
+        return False
+
+
+def choose_device(args: argparse.Namespace) -> tuple[torch.device, Distributed]:
+    """The one place that decides the device (and joins a torchrun job when there is one)."""
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     torch.set_num_threads(args.threads)
     ddp = Distributed.from_env(device)
     if device.type == "cuda":
         device = torch.device("cuda", ddp.rank % torch.cuda.device_count())
+    return device, ddp
+
+
+def load_splits(dataset: str, test_limit: int) -> Splits:
+    """Both splits of `dataset` as tensors; the test split cut to `test_limit` items when set."""
+    train_x, train_y, labels = load_dataset(dataset, "train")
+    test_x, test_y, _ = load_dataset(dataset, "test")
+    if test_limit:
+        test_x, test_y = test_x[:test_limit], test_y[:test_limit]
+    return Splits(
+        x_train=to_tensor(train_x),
+        y_train=torch.from_numpy(train_y),
+        x_test=to_tensor(test_x),
+        y_test=torch.from_numpy(test_y),
+        labels=labels,
+    )
+
+
+def make_optimizer(
+    spec: ModelSpec, net: nn.Module, lr: float, gamma: float
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """The spec's optimizer (Adadelta or AdamW) with a learning rate decaying by `gamma` an epoch."""
+    optimizer: torch.optim.Optimizer
+    if spec.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=spec.weight_decay)
+    else:
+        optimizer = torch.optim.Adadelta(net.parameters(), lr=lr, weight_decay=spec.weight_decay)
+    return optimizer, torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=gamma)
+
+
+def epoch_order(count: int, seed: int, ddp: Distributed) -> torch.Tensor:
+    """This process's share of an epoch: every rank draws the same permutation, takes its stride."""
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed))
+    return order[ddp.rank :: ddp.world_size]
+
+
+def progress_bar(steps: int, desc: str, show: bool) -> tqdm:
+    """The steps of one epoch, with a progress bar on the terminal (or in a log every 5 s)."""
+    return tqdm(
+        range(steps),
+        desc=desc,
+        disable=not show,
+        unit="step",
+        leave=False,
+        mininterval=0.1 if sys.stderr.isatty() else 5.0,
+    )
+
+
+def train_epoch(
+    net: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data: Splits,
+    order: torch.Tensor,
+    batch_size: int,
+    device: torch.device,
+    curve: LossCurve,
+    bar: tqdm,
+) -> None:
+    """One pass over this process's share (`order`) of the training set, a batch per bar step."""
+    net.train()
+    last = len(bar) - 1
+    for i in bar:
+        idx = order[i * batch_size : (i + 1) * batch_size]
+        xb, yb = data.x_train[idx].to(device), data.y_train[idx].to(device)
+        optimizer.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(net(xb), yb)
+        loss.backward()
+        optimizer.step()
+        if curve.add(loss.item(), epoch_end=i == last):
+            bar.set_postfix(loss=f"{curve.running:.4f}")
+
+
+def evaluate_epoch(
+    model: nn.Module,
+    data: Splits,
+    device: torch.device,
+    batch_size: int,
+    curve: LossCurve,
+    epoch_started: float,
+) -> dict[str, Any]:
+    """The epoch's training loss, test loss and accuracy, and its seconds (evaluation included)."""
+    test_loss, test_acc = evaluate(model, data.x_test, data.y_test, device, batch_size)
+    return {
+        "train_loss": curve.running,
+        "test_loss": test_loss,
+        "test_accuracy": test_acc,
+        "seconds": time.perf_counter() - epoch_started,
+    }
+
+
+def gather_digests(model: nn.Module, ddp: Distributed) -> list[str | None]:
+    """Every rank's weights digest, in rank order: DDP must leave them identical."""
+    digests: list[str | None] = [None] * ddp.world_size
+    dist.all_gather_object(digests, weights_digest(model))
+    return digests
+
+
+def save_outputs(
+    args: argparse.Namespace,
+    model: nn.Module,
+    config: CheckpointConfig,
+    labels: list[str],
+    metrics: dict[str, Any],
+) -> None:
+    """The checkpoint, its curves as PNG (unless --no-plot) and the metrics as JSON."""
+    out = Path(args.out or f"checkpoints/{config.model}.pt")
+    save_checkpoint(
+        out,
+        model,
+        config,
+        mean=MEAN,
+        std=STD,
+        labels=labels,
+        metrics=metrics,
+        train_args={k: v for k, v in vars(args).items() if v is not None},
+    )
+    print(
+        f"checkpoint: {out} (test accuracy {100 * metrics['test_accuracy']:.2f}%, {metrics['train_seconds']:.0f} s)"
+    )
+    if not args.no_plot:
+        png = out.with_suffix(".png")
+        plot_curves(metrics, png, f"{config.model} on MNIST")
+        print(f"curves: {png}")
+    out.with_suffix(".json").write_text(json.dumps(metrics, indent=2) + "\n")
+
+
+def train(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the training loop; returns the metrics (rank 0 also writes the checkpoint)."""
+    spec: ModelSpec = get_spec(args.model)
+    epochs = args.epochs if args.epochs is not None else spec.epochs
+    lr = args.lr if args.lr is not None else spec.lr
+    device, ddp = choose_device(args)
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
-
-    train_x, train_y, labels = load_dataset(spec.dataset, "train")
-    test_x, test_y, _ = load_dataset(spec.dataset, "test")
-    if args.test_limit:
-        test_x, test_y = test_x[: args.test_limit], test_y[: args.test_limit]
-    x_train, y_train = to_tensor(train_x), torch.from_numpy(train_y)
-    x_test, y_test = to_tensor(test_x), torch.from_numpy(test_y)
+    data = load_splits(spec.dataset, args.test_limit)
 
     build_kwargs = (
         {**spec.build_kwargs, "activation": args.activation}
         if args.activation
         else dict(spec.build_kwargs)
     )
-    model: nn.Module = spec.build(num_classes=len(labels), **build_kwargs).to(device)
+    model: nn.Module = spec.build(num_classes=len(data.labels), **build_kwargs).to(device)
     params = sum(p.numel() for p in model.parameters())
-    net: nn.Module = model
-    if ddp.world_size > 1:
-        net = nn.parallel.DistributedDataParallel(model)
-    optimizer: torch.optim.Optimizer
-    if spec.optimizer == "adamw":
-        optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=spec.weight_decay)
-    else:
-        optimizer = torch.optim.Adadelta(net.parameters(), lr=lr, weight_decay=spec.weight_decay)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=args.gamma)
+    net = nn.parallel.DistributedDataParallel(model) if ddp.world_size > 1 else model
+    optimizer, scheduler = make_optimizer(spec, net, lr, args.gamma)
 
-    steps_per_epoch = math.ceil(len(x_train) / (args.batch_size * ddp.world_size))
+    steps_per_epoch = math.ceil(len(data.x_train) / (args.batch_size * ddp.world_size))
     if args.max_steps:
         steps_per_epoch = min(steps_per_epoch, args.max_steps)
-    metrics: dict[str, Any] = {"epochs": [], "train_loss_curve": [], "params": params}
+    curve = LossCurve()
+    metrics: dict[str, Any] = {"epochs": [], "train_loss_curve": curve.points, "params": params}
     if ddp.is_main:
         print(
             f"{spec.name}: {params:,} parameters, {epochs} epoch(s) x {steps_per_epoch} steps, "
             f"batch {args.batch_size} x {ddp.world_size} process(es), {spec.optimizer} lr {lr}, device {device}"
         )
     started = time.perf_counter()
-    step, running = 0, None
     for epoch in range(1, epochs + 1):
-        net.train()
-        # Every rank draws the same permutation and takes its own stride of it.
-        order = torch.randperm(
-            len(x_train), generator=torch.Generator().manual_seed(args.seed + epoch)
-        )
-        order = order[ddp.rank :: ddp.world_size]
-        bar = tqdm(
-            range(steps_per_epoch),
-            desc=f"epoch {epoch}/{epochs}",
-            disable=not ddp.is_main or args.quiet,
-            unit="step",
-            leave=False,
-            mininterval=0.1 if sys.stderr.isatty() else 5.0,  # a log file gets a line every 5 s
-        )
         epoch_started = time.perf_counter()
-        for i in bar:
-            idx = order[i * args.batch_size : (i + 1) * args.batch_size]
-            xb, yb = x_train[idx].to(device), y_train[idx].to(device)
-            optimizer.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(net(xb), yb)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            value = loss.item()
-            running = value if running is None else 0.95 * running + 0.05 * value
-            if step % 20 == 0 or i == steps_per_epoch - 1:
-                metrics["train_loss_curve"].append((step, running))
-                bar.set_postfix(loss=f"{running:.4f}")
+        train_epoch(
+            net,
+            optimizer,
+            data,
+            epoch_order(len(data.x_train), args.seed + epoch, ddp),
+            args.batch_size,
+            device,
+            curve,
+            progress_bar(
+                steps_per_epoch, f"epoch {epoch}/{epochs}", ddp.is_main and not args.quiet
+            ),
+        )
         scheduler.step()
         if ddp.is_main:
-            test_loss, test_acc = evaluate(model, x_test, y_test, device, args.test_batch_size)
-            seconds = time.perf_counter() - epoch_started
-            metrics["epochs"].append(
-                {
-                    "epoch": epoch,
-                    "train_loss": running,
-                    "test_loss": test_loss,
-                    "test_accuracy": test_acc,
-                    "seconds": seconds,
-                }
-            )
+            result = evaluate_epoch(model, data, device, args.test_batch_size, curve, epoch_started)
+            metrics["epochs"].append({"epoch": epoch, **result})
             print(
-                f"epoch {epoch}/{epochs}: train loss {running:.4f}, test loss {test_loss:.4f}, "
-                f"test accuracy {100 * test_acc:.2f}% ({len(x_test)} images), {seconds:.1f} s"
+                f"epoch {epoch}/{epochs}: train loss {result['train_loss']:.4f}, "
+                f"test loss {result['test_loss']:.4f}, test accuracy "
+                f"{100 * result['test_accuracy']:.2f}% ({len(data.x_test)} images), "
+                f"{result['seconds']:.1f} s"
             )
     metrics["train_seconds"] = time.perf_counter() - started
     metrics["test_accuracy"] = metrics["epochs"][-1]["test_accuracy"] if metrics["epochs"] else None
     metrics["world_size"] = ddp.world_size
     if ddp.world_size > 1:
-        # Every rank reports a digest of its weights: DDP must leave them identical.
-        digest = weights_digest(model)
-        digests: list[str | None] = [None] * ddp.world_size
-        dist.all_gather_object(digests, digest)
-        metrics["rank_weight_digests"] = digests
+        metrics["rank_weight_digests"] = gather_digests(model, ddp)
     if ddp.is_main:
-        out = Path(args.out or f"checkpoints/{spec.name}.pt")
-        save_checkpoint(
-            out,
-            model,
-            spec,
+        config = CheckpointConfig(
+            model=spec.name,
+            input_shape=spec.input_shape,
+            gradcam_layer=spec.gradcam_layer,
+            num_classes=len(data.labels),
             build_kwargs=build_kwargs,
-            mean=MEAN,
-            std=STD,
-            labels=labels,
-            metrics=metrics,
-            train_args={k: v for k, v in vars(args).items() if v is not None},
         )
-        print(
-            f"checkpoint: {out} (test accuracy {100 * metrics['test_accuracy']:.2f}%, {metrics['train_seconds']:.0f} s)"
-        )
-        if not args.no_plot:
-            png = out.with_suffix(".png")
-            plot_curves(metrics, png, f"{spec.name} on MNIST")
-            print(f"curves: {png}")
-        out.with_suffix(".json").write_text(json.dumps(metrics, indent=2) + "\n")
+        save_outputs(args, model, config, data.labels, metrics)
     if ddp.world_size > 1:
         dist.destroy_process_group()
     return metrics
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows defaults, except None ones: their help says what the model picks instead."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
@@ -253,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m training.train",
         description="Train a CNN of the zoo on MNIST and write a checkpoint (weights, config, "
         "normalisation, labels, metrics) and a PNG of its training curves.",
-        formatter_class=_HelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--model", default="mnist_cnn", choices=sorted(MODELS), help="architecture")
     parser.add_argument(

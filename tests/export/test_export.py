@@ -1,4 +1,5 @@
-"""Export: one-file ONNX with dynamic batch, parity with PyTorch, Triton config round-trip, versions."""
+"""Export: one-file ONNX with dynamic batch, parity with PyTorch (mnist_cnn and the zoo), Triton
+config round-trip, versions."""
 
 from __future__ import annotations
 
@@ -11,23 +12,40 @@ import pytest
 import torch
 from google.protobuf import text_format
 
-from export.__main__ import export_checkpoint, real_test_inputs
+from export import pipeline
 from export.errors import ExportVerificationError
-from export.onnx_export import verify_classifier
-from export.repository import read_config
+from export.onnx_export import export_classifier, verify_classifier
+from export.pipeline import export_checkpoint, real_test_inputs
+from modelrepo import (
+    CLASSIFIER,
+    CONFIG_FILE,
+    INPUT,
+    LABELS_FILE,
+    LOGITS,
+    MODEL_FILE,
+    NUM_CLASSES,
+    PROBABILITIES,
+    TARGET_CLASS,
+    TARGET_LAYER,
+    explainer_name,
+    read_config,
+    read_labels,
+)
 from pb import model_config_pb2 as mc
+from tests.support.zoo import build, inputs
 from training.checkpoint import load_checkpoint
+from training.models import MODELS
 
 
 def test_classifier_is_one_file_with_dynamic_batch_and_named_io(mnist_repository: Path) -> None:
     version_dir = mnist_repository / "mnist_cnn" / "1"
-    assert sorted(p.name for p in version_dir.iterdir()) == ["model.onnx"]
-    model = onnx.load(str(version_dir / "model.onnx"))
+    assert sorted(p.name for p in version_dir.iterdir()) == [MODEL_FILE]
+    model = onnx.load(str(version_dir / MODEL_FILE))
     onnx.checker.check_model(model, full_check=True)
     (inp,) = model.graph.input
     dims = [d.dim_param or d.dim_value for d in inp.type.tensor_type.shape.dim]
-    assert inp.name == "input" and isinstance(dims[0], str) and dims[1:] == [1, 28, 28]
-    assert [o.name for o in model.graph.output] == ["logits", "probabilities"]
+    assert inp.name == INPUT and isinstance(dims[0], str) and dims[1:] == [1, 28, 28]
+    assert [o.name for o in model.graph.output] == [LOGITS, PROBABILITIES]
 
 
 def test_onnx_runtime_matches_pytorch_on_real_images(
@@ -35,11 +53,11 @@ def test_onnx_runtime_matches_pytorch_on_real_images(
 ) -> None:
     ckpt = load_checkpoint(mnist_checkpoint)
     pixels, labels = real_test_inputs(ckpt, 64)
-    onnx_path = mnist_repository / "mnist_cnn" / "1" / "model.onnx"
+    onnx_path = mnist_repository / "mnist_cnn" / "1" / MODEL_FILE
     assert verify_classifier(onnx_path, ckpt.model, pixels, ckpt.mean, ckpt.std) < 1e-4
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     for batch in (1, 7, 64):
-        probs = session.run(["probabilities"], {"input": pixels[:batch]})[0]
+        probs = session.run([PROBABILITIES], {INPUT: pixels[:batch]})[0]
         assert probs.shape == (batch, 10)
     assert float((probs.argmax(1) == labels).mean()) > 0.9  # a trained model, not noise
 
@@ -51,26 +69,36 @@ def test_verification_fails_and_says_by_how_much(
     with torch.no_grad():
         ckpt.model.fc2.bias += 0.01  # a model that is no longer the exported one
     pixels, _ = real_test_inputs(ckpt, 64)
-    onnx_path = mnist_repository / "mnist_cnn" / "1" / "model.onnx"
+    onnx_path = mnist_repository / "mnist_cnn" / "1" / MODEL_FILE
     with pytest.raises(ExportVerificationError, match=r"differ from PyTorch by 0\.01.* at batch 1"):
         verify_classifier(onnx_path, ckpt.model, pixels, ckpt.mean, ckpt.std)
 
 
 def test_config_pbtxt_is_tritons_model_config_and_round_trips(mnist_repository: Path) -> None:
-    text = (mnist_repository / "mnist_cnn" / "config.pbtxt").read_text()
+    text = (mnist_repository / "mnist_cnn" / CONFIG_FILE).read_text()
     config = text_format.Parse(text, mc.ModelConfig())
     assert text_format.Parse(text_format.MessageToString(config), mc.ModelConfig()) == config
     assert config.name == "mnist_cnn" and config.platform == "onnxruntime_onnx"
     assert config.max_batch_size == 128
     assert [(i.name, i.data_type, list(i.dims)) for i in config.input] == [
-        ("input", mc.TYPE_FP32, [1, 28, 28])
+        (INPUT, mc.TYPE_FP32, [1, 28, 28])
     ]
     outputs = {o.name: o for o in config.output}
-    assert list(outputs["logits"].dims) == [10] == list(outputs["probabilities"].dims)
-    assert outputs["probabilities"].label_filename == "labels.txt"
+    assert list(outputs[LOGITS].dims) == [10] == list(outputs[PROBABILITIES].dims)
+    assert outputs[PROBABILITIES].label_filename == LABELS_FILE
     assert config.dynamic_batching.max_queue_delay_microseconds > 0
-    labels = (mnist_repository / "mnist_cnn" / "labels.txt").read_text().split()
-    assert labels == [str(d) for d in range(10)]
+    assert read_labels(mnist_repository / "mnist_cnn") == [str(d) for d in range(10)]
+
+
+def test_explainer_config_names_its_classifier_layer_and_classes(mnist_repository: Path) -> None:
+    config = read_config(mnist_repository / explainer_name("mnist_cnn"))
+    assert config.name == explainer_name("mnist_cnn")
+    parameters = {key: value.string_value for key, value in config.parameters.items()}
+    assert parameters == {NUM_CLASSES: "10", TARGET_LAYER: "act2", CLASSIFIER: "mnist_cnn"}
+    assert [i.name for i in config.input] == [INPUT, TARGET_CLASS]
+    assert read_labels(mnist_repository / explainer_name("mnist_cnn")) == [
+        str(d) for d in range(10)
+    ]
 
 
 def test_exporting_again_adds_a_version_beside_the_first(
@@ -79,11 +107,36 @@ def test_exporting_again_adds_a_version_beside_the_first(
     for _ in range(2):
         export_checkpoint(mnist_checkpoint, tmp_path, gradcam=False)
     assert sorted(p.name for p in (tmp_path / "mnist_cnn").iterdir()) == [
-        "1", "2", "config.pbtxt", "labels.txt"
+        "1", "2", CONFIG_FILE, LABELS_FILE
     ]  # fmt: skip
     one, two = (
-        np.frombuffer((tmp_path / "mnist_cnn" / v / "model.onnx").read_bytes(), np.uint8)
+        np.frombuffer((tmp_path / "mnist_cnn" / v / MODEL_FILE).read_bytes(), np.uint8)
         for v in "12"
     )
     assert one.size == two.size
     assert read_config(tmp_path / "mnist_cnn").version_policy.latest.num_versions == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_every_zoo_classifier_exports_with_parity_at_any_batch(name: str, tmp_path: Path) -> None:
+    spec = MODELS[name]
+    model = build(spec)
+    path = tmp_path / MODEL_FILE
+    # mean 0, std 1: the graph sees the same inputs as the model.
+    export_classifier(model, spec.input_shape, 0.0, 1.0, path)
+    for batch in (1, 5):
+        pixels = inputs(spec, batch).numpy()
+        assert verify_classifier(path, model, pixels, 0.0, 1.0, batch_sizes=(batch,)) <= 1e-4
+
+
+def test_nothing_is_written_when_a_graph_fails_verification(
+    tmp_path: Path, mnist_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def failing(*_args: object) -> None:
+        raise ExportVerificationError("the explainer differs")
+
+    monkeypatch.setattr(pipeline, "build_explainer", failing)
+    with pytest.raises(ExportVerificationError, match="the explainer differs"):
+        export_checkpoint(mnist_checkpoint, tmp_path / "repository")
+    assert not (tmp_path / "repository").exists()

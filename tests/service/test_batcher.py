@@ -373,3 +373,24 @@ def test_queue_is_bounded_in_bytes_as_well_as_requests() -> None:
         await batcher.close()
 
     asyncio.run(scenario())
+
+
+def test_back_to_back_lone_requests_send_one_in_nine_to_the_batcher(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Requests arriving right after the previous one finished may be a queue hidden in gRPC:
+    after FAST_STREAK_MAX such fast runs, one goes through the batcher."""
+
+    monkeypatch.setattr(batcher_module, "SHORT_GAP_NS", 10**9)  # every gap counts as short
+
+    async def scenario() -> None:
+        queued, idle = Recorder(), Recorder()
+        batcher = DynamicBatcher([queued], max_batch_size=8, idle_function=idle)
+        for start in range(1 + 3 * (batcher_module.FAST_STREAK_MAX + 1)):
+            time.sleep(0.0003)  # past IDLE_GAP_NS: the model looks idle
+            result = await batcher.submit(rows(start, 1), 1)
+            np.testing.assert_array_equal(result.outputs["y"], rows(start, 1)["x"] * 2)
+        assert len(queued.calls) == 3, (len(idle.calls), len(queued.calls))
+        await batcher.close()
+
+    asyncio.run(scenario())

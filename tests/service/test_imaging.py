@@ -3,13 +3,28 @@
 from __future__ import annotations
 
 import io
+import struct
+import time
+import warnings
+import zlib
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, JpegImagePlugin
 
-from service.errors import InvalidInput
-from service.imaging import colormap, decode_image, feature_grid_png, overlay_png
+from service.errors import DeadlineExceeded, InvalidInput
+from service.explain import ModelInput, _draw
+from service.imaging import (
+    MAX_DECODED_PIXELS,
+    MAX_IMAGE_PIXELS,
+    MAX_OVERLAY_SIDE,
+    Cancelled,
+    Stop,
+    colormap,
+    decode_image,
+    feature_grid_png,
+    overlay_png,
+)
 from training.data import load_mnist
 
 
@@ -89,3 +104,133 @@ def test_feature_grid_tiles_every_map() -> None:
     with Image.open(io.BytesIO(feature_grid_png(maps))) as img:
         width, height = img.size
     assert width > 8 * 48 and height > 8 * 48
+
+
+# Bounds: the header is checked before decoding, big pictures are handled at a bounded size, and
+# the work stops between steps when the client has gone.
+
+
+def _png_chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A few bytes of PNG whose header states a huge size (the pixel data is missing)."""
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IEND", b"")
+
+
+def _jpeg_claiming(width: int, height: int) -> bytes:
+    """A small JPEG with its frame header (SOF0) patched to state a huge size."""
+    data = bytearray(_encode(np.zeros((16, 16), dtype=np.uint8), "JPEG"))
+    sof = data.index(b"\xff\xc0")
+    struct.pack_into(">HH", data, sof + 5, height, width)
+    return bytes(data)
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA"])
+def test_a_20000x1000_png_fits_the_model_input_quickly_without_a_big_canvas(mode: str) -> None:
+    picture = Image.new(mode, (20000, 1000))
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    start = time.process_time()
+    decoded = decode_image(buffer.getvalue(), (28, 28))
+    assert time.process_time() - start < 1.0
+    assert decoded.pixels.shape == (28, 28) and not decoded.pixels.any()
+    assert decoded.original.shape == (26, 512)  # the working copy: longer side MAX_OVERLAY_SIDE
+    with Image.open(io.BytesIO(overlay_png(decoded.original, np.ones((28, 28))))) as overlay:
+        assert overlay.size == (512, 26)
+
+
+def test_a_wide_stripe_lands_in_the_middle_rows_of_the_model_input() -> None:
+    stripe = np.full((1000, 20000), 255, dtype=np.uint8)
+    decoded = decode_image(_encode(stripe), (28, 28), "as_is")
+    rows = decoded.pixels.mean(axis=1)
+    assert rows[13] > 0.9 and rows[:13].max() == 0 and rows[14:].max() == 0
+
+
+@pytest.mark.parametrize(
+    ("payload", "limit"),
+    [
+        (_png_claiming(100_000, 100_000), MAX_IMAGE_PIXELS),
+        (_png_claiming(6000, 6000), MAX_DECODED_PIXELS),
+        (_jpeg_claiming(60_000, 60_000), MAX_IMAGE_PIXELS),
+    ],
+    ids=["png-header", "png-decoded", "jpeg-header"],
+)
+def test_a_picture_over_the_limits_is_refused_from_its_header(payload: bytes, limit: int) -> None:
+    start = time.process_time()
+    with pytest.raises(InvalidInput, match=f"{limit:,}-pixel limit"):
+        decode_image(payload, (28, 28))
+    assert time.process_time() - start < 0.1
+    assert len(payload) < 1000
+
+
+def test_a_large_jpeg_is_decoded_reduced(
+    digit: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    big = np.kron(digit, np.ones((100, 100), dtype=np.uint8))  # 2800 x 2800
+    data = _encode(big, "JPEG")
+    decoded_sizes: list[tuple[int, int]] = []
+    draft = JpegImagePlugin.JpegImageFile.draft
+
+    def spy(self: Image.Image, mode: str | None, size: tuple[int, int] | None) -> object:
+        result = draft(self, mode, size)  # type: ignore[arg-type]
+        decoded_sizes.append(self.size)
+        return result
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", spy)
+    decoded = decode_image(data, (28, 28))
+    assert decoded_sizes == [(700, 700)]  # decoded at 1/4: the smallest scale of at least 512
+    assert decoded.original.shape == (512, 512)
+    assert np.abs(decoded.pixels - digit / 255.0).mean() < 0.05
+
+
+def test_overlays_of_a_large_picture_are_drawn_at_a_bounded_size() -> None:
+    original = np.zeros((1500, 3000), dtype=np.uint8)
+    with Image.open(io.BytesIO(overlay_png(original, np.ones((28, 28))))) as img:
+        assert img.size == (MAX_OVERLAY_SIDE, 256)
+
+
+def test_decoding_stops_when_cancelled_or_past_the_deadline(digit: np.ndarray) -> None:
+    cancelled = Stop()
+    cancelled.cancel()
+    with pytest.raises(Cancelled):
+        decode_image(_encode(digit), (28, 28), stop=cancelled)
+    with pytest.raises(DeadlineExceeded):
+        decode_image(_encode(digit), (28, 28), stop=Stop(timeout_s=-1.0))
+    assert Stop(timeout_s=60).remaining() > 59  # type: ignore[operator]
+
+
+class _StopAfter(Stop):
+    """Lets `count` checks pass, then reports a cancel."""
+
+    def __init__(self, count: int) -> None:
+        super().__init__()
+        self.checks = 0
+        self.count = count
+
+    def check(self, step: str) -> None:
+        self.checks += 1
+        if self.checks > self.count:
+            raise Cancelled(step)
+
+
+def test_drawing_stops_between_overlays(digit: np.ndarray) -> None:
+    item = ModelInput(digit[np.newaxis] / 255.0, digit)
+    cams = [np.ones((28, 28), dtype=np.float32)] * 8
+    stop = _StopAfter(2)
+    with pytest.raises(Cancelled, match="overlay"):
+        _draw(item, cams, None, False, stop)
+    assert stop.checks == 3
+    assert len(_draw(item, cams, None, False).overlays) == 8
+
+
+def test_pictures_of_nan_or_infinite_maps_are_drawn_without_warnings(digit: np.ndarray) -> None:
+    odd = np.full((28, 28), np.nan, dtype=np.float32)
+    odd[0, :4] = [np.inf, -np.inf, 1e30, -1e30]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        overlay_png(digit, odd)
+        feature_grid_png(np.stack([odd, np.ones_like(odd)]))
+        assert colormap(odd).dtype == np.uint8

@@ -4,6 +4,7 @@ Each carries one family's idea (tanh + avg-pool, LRN + overlapping ceil-mode max
 BatchNorm + in-place residual adds, depthwise + ReLU6, MBConv + SE + SiLU/Mish, Inception with
 concatenation and adaptive pooling, ConvNeXt LayerNorm + GELU + layer scale, Conv3d) and a
 Grad-CAM target with more of the network after it, so the traced backward has to cross it.
+`EXPLAINED` adds the zoo models, so one parametrised test covers probes and zoo alike.
 """
 
 from __future__ import annotations
@@ -310,4 +311,21 @@ PROBES: dict[str, Probe] = {
     "inception": Probe(InceptionNet, "inception1"),
     "convnext": Probe(ConvNeXtLike, "blocks.1"),
     "conv3d": Probe(Volumetric, "act2", (1, 6, 16, 16)),
+}
+
+
+def zoo_probes() -> dict[str, Probe]:
+    """Every model of the zoo as a probe: its spec's builder, Grad-CAM layer and input shape."""
+    from training.models import MODELS
+
+    return {
+        name: Probe(spec.build, spec.gradcam_layer, spec.input_shape)
+        for name, spec in MODELS.items()
+    }
+
+
+# The Grad-CAM export's grid: every probe and every zoo model, one table for one set of tests.
+EXPLAINED: dict[str, Probe] = {
+    **{f"probe-{name}": probe for name, probe in PROBES.items()},
+    **{f"zoo-{name}": probe for name, probe in zoo_probes().items()},
 }

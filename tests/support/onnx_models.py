@@ -1,8 +1,10 @@
 """Small ONNX models and repositories built with onnx.helper, for tests that need no training.
 
-`write_classifier` mimics mnist_cnn's interface (input FP32 [-1,1,28,28], logits and
-probabilities [-1,10]); `write_explainer` mimics `<model>_gradcam` (input + target_class INT64,
-reshape [1] -> [], outputs cam, logits, probabilities, explained_class).
+`classifier_graph` mimics mnist_cnn's interface (input FP32 [-1,1,28,28], logits and
+probabilities [-1,10]); `explainer_graph` mimics `<model>_gradcam` (input + target_class INT64,
+reshape [1] -> [], outputs cam, logits, probabilities, explained_class). Their configs come from
+the export step's own config writer (`export.repository.config_from_graph`, torch-free), so they
+are what the exporter would write for these graphs.
 """
 
 from __future__ import annotations
@@ -12,9 +14,21 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from google.protobuf import text_format
 from onnx import TensorProto, helper, numpy_helper
 
+from export.repository import BatchingPolicy, config_from_graph
+from modelrepo import (
+    CAM,
+    EXPLAINED_CLASS,
+    INPUT,
+    LOGITS,
+    MODEL_FILE,
+    PROBABILITIES,
+    TARGET_CLASS,
+    write_config,
+    write_labels,
+)
+from modelrepo import NUM_CLASSES as NUM_CLASSES_PARAMETER
 from pb import model_config_pb2 as mc
 
 NUM_CLASSES = 10
@@ -39,20 +53,18 @@ def classifier_graph(seed: int = 0) -> onnx.ModelProto:
     """input [-1,1,28,28] -> flatten -> linear -> logits [-1,10], softmax -> probabilities."""
     weight, bias = classifier_weights(seed)
     nodes = [
-        helper.make_node("Flatten", ["input"], ["flat"], axis=1),
+        helper.make_node("Flatten", [INPUT], ["flat"], axis=1),
         helper.make_node("MatMul", ["flat", "W"], ["scores"]),
-        helper.make_node("Add", ["scores", "b"], ["logits"]),
-        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
+        helper.make_node("Add", ["scores", "b"], [LOGITS]),
+        helper.make_node("Softmax", [LOGITS], [PROBABILITIES], axis=1),
     ]
     graph = helper.make_graph(
         nodes,
         "classifier",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 1, 28, 28])],
+        [helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, ["batch", 1, 28, 28])],
         [
-            helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", NUM_CLASSES]),
-            helper.make_tensor_value_info(
-                "probabilities", TensorProto.FLOAT, ["batch", NUM_CLASSES]
-            ),
+            helper.make_tensor_value_info(LOGITS, TensorProto.FLOAT, ["batch", NUM_CLASSES]),
+            helper.make_tensor_value_info(PROBABILITIES, TensorProto.FLOAT, ["batch", NUM_CLASSES]),
         ],
         [numpy_helper.from_array(weight, "W"), numpy_helper.from_array(bias, "b")],
     )
@@ -65,22 +77,20 @@ def explainer_graph(seed: int = 0) -> onnx.ModelProto:
     """A stand-in Grad-CAM graph: the same classifier plus a target-dependent fake map."""
     weight, bias = classifier_weights(seed)
     nodes = [
-        helper.make_node("Flatten", ["input"], ["flat"], axis=1),
+        helper.make_node("Flatten", [INPUT], ["flat"], axis=1),
         helper.make_node("MatMul", ["flat", "W"], ["scores"]),
-        helper.make_node("Add", ["scores", "b"], ["logits"]),
-        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
-        helper.make_node("ArgMax", ["logits"], ["predicted"], axis=1, keepdims=0),
-        helper.make_node("Equal", ["target_class", "minus_one"], ["use_predicted"]),
-        helper.make_node(
-            "Where", ["use_predicted", "predicted", "target_class"], ["explained_class"]
-        ),
+        helper.make_node("Add", ["scores", "b"], [LOGITS]),
+        helper.make_node("Softmax", [LOGITS], [PROBABILITIES], axis=1),
+        helper.make_node("ArgMax", [LOGITS], ["predicted"], axis=1, keepdims=0),
+        helper.make_node("Equal", [TARGET_CLASS, "minus_one"], ["use_predicted"]),
+        helper.make_node("Where", ["use_predicted", "predicted", TARGET_CLASS], [EXPLAINED_CLASS]),
         # cam = image * (explained_class + 1) / 10, shaped [-1, 28, 28]
-        helper.make_node("Reshape", ["input", "cam_shape"], ["image"]),
-        helper.make_node("Cast", ["explained_class"], ["class_f"], to=TensorProto.FLOAT),
+        helper.make_node("Reshape", [INPUT, "cam_shape"], ["image"]),
+        helper.make_node("Cast", [EXPLAINED_CLASS], ["class_f"], to=TensorProto.FLOAT),
         helper.make_node("Add", ["class_f", "one"], ["class_p1"]),
         helper.make_node("Div", ["class_p1", "ten"], ["scale"]),
         helper.make_node("Unsqueeze", ["scale", "axes12"], ["scale3"]),
-        helper.make_node("Mul", ["image", "scale3"], ["cam"]),
+        helper.make_node("Mul", ["image", "scale3"], [CAM]),
     ]
     inits = [
         numpy_helper.from_array(weight, "W"),
@@ -95,16 +105,14 @@ def explainer_graph(seed: int = 0) -> onnx.ModelProto:
         nodes,
         "explainer",
         [
-            helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 1, 28, 28]),
-            helper.make_tensor_value_info("target_class", TensorProto.INT64, ["batch"]),
+            helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, ["batch", 1, 28, 28]),
+            helper.make_tensor_value_info(TARGET_CLASS, TensorProto.INT64, ["batch"]),
         ],
         [
-            helper.make_tensor_value_info("cam", TensorProto.FLOAT, ["batch", 28, 28]),
-            helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", NUM_CLASSES]),
-            helper.make_tensor_value_info(
-                "probabilities", TensorProto.FLOAT, ["batch", NUM_CLASSES]
-            ),
-            helper.make_tensor_value_info("explained_class", TensorProto.INT64, ["batch"]),
+            helper.make_tensor_value_info(CAM, TensorProto.FLOAT, ["batch", 28, 28]),
+            helper.make_tensor_value_info(LOGITS, TensorProto.FLOAT, ["batch", NUM_CLASSES]),
+            helper.make_tensor_value_info(PROBABILITIES, TensorProto.FLOAT, ["batch", NUM_CLASSES]),
+            helper.make_tensor_value_info(EXPLAINED_CLASS, TensorProto.INT64, ["batch"]),
         ],
         inits,
     )
@@ -123,45 +131,29 @@ def classifier_config(
     instances: int = 1,
     versions: mc.ModelVersionPolicy | None = None,
 ) -> mc.ModelConfig:
-    """A config like the export step writes for mnist_cnn."""
-    config = mc.ModelConfig(name=name, platform="onnxruntime_onnx", max_batch_size=max_batch_size)
-    config.input.add(name="input", data_type=mc.TYPE_FP32, dims=[1, 28, 28])
-    config.output.add(name="logits", data_type=mc.TYPE_FP32, dims=[NUM_CLASSES])
-    config.output.add(
-        name="probabilities",
-        data_type=mc.TYPE_FP32,
-        dims=[NUM_CLASSES],
-        label_filename="labels.txt",
+    """The config the export step writes for `classifier_graph`, with these batching settings."""
+    policy = BatchingPolicy(
+        max_batch_size=max_batch_size,
+        max_queue_delay_microseconds=max_queue_delay_us,
+        preferred_batch_size=list(preferred),
+        max_queue_size=max_queue_size,
+        instance_count=instances,
     )
-    batching = config.dynamic_batching
-    batching.max_queue_delay_microseconds = max_queue_delay_us
-    batching.preferred_batch_size.extend(preferred)
-    batching.default_queue_policy.max_queue_size = max_queue_size
-    config.instance_group.add(count=instances, kind=mc.ModelInstanceGroup.KIND_CPU)
+    config = config_from_graph(name, classifier_graph().graph, policy)
+    # The exporter asks for KIND_AUTO; these test classifiers stay on the CPU wherever they run.
+    config.instance_group[0].kind = mc.ModelInstanceGroup.KIND_CPU
     if versions is not None:
         config.version_policy.CopyFrom(versions)
     return config
 
 
 def explainer_config(name: str, max_batch_size: int = 32) -> mc.ModelConfig:
-    """A config like the export step writes for `<model>_gradcam`."""
-    config = mc.ModelConfig(name=name, platform="onnxruntime_onnx", max_batch_size=max_batch_size)
-    config.input.add(name="input", data_type=mc.TYPE_FP32, dims=[1, 28, 28])
-    target = config.input.add(name="target_class", data_type=mc.TYPE_INT64, dims=[1])
-    target.reshape.SetInParent()
-    config.output.add(name="cam", data_type=mc.TYPE_FP32, dims=[28, 28])
-    config.output.add(name="logits", data_type=mc.TYPE_FP32, dims=[NUM_CLASSES])
-    config.output.add(
-        name="probabilities",
-        data_type=mc.TYPE_FP32,
-        dims=[NUM_CLASSES],
-        label_filename="labels.txt",
+    """The config the export step writes for `explainer_graph` (as `<model>_gradcam`)."""
+    policy = BatchingPolicy(
+        max_batch_size=max_batch_size, max_queue_delay_microseconds=0, max_queue_size=0
     )
-    explained = config.output.add(name="explained_class", data_type=mc.TYPE_INT64, dims=[1])
-    explained.reshape.SetInParent()
-    config.dynamic_batching.SetInParent()
-    config.parameters["num_classes"].string_value = str(NUM_CLASSES)
-    return config
+    parameters = {NUM_CLASSES_PARAMETER: str(NUM_CLASSES)}
+    return config_from_graph(name, explainer_graph().graph, policy, parameters=parameters)
 
 
 def write_model(
@@ -174,14 +166,16 @@ def write_model(
     """Write <repository>/<name>/config.pbtxt, labels.txt and <version>/model.onnx files."""
     directory = repository / config.name
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "config.pbtxt").write_text(text_format.MessageToString(config))
-    names = labels if labels is not None else [f"digit_{i}" for i in range(NUM_CLASSES)]
-    (directory / "labels.txt").write_text("".join(f"{n}\n" for n in names))
+    write_config(directory, config)
+    write_labels(
+        directory,
+        list(labels) if labels is not None else [f"digit_{i}" for i in range(NUM_CLASSES)],
+    )
     for version in versions:
         (directory / str(version)).mkdir(exist_ok=True)
         if graph is not None:
             data = graph if isinstance(graph, bytes) else graph.SerializeToString()
-            (directory / str(version) / "model.onnx").write_bytes(data)
+            (directory / str(version) / MODEL_FILE).write_bytes(data)
     return directory
 
 
@@ -206,7 +200,7 @@ def fragile_graph(seed: int = 0) -> onnx.ModelProto:
     graph = model.graph
     flatten = graph.node[0]
     graph.node.remove(flatten)
-    graph.node.insert(0, helper.make_node("Reshape", ["input", "one_row"], ["flat"]))
+    graph.node.insert(0, helper.make_node("Reshape", [INPUT, "one_row"], ["flat"]))
     graph.initializer.append(numpy_helper.from_array(np.array([1, 784], np.int64), "one_row"))
     onnx.checker.check_model(model)
     return model

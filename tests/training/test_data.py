@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import gzip
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from training.data import DATA_DIR, DatasetError, load_mnist
+from tests.conftest import ROOT
+from training.data import load_dataset
+from training.mnist import DATA_DIR, DatasetError, load_mnist
 
 
 def test_train_and_test_splits_have_the_documented_shape_and_labels() -> None:
@@ -46,6 +50,20 @@ def test_missing_file_names_the_file_and_the_fix(tmp_path: Path) -> None:
     (root / "train-images-idx3-ubyte.gz").unlink()
     with pytest.raises(DatasetError, match=r"missing: .*train-images-idx3-ubyte.gz; restore it"):
         load_mnist("train", root)
+
+
+def test_datasets_by_name_and_an_unknown_one_refused() -> None:
+    images, labels, classes = load_dataset("mnist", "test")
+    assert images.shape == (10000, 28, 28) and labels.shape == (10000,)
+    assert classes == [str(d) for d in range(10)]
+    with pytest.raises(ValueError, match="unknown dataset 'cifar'; known: mnist, moving_mnist"):
+        load_dataset("cifar", "test")
+
+
+def test_mnist_and_clips_import_one_way() -> None:
+    """training.mnist <- training.clips <- training.data: the lower two never import data."""
+    code = "import sys, training.clips; assert 'training.data' not in sys.modules, sys.modules"
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
 
 
 def test_unknown_split_is_refused() -> None:

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from tests.conftest import ROOT
-from training.checkpoint import load_checkpoint
+from training.checkpoint import FORMAT_VERSION, CheckpointConfig, load_checkpoint
+from training.models import MODELS
 from training.train import build_parser, train, weights_digest
 
 TINY = [
@@ -49,6 +50,45 @@ def test_checkpoint_carries_weights_config_normalisation_labels_metrics(
     png = mnist_checkpoint.with_suffix(".png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads(mnist_checkpoint.with_suffix(".json").read_text())["params"] == 1_199_882
+
+
+def test_checkpoint_config_is_typed_and_saved_as_plain_data(mnist_checkpoint: Path) -> None:
+    config = load_checkpoint(mnist_checkpoint).config
+    assert config == CheckpointConfig(
+        model="mnist_cnn", input_shape=(1, 28, 28), gradcam_layer="act2", num_classes=10
+    )
+    payload = torch.load(mnist_checkpoint, weights_only=True)
+    assert payload["config"] == config.to_dict()
+    assert CheckpointConfig.from_dict(config.to_dict()) == config
+
+
+def test_checkpoint_with_the_older_dict_config_still_loads(tmp_path: Path) -> None:
+    """A checkpoint as written before the config was typed: its config a dict built by hand."""
+    torch.manual_seed(0)
+    model = MODELS["lenet5"].build(num_classes=10, activation="swish")
+    payload = {
+        "format": FORMAT_VERSION,
+        "config": {
+            "model": "lenet5",
+            "build_kwargs": {"activation": "swish"},
+            "input_shape": [1, 28, 28],
+            "gradcam_layer": "act2",
+            "num_classes": 10,
+        },
+        "state_dict": model.state_dict(),
+        "normalisation": {"mean": 0.1307, "std": 0.3081},
+        "labels": [str(d) for d in range(10)],
+        "metrics": {"params": 1},
+        "train_args": {"model": "lenet5"},
+    }
+    path = tmp_path / "old.pt"
+    torch.save(payload, path)
+    ckpt = load_checkpoint(path)
+    assert ckpt.name == "lenet5" and ckpt.input_shape == (1, 28, 28)
+    assert ckpt.config.build_kwargs == {"activation": "swish"}
+    assert ckpt.config.gradcam_layer == "act2" and ckpt.config.num_classes == 10
+    assert weights_digest(ckpt.model) == weights_digest(model)
+    assert not ckpt.model.training
 
 
 def test_same_seed_same_weights_other_seed_other_weights(tmp_path: Path) -> None:

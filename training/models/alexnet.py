@@ -8,12 +8,11 @@ the input. Activation: ReLU by default; `activation=` also takes leaky_relu or s
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
 from training.models.layers import make_activation
+from training.models.spec import ModelSpec
 
 
 class AlexNet(nn.Module):
@@ -54,10 +53,10 @@ class AlexNet(nn.Module):
         return self.fc3(x)
 
 
-SPEC: dict[str, Any] = {
-    "name": "alexnet",
-    "build": AlexNet,
-    "gradcam_layer": "act5",
-    "description": "AlexNet (2012): ReLU, LRN, overlapping max-pool, five convs, dropout fc layers",
-    "epochs": 3,
-}
+SPEC = ModelSpec(
+    name="alexnet",
+    build=AlexNet,
+    gradcam_layer="act5",
+    description="AlexNet (2012): ReLU, LRN, overlapping max-pool, five convs, dropout fc layers",
+    epochs=3,
+)

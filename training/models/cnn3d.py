@@ -9,14 +9,13 @@ also takes leaky_relu or swish.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
 from training.clips import FRAMES, SIZE
 from training.models.layers import make_activation
 from training.models.norms import BN_MOMENTUM
+from training.models.spec import ModelSpec
 
 
 class Cnn3d(nn.Module):
@@ -46,12 +45,12 @@ class Cnn3d(nn.Module):
         return self.fc(self.dropout(torch.flatten(self.avgpool(x), 1)))
 
 
-SPEC: dict[str, Any] = {
-    "name": "cnn3d",
-    "build": Cnn3d,
-    "gradcam_layer": "act3",
-    "description": "3D CNN: Conv3d over 8-frame 32x32 clips of a moving MNIST digit",
-    "input_shape": (1, FRAMES, SIZE, SIZE),
-    "dataset": "moving_mnist",
-    "epochs": 6,
-}
+SPEC = ModelSpec(
+    name="cnn3d",
+    build=Cnn3d,
+    gradcam_layer="act3",
+    description="3D CNN: Conv3d over 8-frame 32x32 clips of a moving MNIST digit",
+    input_shape=(1, FRAMES, SIZE, SIZE),
+    dataset="moving_mnist",
+    epochs=6,
+)

@@ -12,12 +12,11 @@ stochastic depth. Activation: GELU by default (the paper's single activation per
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
 from training.models.layers import make_activation
+from training.models.spec import ModelSpec
 
 STAGES = ((32, 2), (64, 2))  # (channels, blocks): 14x14, then 7x7
 LAYER_SCALE_INIT = 1e-6
@@ -90,16 +89,16 @@ class ConvNeXt(nn.Module):
         return self.fc(self.norm(torch.flatten(self.avgpool(x), 1)))
 
 
-SPEC: dict[str, Any] = {
-    "name": "convnext",
-    "build": ConvNeXt,
+SPEC = ModelSpec(
+    name="convnext",
+    build=ConvNeXt,
     # ConvNeXt blocks end in a residual sum, with no activation after it: target the last block.
-    "gradcam_layer": f"features.{2 * len(STAGES) - 1}.{STAGES[-1][1] - 1}",
-    "description": "ConvNeXt (2022): 7x7 depthwise conv, LayerNorm, GELU, inverted bottleneck",
+    gradcam_layer=f"features.{2 * len(STAGES) - 1}.{STAGES[-1][1] - 1}",
+    description="ConvNeXt (2022): 7x7 depthwise conv, LayerNorm, GELU, inverted bottleneck",
     # Adadelta barely moves the near-zero layer scales (37.6% after an epoch); AdamW, as in the
     # paper, reached 98.08% in 3 epochs here.
-    "epochs": 6,
-    "optimizer": "adamw",
-    "lr": 2e-3,
-    "weight_decay": 0.05,
-}
+    epochs=6,
+    optimizer="adamw",
+    lr=2e-3,
+    weight_decay=0.05,
+)

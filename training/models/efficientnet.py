@@ -12,13 +12,13 @@ Activation: Swish by default; `activation=` also takes relu or leaky_relu.
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from torch import nn
 
 from training.models.layers import make_activation
 from training.models.norms import BN_MOMENTUM
+from training.models.spec import ModelSpec
 
 ALPHA, BETA = 1.2, 1.1  # depth and width coefficients from the paper's grid search
 PHI = 1  # compound coefficient
@@ -123,10 +123,10 @@ class EfficientNet(nn.Module):
         return self.fc(self.dropout(torch.flatten(self.avgpool(x), 1)))
 
 
-SPEC: dict[str, Any] = {
-    "name": "efficientnet",
-    "build": EfficientNet,
-    "gradcam_layer": "head_act",
-    "description": "EfficientNet (2019): MBConv + squeeze-and-excitation + Swish, compound-scaled",
-    "epochs": 3,
-}
+SPEC = ModelSpec(
+    name="efficientnet",
+    build=EfficientNet,
+    gradcam_layer="head_act",
+    description="EfficientNet (2019): MBConv + squeeze-and-excitation + Swish, compound-scaled",
+    epochs=3,
+)

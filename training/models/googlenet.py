@@ -10,13 +10,12 @@ Activation: ReLU by default; `activation=` also takes leaky_relu or swish.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
 from training.models.layers import make_activation
 from training.models.norms import BN_MOMENTUM
+from training.models.spec import ModelSpec
 
 
 class ConvUnit(nn.Sequential):
@@ -84,11 +83,11 @@ class GoogLeNet(nn.Module):
         return self.fc(self.dropout(torch.flatten(self.avgpool(x), 1)))
 
 
-SPEC: dict[str, Any] = {
-    "name": "googlenet",
-    "build": GoogLeNet,
+SPEC = ModelSpec(
+    name="googlenet",
+    build=GoogLeNet,
     # Every branch ends in its activation, so the module's concatenated output is post-activation.
-    "gradcam_layer": "inception4a",
-    "description": "GoogLeNet (2014): Inception modules with parallel 1x1/3x3/5x5/pool branches",
-    "epochs": 3,
-}
+    gradcam_layer="inception4a",
+    description="GoogLeNet (2014): Inception modules with parallel 1x1/3x3/5x5/pool branches",
+    epochs=3,
+)

@@ -9,12 +9,11 @@ Activation: tanh by default (the paper's squashing function, without its 1.7159 
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
 from training.models.layers import make_activation
+from training.models.spec import ModelSpec
 
 
 def _activation(name: str) -> nn.Module:
@@ -46,10 +45,10 @@ class LeNet5(nn.Module):
         return self.fc3(x)
 
 
-SPEC: dict[str, Any] = {
-    "name": "lenet5",
-    "build": LeNet5,
-    "gradcam_layer": "act2",
-    "description": "LeNet-5 (1998): 5x5 conv, avg-pool, 5x5 conv, avg-pool, three fc layers, tanh",
-    "epochs": 6,
-}
+SPEC = ModelSpec(
+    name="lenet5",
+    build=LeNet5,
+    gradcam_layer="act2",
+    description="LeNet-5 (1998): 5x5 conv, avg-pool, 5x5 conv, avg-pool, three fc layers, tanh",
+    epochs=6,
+)

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from training.models.layers import make_activation
+from training.models.spec import ModelSpec
 
 
 class MnistCnn(nn.Module):
@@ -31,10 +32,10 @@ class MnistCnn(nn.Module):
         return self.fc2(x)
 
 
-SPEC = {
-    "name": "mnist_cnn",
-    "build": MnistCnn,
-    "gradcam_layer": "act2",
-    "description": "the classic MNIST CNN (two 3x3 convs, max-pool, dropout, two fc layers)",
-    "epochs": 8,
-}
+SPEC = ModelSpec(
+    name="mnist_cnn",
+    build=MnistCnn,
+    gradcam_layer="act2",
+    description="the classic MNIST CNN (two 3x3 convs, max-pool, dropout, two fc layers)",
+    epochs=8,
+)

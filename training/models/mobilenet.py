@@ -10,13 +10,12 @@ thirteen. Activation: ReLU6 by default (its bounded ReLU, kept for low-precision
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
 from training.models.layers import make_activation
 from training.models.norms import BN_MOMENTUM
+from training.models.spec import ModelSpec
 
 # (output channels, stride) of each depthwise separable layer: 28 -> 28 -> 14 -> 14 -> 7 -> 7
 LAYERS = ((32, 1), (64, 2), (64, 1), (128, 2), (128, 1))
@@ -70,10 +69,10 @@ class MobileNet(nn.Module):
         return self.fc(self.dropout(torch.flatten(self.avgpool(x), 1)))
 
 
-SPEC: dict[str, Any] = {
-    "name": "mobilenet",
-    "build": MobileNet,
-    "gradcam_layer": f"features.{len(LAYERS) - 1}.act2",
-    "description": "MobileNet (2017): depthwise separable convolutions with BatchNorm and ReLU6",
-    "epochs": 4,
-}
+SPEC = ModelSpec(
+    name="mobilenet",
+    build=MobileNet,
+    gradcam_layer=f"features.{len(LAYERS) - 1}.act2",
+    description="MobileNet (2017): depthwise separable convolutions with BatchNorm and ReLU6",
+    epochs=4,
+)

@@ -9,13 +9,12 @@ one block (16/32/64 channels at 28/14/7), like the CIFAR ResNets. Activation: Re
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
 from training.models.layers import make_activation
 from training.models.norms import BN_MOMENTUM
+from training.models.spec import ModelSpec
 
 STAGES = (16, 32, 64)
 BLOCKS_PER_STAGE = 1
@@ -75,10 +74,10 @@ class ResNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
-SPEC: dict[str, Any] = {
-    "name": "resnet",
-    "build": ResNet,
-    "gradcam_layer": f"layer3.{BLOCKS_PER_STAGE - 1}.act2",
-    "description": "ResNet (2015): residual blocks with BatchNorm, three stages, global avg-pool",
-    "epochs": 3,
-}
+SPEC = ModelSpec(
+    name="resnet",
+    build=ResNet,
+    gradcam_layer=f"layer3.{BLOCKS_PER_STAGE - 1}.act2",
+    description="ResNet (2015): residual blocks with BatchNorm, three stages, global avg-pool",
+    epochs=3,
+)

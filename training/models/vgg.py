@@ -10,12 +10,12 @@ takes leaky_relu or swish.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any
 
 import torch
 from torch import nn
 
 from training.models.layers import make_activation
+from training.models.spec import ModelSpec
 
 STAGES = (16, 32, 64)  # channels per stage; two 3x3 convs each, then a 2x2 max-pool
 CONVS_PER_STAGE = 2
@@ -51,10 +51,10 @@ class Vgg(nn.Module):
         return self.classifier(torch.flatten(self.features(x), 1))
 
 
-SPEC: dict[str, Any] = {
-    "name": "vgg",
-    "build": Vgg,
-    "gradcam_layer": f"features.act{len(STAGES)}_{CONVS_PER_STAGE}",
-    "description": "VGG (2014): three stages of two 3x3 convs with max-pool, dropout fc layers",
-    "epochs": 3,
-}
+SPEC = ModelSpec(
+    name="vgg",
+    build=Vgg,
+    gradcam_layer=f"features.act{len(STAGES)}_{CONVS_PER_STAGE}",
+    description="VGG (2014): three stages of two 3x3 convs with max-pool, dropout fc layers",
+    epochs=3,
+)

@@ -1,4 +1,6 @@
-"""The model zoo: shapes, Grad-CAM targets, sizes, ONNX export parity, and the 3D task's clips."""
+"""The model zoo: shapes, Grad-CAM targets, sizes, activations, and the 3D task's clips.
+
+Each model's ONNX export is checked in tests/export (classifier parity, Grad-CAM grid)."""
 
 from __future__ import annotations
 
@@ -7,29 +9,14 @@ import pytest
 import torch
 from torch import nn
 
+from tests.support.zoo import build, inputs
 from training.clips import FRAMES, LABELS, SIZE, load_moving_mnist
-from training.models import MODELS, ModelSpec
+from training.mnist import load_mnist
+from training.models import MODELS
 from training.models.layers import ACTIVATIONS
 
 NAMES = sorted(MODELS)
 MAX_PARAMS = 2_000_000  # "compact": the largest, the classic CNN, has 1.2M
-
-
-def build(spec: ModelSpec, **kwargs: object) -> nn.Module:
-    """The model in eval mode, with non-trivial BatchNorm statistics so parity means something."""
-    torch.manual_seed(0)
-    model = spec.build(num_classes=10, **{**spec.build_kwargs, **kwargs})
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            module.running_mean.uniform_(-0.5, 0.5)  # type: ignore[union-attr]
-            module.running_var.uniform_(0.5, 2.0)  # type: ignore[union-attr]
-            nn.init.uniform_(module.weight, 0.5, 1.5)
-            nn.init.uniform_(module.bias, -0.2, 0.2)
-    return model.eval()
-
-
-def inputs(spec: ModelSpec, batch: int) -> torch.Tensor:
-    return torch.randn(batch, *spec.input_shape, generator=torch.Generator().manual_seed(batch))
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -78,34 +65,6 @@ def test_activation_can_be_chosen(name: str, activation: str) -> None:
         assert model(inputs(spec, 1)).shape == (1, 10)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", NAMES)
-def test_onnx_export_matches_pytorch_at_any_batch(name: str, tmp_path: object) -> None:
-    ort = pytest.importorskip("onnxruntime")
-    pytest.importorskip("onnxscript")
-    spec = MODELS[name]
-    model = build(spec)
-    path = f"{tmp_path}/{name}.onnx"
-    torch.onnx.export(
-        model,
-        (inputs(spec, 2),),
-        path,
-        input_names=["x"],
-        output_names=["logits"],
-        dynamic_shapes={"x": {0: torch.export.Dim("batch")}},
-        external_data=False,
-        dynamo=True,
-        verbose=False,
-    )
-    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-    for batch in (1, 5):
-        x = inputs(spec, batch)
-        with torch.no_grad():
-            expected = model(x).numpy()
-        (actual,) = session.run(None, {"x": x.numpy()})
-        np.testing.assert_allclose(actual, expected, atol=1e-4, rtol=0)
-
-
 def test_clips_are_deterministic_moving_digits() -> None:
     clips, labels = load_moving_mnist("train", num_clips=64)
     again, labels_again = load_moving_mnist("train", num_clips=64)
@@ -120,8 +79,6 @@ def test_clips_are_deterministic_moving_digits() -> None:
     # The test split is a different, equally fixed draw: MNIST's test digits in order.
     test_clips, test_labels = load_moving_mnist("test", num_clips=64)
     assert not np.array_equal(test_clips, clips)
-    from training.data import load_mnist
-
     np.testing.assert_array_equal(test_labels, load_mnist("test")[1][:64])
 
 

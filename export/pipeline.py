@@ -1,0 +1,148 @@
+"""The export pipeline: checkpoint -> classifier -> verify -> explainer -> verify -> repository.
+
+`export_checkpoint` runs the steps in that order; each step is a function of its own, so tests
+and benchmarks can call one without the others. Both graphs are built and verified in a scratch
+folder and written to the repository only once both passed, each as a new version of its model.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from export.onnx_export import export_classifier, verify_classifier
+from export.repository import BatchingPolicy, write_model
+from modelrepo import CLASSIFIER, MODEL_FILE, NUM_CLASSES, TARGET_LAYER, explainer_name
+from training.checkpoint import Checkpoint, load_checkpoint
+from training.data import load_dataset
+
+
+@dataclass
+class VerifiedGraph:
+    """An ONNX file in the scratch folder that matched PyTorch within tolerance."""
+
+    onnx_file: Path
+    max_abs_diff: float  # classifier: logits; explainer: cam_raw and logits
+    seconds: float  # export and verification
+    target_layer: str | None = None  # explainers only
+
+
+def real_test_inputs(checkpoint: Checkpoint, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first `count` real test inputs of the model's dataset, as float32 pixels in [0, 1]."""
+    inputs, labels, _ = load_dataset(checkpoint.spec.dataset, "test")
+    pixels = inputs[:count].astype(np.float32)[:, None] / 255.0
+    return pixels, labels[:count]
+
+
+def build_classifier(ckpt: Checkpoint, pixels: np.ndarray, scratch: Path) -> VerifiedGraph:
+    """Export the classifier (normalisation inside) and check its logits at batch 1 and 64."""
+    started = time.perf_counter()
+    path = scratch / MODEL_FILE
+    export_classifier(ckpt.model, ckpt.input_shape, ckpt.mean, ckpt.std, path)
+    diff = verify_classifier(path, ckpt.model, pixels, ckpt.mean, ckpt.std)
+    return VerifiedGraph(path, diff, time.perf_counter() - started)
+
+
+def explainer_targets(count: int, num_classes: int) -> np.ndarray:
+    """Mixed targets: the predicted class (-1) for a third of the images, explicit ones for the rest."""
+    targets = np.arange(count, dtype=np.int64) % num_classes
+    targets[::3] = -1
+    return targets
+
+
+def build_explainer(
+    ckpt: Checkpoint, layer: str, pixels: np.ndarray, scratch: Path
+) -> VerifiedGraph:
+    """Export the Grad-CAM explainer at `layer` and check it against autograd on `pixels`."""
+    from export.gradcam import export_gradcam, verify_gradcam  # make_fx and friends: import late
+
+    started = time.perf_counter()
+    path = scratch / "gradcam.onnx"
+    classes = len(ckpt.labels)
+    export_gradcam(ckpt.model, layer, ckpt.input_shape, ckpt.mean, ckpt.std, classes, path)
+    targets = explainer_targets(len(pixels), classes)
+    diff = verify_gradcam(path, ckpt.model, layer, pixels, targets, ckpt.mean, ckpt.std)
+    return VerifiedGraph(path, diff, time.perf_counter() - started, target_layer=layer)
+
+
+def write_classifier(
+    repository: Path, name: str, ckpt: Checkpoint, graph: VerifiedGraph, policy: BatchingPolicy
+) -> dict[str, Any]:
+    """Add the classifier as a new version of `name`; its summary."""
+    started = time.perf_counter()
+    written = write_model(repository, name, graph.onnx_file, ckpt.labels, policy)
+    print(
+        f"{name}: wrote {written} ({written.stat().st_size / 1e6:.2f} MB); ONNX Runtime vs "
+        f"PyTorch logits max abs diff {graph.max_abs_diff:.2e} at batch 1 and 64"
+    )
+    return {
+        "path": str(written),
+        "bytes": written.stat().st_size,
+        "max_abs_diff_logits": graph.max_abs_diff,
+        "seconds": graph.seconds + time.perf_counter() - started,
+    }
+
+
+def write_explainer(
+    repository: Path,
+    name: str,
+    ckpt: Checkpoint,
+    graph: VerifiedGraph,
+    policy: BatchingPolicy,
+    verified_on: int,
+) -> dict[str, Any]:
+    """Add the explainer as a new version of `<name>_gradcam`; its summary."""
+    started = time.perf_counter()
+    layer = str(graph.target_layer)
+    explainer = explainer_name(name)
+    parameters = {NUM_CLASSES: str(len(ckpt.labels)), TARGET_LAYER: layer, CLASSIFIER: name}
+    written = write_model(
+        repository, explainer, graph.onnx_file, ckpt.labels, policy, parameters=parameters
+    )
+    print(
+        f"{explainer}: wrote {written} ({written.stat().st_size / 1e6:.2f} MB), target layer "
+        f"{layer!r}; cam_raw and logits vs PyTorch autograd: max abs diff "
+        f"{graph.max_abs_diff:.2e} on {verified_on} images"
+    )
+    return {
+        "path": str(written),
+        "bytes": written.stat().st_size,
+        "target_layer": layer,
+        "max_abs_diff_cam_raw": graph.max_abs_diff,
+        "seconds": graph.seconds + time.perf_counter() - started,
+    }
+
+
+def export_checkpoint(
+    checkpoint_path: Path,
+    repository: Path,
+    *,
+    name: str | None = None,
+    gradcam: bool = True,
+    gradcam_layer: str | None = None,
+    policy: BatchingPolicy | None = None,
+    verify_count: int = 64,
+) -> dict[str, Any]:
+    """Export, verify and write one checkpoint; returns a summary of what was written."""
+    policy = policy or BatchingPolicy()
+    ckpt = load_checkpoint(checkpoint_path)
+    name = name or ckpt.name
+    layer = gradcam_layer or ckpt.config.gradcam_layer
+    pixels, _ = real_test_inputs(ckpt, max(64, verify_count))
+    summary: dict[str, Any] = {"model": name, "checkpoint": str(checkpoint_path)}
+    with tempfile.TemporaryDirectory() as tmp:
+        classifier = build_classifier(ckpt, pixels, Path(tmp))
+        explainer = (
+            build_explainer(ckpt, layer, pixels[:verify_count], Path(tmp)) if gradcam else None
+        )
+        summary["classifier"] = write_classifier(repository, name, ckpt, classifier, policy)
+        if explainer is not None:
+            summary["explainer"] = write_explainer(
+                repository, name, ckpt, explainer, policy, verified_on=len(pixels[:verify_count])
+            )
+    return summary

@@ -1,0 +1,81 @@
+"""The benchmark's minimal reference server answers correctly, so its figures mean something."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from bench.loadgen import (
+    free_port,
+    grpc_frame,
+    h2load,
+    infer_request,
+    response_frame_size,
+    running_process,
+)
+from pb import grpc_service_pb2 as pb
+from pb import grpc_service_pb2_grpc as pb_grpc
+from tests.support.onnx_models import (
+    classifier_config,
+    classifier_graph,
+    reference_logits,
+    write_model,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def minimal_server(tmp_path_factory: pytest.TempPathFactory):
+    repository = tmp_path_factory.mktemp("repo")
+    write_model(repository, classifier_config("classifier"), classifier_graph())
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    cmd = [sys.executable, str(ROOT / "bench" / "minimal_server.py"), "--repository",
+           str(repository), "--model", "classifier", "--port", str(port)]  # fmt: skip
+    with running_process(cmd, address, "classifier"):
+        yield address, repository
+
+
+def test_concurrent_requests_each_get_their_own_answer(minimal_server) -> None:
+    address, repository = minimal_server
+    request = infer_request(repository, "classifier")
+    rng = np.random.default_rng(3)
+    images = rng.random((32, 1, 28, 28), dtype=np.float32)
+
+    def one(index: int) -> np.ndarray:
+        message = pb.ModelInferRequest()
+        message.CopyFrom(request)
+        message.raw_input_contents[0] = images[index : index + 1].tobytes()
+        reply = stub.ModelInfer(message, timeout=30)
+        assert [o.name for o in reply.outputs] == ["logits", "probabilities"]
+        return np.frombuffer(reply.raw_output_contents[0], dtype=np.float32)
+
+    with grpc.insecure_channel(address) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        with ThreadPoolExecutor(8) as pool:
+            logits = np.stack(list(pool.map(one, range(len(images)))))
+        metadata = stub.ModelMetadata(pb.ModelMetadataRequest(name="classifier"))
+    np.testing.assert_allclose(logits, reference_logits(images), rtol=1e-4, atol=1e-5)
+    assert metadata.inputs[0].shape == [-1, 1, 28, 28]
+
+
+@pytest.mark.skipif(shutil.which("h2load") is None, reason="h2load (nghttp2-client) not installed")
+def test_h2load_counts_successes_from_response_bytes(minimal_server, tmp_path: Path) -> None:
+    address, repository = minimal_server
+    request = infer_request(repository, "classifier")
+    frame = tmp_path / "infer.grpc"
+    frame.write_bytes(grpc_frame(request))
+    size = response_frame_size(address, request)
+    ok = h2load(address, frame, size, 4, 0.5)
+    assert ok["infer_per_s"] > 0 and ok["failed"] == 0
+    request.raw_input_contents[0] = b"\0" * 12  # fails: HTTP 200, grpc-status in the trailers
+    frame.write_bytes(grpc_frame(request))
+    bad = h2load(address, frame, size, 4, 0.5)
+    assert bad["infer_per_s"] == 0 and bad["failed"] == bad["requests"] > 0
