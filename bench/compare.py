@@ -47,6 +47,7 @@ from bench.loadgen import (  # noqa: E402
 )
 from pb import grpc_service_pb2 as pb  # noqa: E402
 from pb import grpc_service_pb2_grpc as pb_grpc  # noqa: E402
+from training.cli import HelpFormatter  # noqa: E402
 
 SERVERS = ("minimal", "triton", "project")
 # Extra project configurations one can add to --servers, e.g. to test a hypothesis in the same run.
@@ -57,7 +58,9 @@ VARIANTS = {
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=HelpFormatter
+    )
     parser.add_argument("--repository", type=Path, default=ROOT / "model_repository",
                         help="model repository (default: model_repository)")  # fmt: skip
     parser.add_argument("--model", default="mnist_cnn", help="model (default: mnist_cnn)")

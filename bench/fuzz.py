@@ -46,6 +46,7 @@ from pb import explain_pb2_grpc as ex_grpc  # noqa: E402
 from pb import grpc_service_pb2 as pb  # noqa: E402
 from pb import grpc_service_pb2_grpc as pb_grpc  # noqa: E402
 from service.errors import INTERNAL_MESSAGE  # noqa: E402
+from training.cli import HelpFormatter  # noqa: E402
 
 INFER = "/inference.GRPCInferenceService/ModelInfer"
 STREAM = "/inference.GRPCInferenceService/ModelStreamInfer"
@@ -57,9 +58,11 @@ Seeds = list[bytes]
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
-    parser.add_argument("--repository", type=Path, default=Path("model_repository"))
+    parser.add_argument(
+        "--repository", type=Path, default=Path("model_repository"), help="model repository"
+    )
     parser.add_argument("--model", default="mnist_cnn", help="a model with a _gradcam explainer")
     parser.add_argument("--url", help="fuzz this server instead of starting one")
     parser.add_argument("--pid", type=int, help="with --url: the server's process, for RSS")
@@ -67,9 +70,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--count", type=int, default=100_000, help="messages to send")
     parser.add_argument("--quick", action="store_true", help="5,000 messages (a smoke run)")
     parser.add_argument("--concurrency", type=int, default=32, help="calls in flight")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument("--timeout", type=float, default=30.0, help="deadline of each call (s)")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "fuzz.json")
+    parser.add_argument(
+        "--out", type=Path, default=ROOT / "bench" / "results" / "fuzz.json", help="JSON results"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.count = 5_000

@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.loadgen import ROOT, closed_loop, latest_model, print_table, running_server, save_grid
 from modelrepo import CAM, INPUT, TARGET_CLASS, explainer_name
 from pb import grpc_service_pb2 as pb
+from training.cli import HelpFormatter
 
 
 def timed(fn, seconds: float) -> tuple[int, float]:  # type: ignore[no-untyped-def]
@@ -70,9 +71,7 @@ def overlay_picture(address: str, model: str, out: Path, count: int = 8) -> None
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--repository", type=Path, default=ROOT / "model_repository")
     parser.add_argument("--checkpoint", type=Path, default=ROOT / "checkpoints" / "mnist_cnn.pt")
     parser.add_argument("--model", default="mnist_cnn")

@@ -35,12 +35,15 @@ from bench.loadgen import (  # noqa: E402
     response_frame_size,
     thread_cpu_seconds,
 )
+from training.cli import HelpFormatter  # noqa: E402
 
 PY_SPY = Path(sys.executable).parent / "py-spy"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=HelpFormatter
+    )
     parser.add_argument("--repository", type=Path, default=ROOT / "model_repository",
                         help="model repository (default: model_repository)")  # fmt: skip
     parser.add_argument("--model", default="mnist_cnn", help="model (default: mnist_cnn)")

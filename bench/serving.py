@@ -34,12 +34,15 @@ from bench.loadgen import (  # noqa: E402
 )
 from pb import grpc_service_pb2 as pb  # noqa: E402
 from pb import grpc_service_pb2_grpc as pb_grpc  # noqa: E402
+from training.cli import HelpFormatter  # noqa: E402
 
 TARGETS = {"p50_ms_at_c1": 1.0, "infer_per_s_at_c16": 3500, "avg_batch_at_c16": 4}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=HelpFormatter
+    )
     parser.add_argument(
         "--repository",
         type=Path,

@@ -41,6 +41,7 @@ from pb import explain_pb2 as ex  # noqa: E402
 from pb import explain_pb2_grpc as ex_grpc  # noqa: E402
 from pb import grpc_service_pb2 as pb  # noqa: E402
 from pb import grpc_service_pb2_grpc as pb_grpc  # noqa: E402
+from training.cli import HelpFormatter  # noqa: E402
 
 RSS_DRIFT_TARGET = 5.0  # percent
 
@@ -48,9 +49,11 @@ RSS_DRIFT_TARGET = 5.0  # percent
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
-    parser.add_argument("--repository", type=Path, default=Path("model_repository"))
+    parser.add_argument(
+        "--repository", type=Path, default=Path("model_repository"), help="model repository"
+    )
     parser.add_argument("--model", default="mnist_cnn", help="a model with a _gradcam explainer")
     parser.add_argument("--url", help="load this server instead of starting one (needs --pid)")
     parser.add_argument("--pid", type=int, help="with --url: the server's process id")
@@ -64,8 +67,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--explain-share", type=float, default=0.03, help="share of Explain")
     parser.add_argument("--stream-share", type=float, default=0.3, help="share of streams")
     parser.add_argument("--sample-s", type=float, default=5.0, help="seconds between samples")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "soak.json")
+    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.add_argument(
+        "--out", type=Path, default=ROOT / "bench" / "results" / "soak.json", help="JSON results"
+    )
     args = parser.parse_args(argv)
     if args.url and not args.pid:
         parser.error("--url needs --pid (the server's memory is read from /proc/PID)")

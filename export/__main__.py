@@ -11,7 +11,7 @@ from pathlib import Path
 
 from export.pipeline import export_checkpoint
 from export.repository import BatchingPolicy
-from training.train import HelpFormatter
+from training.cli import HelpFormatter
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -54,6 +54,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"python -m service: error: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.log_format)
+    if settings.workers > 1:
+        from .workers import supervise
+
+        return supervise(settings)
     with asyncio.Runner(loop_factory=_loop_factory(settings.uvloop)) as runner:
         return runner.run(serve(settings))
 

@@ -163,6 +163,14 @@ class Settings:
         default=15.0,
         metadata=_doc("seconds to finish accepted requests after SIGTERM or Ctrl-C"),
     )
+    workers: int = field(
+        default=1,
+        metadata=_doc(
+            "server processes sharing the gRPC port (SO_REUSEPORT), each with its own sessions "
+            "and batchers; above 1 a supervisor restarts crashed workers and merges their "
+            "metrics and statistics (helps when clients open several connections)"
+        ),
+    )
     log_level: str = field(
         default="INFO",
         metadata=_doc("log level", ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")),
@@ -179,6 +187,7 @@ class Settings:
             ("stream_max_in_flight", 1),
             ("max_queue_bytes", 0),
             ("max_concurrent_rpcs", 0),
+            ("workers", 1),
         ):
             if getattr(self, name) < low:
                 raise ValueError(f"{name} must be at least {low}")

@@ -30,7 +30,7 @@ from .model import ServedModel
 from .model_control import ModelControl
 from .repository import READY, STATES, ModelEntry, ModelRepository, ModelSpec
 from .security import ServerSecurity, start_health_server
-from .servicers import ExplainServicer, InferenceServicer
+from .servicers import ExplainServicer, InferenceServicer, PeerStatistics
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +44,14 @@ CLOSE_MARGIN_S = 5.0  # after the grace period, how long unloading may take befo
 class InferenceServer:
     """A running server: its bound ports, readiness, and a graceful stop."""
 
-    def __init__(self, settings: Settings, registry: CollectorRegistry) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        registry: CollectorRegistry,
+        peer_statistics: PeerStatistics | None = None,
+    ) -> None:
         self.settings = settings
+        self.peer_statistics = peer_statistics
         self.metrics = ServingMetrics(registry)
         self.repository: ModelRepository[ServedModel] = ModelRepository(
             settings.model_repository, self._load_version, on_state=self._state_changed
@@ -66,7 +72,8 @@ class InferenceServer:
             options=[
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
                 ("grpc.max_send_message_length", settings.max_message_bytes),
-                ("grpc.so_reuseport", 0),
+                # Workers share the port; a single server refuses a port already taken.
+                ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),
             ],
         )
         self.health = health.aio.HealthServicer()
@@ -112,6 +119,7 @@ class InferenceServer:
             lambda: self.draining,
             rejections,
             stream_max_in_flight=self.settings.stream_max_in_flight,
+            peer_statistics=self.peer_statistics,
             control=self.control,
         )
         self.grpc.add_generic_rpc_handlers(
@@ -199,10 +207,15 @@ class InferenceServer:
 
 
 async def create_server(
-    settings: Settings, registry: CollectorRegistry | None = None
+    settings: Settings,
+    registry: CollectorRegistry | None = None,
+    peer_statistics: PeerStatistics | None = None,
 ) -> InferenceServer:
-    """Build and start a server from settings (port 0 binds a free port; see `.grpc_port`)."""
-    server = InferenceServer(settings, registry or CollectorRegistry())
+    """Build and start a server from settings (port 0 binds a free port; see `.grpc_port`).
+
+    `peer_statistics` (worker processes) adds the other workers' counts to ModelStatistics.
+    """
+    server = InferenceServer(settings, registry or CollectorRegistry(), peer_statistics)
     try:
         await server.start()
     except BaseException:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 
@@ -29,6 +29,10 @@ from .repository import ModelRepository
 
 SERVER_NAME = "cnnserve"
 EXTENSIONS = ("classification", "model_repository", "model_configuration", "statistics")
+# Worker processes: given the request and this process's statistics, return the whole group's.
+PeerStatistics = Callable[
+    [pb.ModelStatisticsRequest, list[pb.ModelStatistics]], Awaitable[list[pb.ModelStatistics]]
+]
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -41,9 +45,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         draining: Callable[[], bool],
         rejections: Rejections,
         stream_max_in_flight: int = 128,
+        peer_statistics: PeerStatistics | None = None,
         control: ModelControl | None = None,
     ) -> None:
         self._repository = repository
+        self._peer_statistics = peer_statistics
         # load and unload go through model control: without one, they are refused (mode none)
         self._control = control or ModelControl(repository)
         self._stream_cap = stream_max_in_flight
@@ -198,7 +204,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelStatisticsResponse:
         models = self._repository.serving(request.name, request.version)
-        return pb.ModelStatisticsResponse(model_stats=[m.stats.to_proto() for m in models])
+        stats = [m.stats.to_proto() for m in models]
+        if self._peer_statistics is not None:
+            stats = await self._peer_statistics(request, stats)
+        return pb.ModelStatisticsResponse(model_stats=stats)
 
     async def RepositoryIndex(
         self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext

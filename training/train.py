@@ -25,6 +25,7 @@ from torch import nn
 from tqdm import tqdm
 
 from training.checkpoint import CheckpointConfig, save_checkpoint
+from training.cli import HelpFormatter
 from training.data import load_dataset
 from training.mnist import MEAN, STD
 from training.models import MODELS, ModelSpec, get_spec
@@ -344,15 +345,6 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     if ddp.world_size > 1:
         dist.destroy_process_group()
     return metrics
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows defaults, except None ones: their help says what the model picks instead."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default is None:
-            return action.help
-        return super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:

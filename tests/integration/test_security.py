@@ -410,7 +410,9 @@ def test_perf_analyzer_grpcurl_and_probe_with_mutual_tls(
 # -- SIGHUP in a real process ---------------------------------------------------------------------
 
 
-def test_sighup_reloads_the_token_files(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sighup_reloads_the_token_files(tmp_path: Path, workers: int) -> None:
+    """With --workers 2 the supervisor forwards SIGHUP to its workers (and survives it)."""
     from bench.loadgen import free_port
 
     repository = classifier_repository(tmp_path / "repository")
@@ -421,7 +423,7 @@ def test_sighup_reloads_the_token_files(tmp_path: Path) -> None:
     process = subprocess.Popen(
         [sys.executable, "-m", "service", "--model-repository", str(repository),
          "--grpc-port", str(port), "--metrics-port", "-1", "--auth-token-file", str(token_file),
-         "--no-uvloop"],
+         "--no-uvloop", "--workers", str(workers)],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     try:
