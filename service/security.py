@@ -99,10 +99,13 @@ class ServerSecurity:
 
 
 async def start_health_server(
-    servicer: health_pb2_grpc.HealthServicer, host: str, port: int
+    servicer: health_pb2_grpc.HealthServicer, host: str, port: int, *, shared: bool = False
 ) -> tuple[grpc.aio.Server, int]:
-    """A plaintext server with grpc.health.v1 only, for probes that cannot speak TLS."""
-    server = grpc.aio.server()
+    """A plaintext server with grpc.health.v1 only, for probes that cannot speak TLS.
+
+    `shared`: worker processes bind the same port (SO_REUSEPORT), as they do the gRPC port.
+    """
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 1 if shared else 0)])
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
     address = f"{host}:{port}"
     try:

@@ -143,7 +143,7 @@ class InferenceServer:
         await self.grpc.start()
         if settings.health_port >= 0:
             self._health_grpc, self.health_port = await start_health_server(
-                self.health, settings.host, settings.health_port
+                self.health, settings.host, settings.health_port, shared=settings.workers > 1
             )
         if settings.metrics_port >= 0:
             httpd, _ = start_http_server(
