@@ -42,15 +42,20 @@ sys.path.insert(0, str(ROOT))
 from bench.loadgen import free_port, latest_model, print_table  # noqa: E402
 from pb import grpc_service_pb2 as pb  # noqa: E402
 from pb import grpc_service_pb2_grpc as pb_grpc  # noqa: E402
+from training.cli import HelpFormatter  # noqa: E402
 
 PATH = "/inference.GRPCInferenceService/ModelInfer"
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repository", type=Path, default=ROOT / "model_repository")
-    parser.add_argument("--model", default="mnist_cnn")
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=HelpFormatter
+    )
+    parser.add_argument(
+        "--repository", type=Path, default=ROOT / "model_repository", help="model repository"
+    )
+    parser.add_argument("--model", default="mnist_cnn", help="model to load")
     parser.add_argument("--workers", default="1,2", help="worker counts to compare (default 1,2)")
     parser.add_argument(
         "--loads", default="1x64,4x16,16x4",
@@ -58,9 +63,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )  # fmt: skip
     parser.add_argument("--seconds", type=float, default=5.0, help="measured seconds per run")
     parser.add_argument("--warmup", type=float, default=1.0, help="h2load warm-up seconds")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each configuration")
     parser.add_argument("--server-args", default="", help="extra flags for every server")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument(
+        "--out", type=Path, default=ROOT / "bench" / "results", help="folder for the JSON"
+    )
     return parser.parse_args(argv)
 
 
