@@ -56,17 +56,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--repository", type=Path, default=ROOT / "model_repository", help="model repository"
     )
     parser.add_argument("--model", default="mnist_cnn", help="model to load")
-    parser.add_argument("--workers", default="1,2", help="worker counts to compare (default 1,2)")
-    parser.add_argument(
-        "--loads", default="1x64,4x16,16x4",
-        help="connections x streams per connection (default 1x64,4x16,16x4)",
-    )  # fmt: skip
+    parser.add_argument("--workers", default="1,2", help="worker counts to compare")
+    parser.add_argument("--loads", default="1x64,4x16,16x4",
+                        help="connections x streams per connection")  # fmt: skip
     parser.add_argument("--seconds", type=float, default=5.0, help="measured seconds per run")
     parser.add_argument("--warmup", type=float, default=1.0, help="h2load warm-up seconds")
-    parser.add_argument("--repeats", type=int, default=3, help="runs of each configuration")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds over every point")
     parser.add_argument("--server-args", default="", help="extra flags for every server")
     parser.add_argument(
-        "--out", type=Path, default=ROOT / "bench" / "results", help="folder for the JSON"
+        "--out", type=Path, default=ROOT / "bench" / "results", help="output folder"
     )
     return parser.parse_args(argv)
 
