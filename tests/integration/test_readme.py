@@ -58,6 +58,11 @@ SKIPPED: dict[str, str] = {
     "serves TLS and mutual TLS with certificates it makes",
     r"\S*(perf_analyzer|grpcurl)\b.*(-cacert|--ssl-grpc|authorization: Bearer)": "needs a TLS "
     "or token-checking server: tests/integration/test_security.py runs these flags against one",
+    r"deploy/gpu-check\.sh\b": "needs a GPU host and the cnnserve:gpu image",
+    r"prometheus\b": "a long-running server: tests/deploy/test_prometheus.py runs a real "
+    "Prometheus with these rules against a test server",
+    r"promtool (check|test) rules\b": "tests/deploy/test_prometheus.py checks and unit-tests the "
+    "rules with promtool",
     r"kill -HUP\b": "signals a running server: tests/integration/test_security.py sends SIGHUP and "
     "checks that the token files are re-read",
     r"torchrun\b": "tests/training/test_training.py runs two gloo processes under torchrun with "
