@@ -26,6 +26,7 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY proto/ proto/
 COPY service/ service/
+COPY modelrepo/ modelrepo/
 COPY deploy/check-cuda-libs.sh /usr/local/bin/check-cuda-libs
 # grpcio-tools only generates pb/, then leaves; pip and setuptools leave the final venv too.
 # The project itself installs from pyproject.toml, whose ranges are the pins (DL3013).

@@ -64,8 +64,12 @@ $(REPO)/$(MODEL)/config.pbtxt: | $(VENV)/.installed pb/.generated
 
 model: $(REPO)/$(MODEL)/config.pbtxt  ## Train and export the default model if the repository lacks it
 
-serve: model  ## Serve the model repository (gRPC :8001, metrics :8002)
-	$(PY) -m service --model-repository $(REPO)
+# Development defaults: loopback only (the server's default --host), reflection on for grpcurl.
+# SERVE_FLAGS adds more, e.g. SERVE_FLAGS='--model-control-mode explicit --load-model "*"'.
+SERVE_FLAGS ?=
+
+serve: model  ## Serve the model repository on loopback (gRPC :8001, metrics :8002)
+	$(PY) -m service --model-repository $(REPO) --reflection $(SERVE_FLAGS)
 
 lint: pb/.generated  ## ruff (lint + format check), hadolint on the Dockerfile
 	$(VENV)/bin/ruff check .

@@ -31,11 +31,85 @@ class Settings:
         metadata=_doc("model repository (<model>/config.pbtxt, <model>/<version>/model.onnx)"),
     )
     host: str = field(
-        default="0.0.0.0", metadata=_doc("address the gRPC and metrics servers listen on")
+        default="127.0.0.1",
+        metadata=_doc(
+            "address the gRPC server listens on (loopback only by default; 0.0.0.0 for all "
+            "interfaces, as the container image sets)"
+        ),
     )
     grpc_port: int = field(default=8001, metadata=_doc("gRPC port (0 picks a free one)"))
     metrics_port: int = field(
         default=8002, metadata=_doc("Prometheus /metrics port (0 picks a free one, -1 disables)")
+    )
+    metrics_host: str = field(
+        default="",
+        metadata=_doc("address the metrics server listens on (empty: the same as --host)"),
+    )
+    health_port: int = field(
+        default=-1,
+        metadata=_doc(
+            "an extra plaintext port that serves only grpc.health.v1, for probes that cannot "
+            "speak TLS or send a token (0 picks a free one, -1 disables)"
+        ),
+    )
+    reflection: bool = field(
+        default=False,
+        metadata=_doc("serve gRPC server reflection (grpcurl needs it; off unless asked for)"),
+    )
+    tls_cert: Path | None = field(
+        default=None,
+        metadata=_doc("PEM server certificate chain: serve gRPC over TLS (needs --tls-key)"),
+    )
+    tls_key: Path | None = field(default=None, metadata=_doc("PEM private key of --tls-cert"))
+    tls_client_ca: Path | None = field(
+        default=None,
+        metadata=_doc(
+            "PEM CA certificates: mutual TLS, every client must present a certificate they "
+            "signed (needs --tls-cert)"
+        ),
+    )
+    auth_token_file: Path | None = field(
+        default=None,
+        metadata=_doc(
+            "file of inference tokens, one a line: inference, metadata and explain calls need "
+            "'authorization: Bearer <token>' (re-read on SIGHUP or when the file changes)"
+        ),
+    )
+    admin_token_file: Path | None = field(
+        default=None,
+        metadata=_doc(
+            "file of admin tokens, one a line: repository index, load and unload need one; an "
+            "admin token also passes every inference check. With either token file set, admin "
+            "calls need an admin token"
+        ),
+    )
+    statistics_scope: str = field(
+        default="inference",
+        metadata=_doc(
+            "token scope ModelStatistics needs when tokens are on (perf_analyzer reads "
+            "statistics with its inference token)",
+            ("inference", "admin"),
+        ),
+    )
+    model_control_mode: str = field(
+        default="none",
+        metadata=_doc(
+            "as Triton's: none (load every model at start; load/unload over the API refused), "
+            "explicit (load/unload allowed; --load-model picks what loads at start), poll "
+            "(reload new, changed and removed versions every --repository-poll-secs)",
+            ("none", "explicit", "poll"),
+        ),
+    )
+    load_model: tuple[str, ...] = field(
+        default=(),
+        metadata=_doc(
+            "with --model-control-mode explicit: a model to load at start, repeatable, '*' for "
+            "all (environment: comma-separated)"
+        ),
+    )
+    repository_poll_secs: float = field(
+        default=15.0,
+        metadata=_doc("with --model-control-mode poll: seconds between repository scans"),
     )
     intra_op_threads: int = field(
         default=1,
@@ -121,6 +195,23 @@ class Settings:
             raise ValueError("latency_threads must not be negative")
         if self.grace_period_s < 0:
             raise ValueError("grace_period_s must not be negative")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: give both or neither")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+        if self.load_model and self.model_control_mode != "explicit":
+            raise ValueError("load_model needs model_control_mode explicit")
+        if not self.repository_poll_secs > 0:
+            raise ValueError("repository_poll_secs must be positive")
+        for name in ("statistics_scope", "model_control_mode"):
+            choices = _choices(name)
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name}: expected one of {', '.join(choices)}")
+
+    @property
+    def effective_metrics_host(self) -> str:
+        """Where the metrics server listens: --metrics-host, else --host."""
+        return self.metrics_host or self.host
 
     @classmethod
     def from_sources(
@@ -137,16 +228,48 @@ class Settings:
                 except ValueError as exc:
                     raise ValueError(f"{ENV_PREFIX}{f.name.upper()}={raw!r}: {exc}") from None
         parsed = build_parser(cls(**values)).parse_args(argv)
-        values.update({k: v for k, v in vars(parsed).items() if v is not None})
+        for f in dataclasses.fields(cls):
+            value = getattr(parsed, f.name)
+            if value is None:
+                continue
+            if _field_type(f) is tuple:
+                value = tuple(value)
+            elif _optional(f):
+                # `--tls-cert ''` clears a value set in the environment
+                value = Path(value) if value.strip() else None
+            values[f.name] = value
         return cls(**values)
 
 
+def _choices(name: str) -> tuple[str, ...]:
+    return next(f.metadata["choices"] for f in dataclasses.fields(Settings) if f.name == name)
+
+
+_TYPES: dict[str, type] = {
+    "Path": Path,
+    "Path | None": Path,
+    "str": str,
+    "int": int,
+    "float": float,
+    "bool": bool,
+    "tuple[str, ...]": tuple,
+}
+
+
 def _field_type(f: dataclasses.Field[Any]) -> type:
-    return {"Path": Path, "str": str, "int": int, "float": float, "bool": bool}[str(f.type)]
+    return _TYPES[str(f.type)]
+
+
+def _optional(f: dataclasses.Field[Any]) -> bool:
+    return str(f.type).endswith("| None")
 
 
 def _convert(f: dataclasses.Field[Any], raw: str) -> Any:
     kind = _field_type(f)
+    if _optional(f) and not raw.strip():
+        return None
+    if kind is tuple:
+        return tuple(item.strip() for item in raw.split(",") if item.strip())
     if kind is bool:
         lowered = raw.strip().lower()
         if lowered in ("1", "true", "yes", "on"):
@@ -175,16 +298,19 @@ def build_parser(defaults: Settings | None = None) -> argparse.ArgumentParser:
         flag = "--" + f.name.replace("_", "-")
         env = ENV_PREFIX + f.name.upper()
         default = getattr(defaults, f.name)
-        help_text = f"{f.metadata['help']} (default: {default}; env {env})"
+        shown = "unset" if default in (None, (), "") else default
+        help_text = f"{f.metadata['help']} (default: {shown}; env {env})"
         kind = _field_type(f)
         if kind is bool:
             parser.add_argument(
                 flag, action=argparse.BooleanOptionalAction, default=None, help=help_text
             )
+        elif kind is tuple:
+            parser.add_argument(flag, action="append", default=None, metavar="NAME", help=help_text)
         else:
             parser.add_argument(
                 flag,
-                type=kind,
+                type=str if _optional(f) else kind,
                 default=None,
                 choices=f.metadata.get("choices"),
                 metavar=None

@@ -72,6 +72,8 @@ REJECT_REASONS = (
     "failed_precondition",
     "unauthenticated",
     "permission_denied",
+    "unauthenticated",
+    "permission_denied",
     "cancelled",
     "internal",
 )
@@ -79,5 +81,11 @@ REJECT_REASONS = (
 
 class ModelLoadError(ServingError):
     """A model in the repository could not be read or loaded; the message gives the reason."""
+
+    status = "FAILED_PRECONDITION"
+
+
+class ModelControlDisabled(ServingError):
+    """Load or unload over the API while the model-control mode does not allow it."""
 
     status = "FAILED_PRECONDITION"

@@ -212,6 +212,13 @@ class ModelRepository(Generic[V]):
                     try:
                         loaded[version] = await self._loader(spec, version)
                     except Exception as exc:
+                        if version in previous:  # a changed file that fails: the old one stays
+                            loaded[version] = previous[version]
+                            log.warning(
+                                "model %s version %d failed to reload, the loaded one keeps "
+                                "serving: %s", name, version, self._reason(exc),
+                            )  # fmt: skip
+                            continue
                         failed[version] = self._reason(exc)
                         log.warning(
                             "model %s version %d failed to load: %s", name, version, failed[version]
@@ -219,8 +226,9 @@ class ModelRepository(Generic[V]):
                 if not loaded:
                     raise ModelLoadError("; ".join(f"version {v}: {r}" for v, r in failed.items()))
             except BaseException as exc:
-                for half_open in loaded.values():  # a load cut short keeps nothing half-open
-                    await half_open.close()
+                for version, half_open in loaded.items():  # a load cut short keeps nothing
+                    if previous.get(version) is not half_open:  # half-open (old ones serve on)
+                        await half_open.close()
                 cancelled = not isinstance(exc, Exception)
                 reason = "load cancelled" if cancelled else self._reason(exc)
                 log.error("model %s: %s", name, reason if cancelled else f"unavailable: {reason}")
@@ -233,8 +241,9 @@ class ModelRepository(Generic[V]):
             entry.spec, entry.versions, entry.failed = spec, loaded, failed
             self._set(entry, READY, "")
             log.info("model %s ready, versions %s", name, sorted(loaded))
-        for old in previous.values():
-            await old.close()
+        for version, old in previous.items():
+            if loaded.get(version) is not old:
+                await old.close()
 
     async def _unload(self, entry: ModelEntry[V]) -> None:
         async with entry.lock:

@@ -1,7 +1,8 @@
 """The server's life cycle: `create_server` wires everything, `InferenceServer.stop` drains.
 
 settings -> metrics -> repository -> models (sessions + batchers) -> servicers -> grpc.aio server,
-plus grpc.health.v1, server reflection and the Prometheus endpoint on its own port.
+plus grpc.health.v1, server reflection (when asked for), the Prometheus endpoint on its own port,
+TLS and token checks (`security.py`), an optional plaintext health port, and model control.
 """
 
 from __future__ import annotations
@@ -20,12 +21,15 @@ from prometheus_client import CollectorRegistry, start_http_server
 from pb import explain_pb2 as ex
 from pb import grpc_service_pb2 as pb
 
+from .auth import Refusal
 from .config import Settings
 from .handlers import RateLimitedLog, Rejections, service_handler
 from .loading import load_version
 from .metrics import ServingMetrics
 from .model import ServedModel
+from .model_control import ModelControl
 from .repository import READY, STATES, ModelEntry, ModelRepository, ModelSpec
+from .security import ServerSecurity, start_health_server
 from .servicers import ExplainServicer, InferenceServicer, PeerStatistics
 
 log = logging.getLogger(__name__)
@@ -52,7 +56,18 @@ class InferenceServer:
         self.repository: ModelRepository[ServedModel] = ModelRepository(
             settings.model_repository, self._load_version, on_state=self._state_changed
         )
+        self.control = ModelControl(
+            self.repository,
+            settings.model_control_mode,
+            settings.load_model,
+            settings.repository_poll_secs,
+        )
+        self.security = ServerSecurity.from_settings(settings)
+        self.rejections = Rejections(
+            lambda reason: self.metrics.rejected.labels(reason).inc(), RateLimitedLog(log)
+        )
         self.grpc = grpc.aio.server(
+            interceptors=self.security.interceptors(self._refused),
             maximum_concurrent_rpcs=settings.max_concurrent_rpcs or None,
             options=[
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
@@ -64,6 +79,8 @@ class InferenceServer:
         self.health = health.aio.HealthServicer()
         self.grpc_port = 0
         self.metrics_port: int | None = None
+        self.health_port: int | None = None
+        self._health_grpc: grpc.aio.Server | None = None
         self.draining = False
         self._started = False
         self._metrics_http: Any = None
@@ -71,6 +88,13 @@ class InferenceServer:
 
     async def _load_version(self, spec: ModelSpec, version: int) -> ServedModel:
         return await load_version(spec, version, self.settings, self.metrics)
+
+    def _refused(self, method: str, refusal: Refusal) -> None:
+        """A call the token check refused: counted, and logged (rate-limited) without the token."""
+        self.rejections.count(refusal.code.name.lower())
+        self.rejections.log.log(
+            logging.INFO, "%s: %s %s", method, refusal.code.name, refusal.message
+        )
 
     def _state_changed(self, entry: ModelEntry[ServedModel]) -> None:
         self.metrics.set_model_state(entry.name, entry.state, STATES)
@@ -87,10 +111,8 @@ class InferenceServer:
             "onnxruntime %s, providers compiled in: %s",
             ort.__version__, ", ".join(ort.get_available_providers()),
         )  # fmt: skip
-        await self.repository.load_all()
-        rejections = Rejections(
-            lambda reason: self.metrics.rejected.labels(reason).inc(), RateLimitedLog(log)
-        )
+        await self.control.start()
+        rejections = self.rejections
         inference = InferenceServicer(
             self.repository,
             lambda: self.ready,
@@ -98,6 +120,7 @@ class InferenceServer:
             rejections,
             stream_max_in_flight=self.settings.stream_max_in_flight,
             peer_statistics=self.peer_statistics,
+            control=self.control,
         )
         self.grpc.add_generic_rpc_handlers(
             (
@@ -106,24 +129,27 @@ class InferenceServer:
             )
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
-        reflection.enable_server_reflection(
-            (
-                SERVICE_NAME,
-                EXPLAIN_SERVICE_NAME,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
-            ),
-            self.grpc,
-        )
-        address = f"{settings.host}:{settings.grpc_port}"
-        try:
-            self.grpc_port = self.grpc.add_insecure_port(address)
-        except RuntimeError as exc:  # grpc reports a failed bind this way
-            raise OSError(f"cannot listen on {address} (is the port in use?)") from exc
+        if settings.reflection:
+            reflection.enable_server_reflection(
+                (
+                    SERVICE_NAME,
+                    EXPLAIN_SERVICE_NAME,
+                    health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                    reflection.SERVICE_NAME,
+                ),
+                self.grpc,
+            )
+        self.grpc_port = self.security.add_port(self.grpc, f"{settings.host}:{settings.grpc_port}")
         await self.grpc.start()
+        if settings.health_port >= 0:
+            self._health_grpc, self.health_port = await start_health_server(
+                self.health, settings.host, settings.health_port, shared=settings.workers > 1
+            )
         if settings.metrics_port >= 0:
             httpd, _ = start_http_server(
-                settings.metrics_port, addr=settings.host, registry=self.metrics.registry
+                settings.metrics_port,
+                addr=settings.effective_metrics_host,
+                registry=self.metrics.registry,
             )
             self._metrics_http = httpd
             self.metrics_port = httpd.server_port
@@ -133,9 +159,15 @@ class InferenceServer:
             await self.health.set(service, status)
         ready = [e.name for e in self.repository.entries() if e.state == READY]
         log.info(
-            "serving %s on gRPC port %d, metrics port %s",
+            "serving %s on gRPC port %d, metrics port %s (%s, model control %s, health port %s)",
             ", ".join(ready) or "no models", self.grpc_port, self.metrics_port,
+            self.security.describe(), self.control.mode, self.health_port,
         )  # fmt: skip
+        self.security.warn_if_exposed(settings.host)
+
+    def reload_tokens(self) -> None:
+        """Re-read the token files (the SIGHUP handler)."""
+        self.security.reload()
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Drain: health NOT_SERVING, refuse new RPCs, finish accepted ones, unload, close."""
@@ -147,8 +179,11 @@ class InferenceServer:
         log.info("draining (grace period %.1f s)", grace)
         with contextlib.suppress(Exception):
             await self.health.enter_graceful_shutdown()
+        await self.control.stop()  # no repository change while draining
         cancelled_before = sum(m.cancelled for m in self.repository.serving())
         await self.grpc.stop(grace)
+        if self._health_grpc is not None:
+            await self._health_grpc.stop(0)
         served = self.repository.serving()
         answered = sum(m.stats.success.count for m in served)
         failed = sum(m.stats.fail.count for m in served)

@@ -24,6 +24,7 @@ from .errors import InvalidInput, ModelNotReady, Unsupported
 from .explain import explain
 from .handlers import Rejections
 from .model import ServedModel
+from .model_control import ModelControl
 from .repository import ModelRepository
 
 SERVER_NAME = "cnnserve"
@@ -45,9 +46,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         rejections: Rejections,
         stream_max_in_flight: int = 128,
         peer_statistics: PeerStatistics | None = None,
+        control: ModelControl | None = None,
     ) -> None:
         self._repository = repository
         self._peer_statistics = peer_statistics
+        # load and unload go through model control: without one, they are refused (mode none)
+        self._control = control or ModelControl(repository)
         self._stream_cap = stream_max_in_flight
         self._rejections = rejections
         self._ready = ready
@@ -218,13 +222,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.RepositoryModelLoadResponse:
         if request.parameters:
             raise Unsupported("load parameters (config or file overrides) are not supported")
-        await self._repository.load(request.model_name)
+        await self._control.load(request.model_name)
         return pb.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(
         self, request: pb.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext
     ) -> pb.RepositoryModelUnloadResponse:
-        await self._repository.unload(request.model_name)
+        await self._control.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
 
 

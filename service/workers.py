@@ -229,6 +229,8 @@ async def serve_worker(settings: Settings, index: int, run_dir: Path, metrics: b
     # Installed before loading (a stop during start-up drains once started), and kept: a second
     # SIGTERM (say, to the whole process group) changes nothing.
     loop.add_signal_handler(signal.SIGTERM, stop.set)
+    started: list[Any] = []  # SIGHUP (forwarded by the supervisor) re-reads the token files
+    loop.add_signal_handler(signal.SIGHUP, lambda: [s.reload_tokens() for s in started])
     try:
         server = await create_server(
             replace(settings, metrics_port=-1), peer_statistics=peers.statistics
@@ -236,6 +238,7 @@ async def serve_worker(settings: Settings, index: int, run_dir: Path, metrics: b
     except (ModelLoadError, OSError) as exc:
         log.error("cannot start: %s", exc)
         return 2
+    started.append(server)
     private = grpc.aio.server()
     private.add_generic_rpc_handlers((statistics_handler(server.repository),))
     statistics_port = private.add_insecure_port("127.0.0.1:0")
@@ -415,6 +418,13 @@ class Supervisor:
     def _on_signal(self, signum: int, frame: object) -> None:
         self._signals.append(signum)
 
+    def _forward_hangup(self, signum: int, frame: object) -> None:
+        """SIGHUP: each worker re-reads the token files."""
+        for slot in self.slots:
+            if slot.process is not None and slot.process.pid and slot.process.is_alive():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(slot.process.pid, signal.SIGHUP)
+
     def run(self) -> int:
         """Serve until a stop signal; return 0 when every worker drained and exited cleanly."""
         settings = self.settings
@@ -432,7 +442,7 @@ class Supervisor:
             registry.register(GroupMetrics(self.slots))
             try:
                 httpd, _ = start_http_server(
-                    settings.metrics_port, addr=settings.host, registry=registry
+                    settings.metrics_port, addr=settings.effective_metrics_host, registry=registry
                 )
             except OSError as exc:
                 log.error("cannot serve metrics on port %d: %s", settings.metrics_port, exc)
@@ -444,6 +454,7 @@ class Supervisor:
         wake_write.setblocking(False)
         previous_fd = signal.set_wakeup_fd(wake_write.fileno())
         handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        handlers[signal.SIGHUP] = signal.signal(signal.SIGHUP, self._forward_hangup)
         try:
             return self._supervise(port, metrics_port, wake_read)
         finally:

@@ -37,7 +37,9 @@ BUILDAH = ["buildah", "--storage-driver", "vfs"]
 TAG = "localhost/cnnserve:test"
 MODEL = "mnist_cnn"
 GRACE_S = 5.0
-CONTEXT_FILES = ("Dockerfile", ".dockerignore", "pyproject.toml", "README.md", "proto", "service")
+CONTEXT_FILES = (
+    "Dockerfile", ".dockerignore", "pyproject.toml", "README.md", "proto", "service", "modelrepo"
+)  # fmt: skip
 
 
 def build_context(repository: Path, into: Path) -> Path:

@@ -26,7 +26,12 @@ STREAM_CAP = 4
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
     repository = write_test_repository(tmp_path_factory.mktemp("repository"))
-    with running_server(repository, stream_max_in_flight=STREAM_CAP) as thread:
+    with running_server(
+        repository,
+        stream_max_in_flight=STREAM_CAP,
+        model_control_mode="explicit",  # the cancelled-load test loads over the API
+        load_model=("*",),
+    ) as thread:
         yield thread
 
 

@@ -54,6 +54,17 @@ SKIPPED: dict[str, str] = {
     "perf_analyzer command below runs in a quick form",
     r"make image\b|(docker|podman|buildah|nerdctl)\b": "needs a container engine",
     r"(kubectl|helm|kind|minikube)\b": "needs a Kubernetes cluster",
+    r"python -m service --tls-cert\b": "needs certificates: tests/integration/test_security.py "
+    "serves TLS and mutual TLS with certificates it makes",
+    r"\S*(perf_analyzer|grpcurl)\b.*(-cacert|--ssl-grpc|authorization: Bearer)": "needs a TLS "
+    "or token-checking server: tests/integration/test_security.py runs these flags against one",
+    r"deploy/gpu-check\.sh\b": "needs a GPU host and the cnnserve:gpu image",
+    r"prometheus\b": "a long-running server: tests/deploy/test_prometheus.py runs a real "
+    "Prometheus with these rules against a test server",
+    r"promtool (check|test) rules\b": "tests/deploy/test_prometheus.py checks and unit-tests the "
+    "rules with promtool",
+    r"kill -HUP\b": "signals a running server: tests/integration/test_security.py sends SIGHUP and "
+    "checks that the token files are re-read",
     r"torchrun\b": "tests/training/test_training.py runs two gloo processes under torchrun with "
     "these flags and compares both ranks' weights; a second run here would double the suite's "
     "slowest step",
@@ -137,7 +148,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(mnist_repository: Path) -> Iterator[ServerThread]:
-    with running_server(mnist_repository) as thread:
+    with running_server(mnist_repository, reflection=True) as thread:  # as `make serve`
         yield thread
 
 

@@ -48,7 +48,13 @@ MAX_MESSAGE = 1024 * 1024  # small limit so the oversized case stays cheap
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
     repository = write_test_repository(tmp_path_factory.mktemp("repository"))
-    with running_server(repository, max_message_bytes=MAX_MESSAGE) as thread:
+    with running_server(
+        repository,
+        max_message_bytes=MAX_MESSAGE,
+        model_control_mode="explicit",  # the repository tests load and unload over the API
+        load_model=("*",),
+        reflection=True,  # grpcurl
+    ) as thread:
         yield thread
 
 

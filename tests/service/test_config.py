@@ -48,3 +48,43 @@ def test_bad_values_are_reported(environ: dict[str, str], message: str) -> None:
 def test_bad_flag_exits() -> None:
     with pytest.raises(SystemExit):
         Settings.from_sources(["--log-format", "xml"], environ={})
+
+
+def test_safe_defaults() -> None:
+    settings = Settings.from_sources([], environ={})
+    assert settings.host == "127.0.0.1" and settings.effective_metrics_host == "127.0.0.1"
+    assert settings.model_control_mode == "none" and settings.load_model == ()
+    assert not settings.reflection and settings.health_port == -1
+    assert settings.tls_cert is None and settings.auth_token_file is None
+
+
+def test_security_flags_and_environment(tmp_path: Path) -> None:
+    environ = {
+        "CNNSERVE_LOAD_MODEL": "a, b",
+        "CNNSERVE_MODEL_CONTROL_MODE": "explicit",
+        "CNNSERVE_TLS_CERT": str(tmp_path / "cert.pem"),
+        "CNNSERVE_TLS_KEY": str(tmp_path / "key.pem"),
+        "CNNSERVE_METRICS_HOST": "0.0.0.0",
+    }
+    settings = Settings.from_sources([], environ=environ)
+    assert settings.load_model == ("a", "b") and settings.tls_cert == tmp_path / "cert.pem"
+    assert settings.effective_metrics_host == "0.0.0.0"
+    flags = ["--load-model", "c", "--load-model", "*", "--tls-cert", "", "--tls-key", ""]
+    settings = Settings.from_sources([*flags, "--reflection"], environ=environ)
+    assert settings.load_model == ("c", "*") and settings.tls_cert is None and settings.reflection
+    settings = Settings.from_sources(["--admin-token-file", "admin.txt"], environ={})
+    assert settings.admin_token_file == Path("admin.txt")
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--tls-cert", "c.pem"], "tls_cert and tls_key go together"),
+        (["--tls-client-ca", "ca.pem"], "needs tls_cert"),
+        (["--load-model", "a"], "load_model needs model_control_mode explicit"),
+        (["--model-control-mode", "poll", "--repository-poll-secs", "0"], "must be positive"),
+    ],
+)
+def test_inconsistent_security_settings(flags: list[str], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Settings.from_sources(flags, environ={})
