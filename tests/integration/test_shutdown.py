@@ -18,7 +18,7 @@ import pytest
 
 from pb import grpc_service_pb2 as pb
 from tests.conftest import ROOT
-from tests.support.harness import infer_request, stub
+from tests.support.harness import infer_request, stub, unary_load
 from tests.support.onnx_models import images, write_test_repository
 
 PORT_LINE = re.compile(r"on gRPC port (\d+), metrics port (\d+)")
@@ -69,39 +69,11 @@ def test_sigterm_during_load_loses_no_accepted_request(tmp_path: Path) -> None:
     repository = write_test_repository(tmp_path, broken=False)
     process, port, log = start_server(repository, "--grace-period-s", "10")
     request = infer_request("classifier", images(1))
-    outcomes: Counter[str] = Counter()
-    lock = threading.Lock()
-    stop = threading.Event()
-
-    def client() -> None:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            infer = stub(channel).ModelInfer
-            while not stop.is_set():
-                futures = [infer.future(request, timeout=30) for _ in range(4)]
-                for future in futures:
-                    try:
-                        future.result()
-                        outcome = "ok"
-                    except grpc.RpcError as exc:
-                        outcome = exc.code().name
-                    with lock:
-                        outcomes[outcome] += 1
-                    if outcome != "ok":
-                        stop.set()
-
-    threads = [threading.Thread(target=client) for _ in range(6)]
-    for thread in threads:
-        thread.start()
-    time.sleep(1.0)
-    with lock:
+    with unary_load(f"127.0.0.1:{port}", request, clients=6) as outcomes:
+        time.sleep(1.0)
         before = outcomes["ok"]
-    process.send_signal(signal.SIGTERM)
-    try:
+        process.send_signal(signal.SIGTERM)
         code = process.wait(30)
-    finally:
-        stop.set()
-        for thread in threads:
-            thread.join(30)
     text = "".join(log)
     assert code == 0, text
     assert before > 0, "no request succeeded before SIGTERM"

@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pb import grpc_service_pb2 as pb
 from tests.conftest import ROOT
-from tests.support.harness import infer_request, stub
+from tests.support.harness import infer_request, stub, unary_load
 from tests.support.onnx_models import images, write_test_repository
 
 GROUP_LINE = re.compile(r"(\d+) workers serving on gRPC port (\d+), metrics port (\d+)")
@@ -205,37 +205,10 @@ def test_killed_worker_is_restarted_and_the_group_keeps_answering(group: Group) 
 
 def test_sigterm_drains_every_worker_and_exits_zero(group: Group) -> None:
     request = infer_request("classifier", images(1))
-    outcomes: Counter[str] = Counter()
-    lock = threading.Lock()
-    stop = threading.Event()
-
-    def client() -> None:
-        with channel(group.port) as ch:
-            infer = stub(ch).ModelInfer
-            while not stop.is_set():
-                futures = [infer.future(request, timeout=30) for _ in range(4)]
-                for future in futures:
-                    try:
-                        future.result()
-                        outcome = "ok"
-                    except grpc.RpcError as exc:
-                        outcome = exc.code().name
-                    with lock:
-                        outcomes[outcome] += 1
-                    if outcome != "ok":
-                        stop.set()
-
-    threads = [threading.Thread(target=client) for _ in range(8)]
-    for thread in threads:
-        thread.start()
-    time.sleep(1.5)
-    group.process.send_signal(signal.SIGTERM)
-    try:
+    with unary_load(f"127.0.0.1:{group.port}", request, clients=8) as outcomes:
+        time.sleep(1.5)
+        group.process.send_signal(signal.SIGTERM)
         code = group.process.wait(40)
-    finally:
-        stop.set()
-        for thread in threads:
-            thread.join(30)
     text = group.text
     assert code == 0, text
     assert set(outcomes) <= {"ok", "UNAVAILABLE", "CANCELLED"}, outcomes

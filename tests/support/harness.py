@@ -144,3 +144,41 @@ def stub(channel: grpc.Channel) -> pb_grpc.GRPCInferenceServiceStub:
 
 
 test_settings.__test__ = False  # type: ignore[attr-defined]  # not a pytest test
+
+
+@contextmanager
+def unary_load(address: str, request: pb.ModelInferRequest, clients: int) -> Iterator[Any]:
+    """`clients` threads, each on its own connection, send `request` in waves of four until one
+    fails or the block ends; yields a Counter of outcomes ("ok" or the status name), complete once
+    the block has exited (the threads are joined then)."""
+    import collections
+
+    outcomes: collections.Counter[str] = collections.Counter()
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def client() -> None:
+        options = [("grpc.use_local_subchannel_pool", 1)]
+        with grpc.insecure_channel(address, options=options) as channel:
+            infer = stub(channel).ModelInfer
+            while not stop.is_set():
+                for future in [infer.future(request, timeout=30) for _ in range(4)]:
+                    try:
+                        future.result()
+                        outcome = "ok"
+                    except grpc.RpcError as exc:
+                        outcome = exc.code().name
+                    with lock:
+                        outcomes[outcome] += 1
+                    if outcome != "ok":
+                        stop.set()
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    try:
+        yield outcomes
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(30)
