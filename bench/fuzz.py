@@ -22,11 +22,9 @@ import io
 import json
 import random
 import re
-import struct
 import sys
 import time
 import urllib.request
-import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -46,6 +44,8 @@ from pb import explain_pb2_grpc as ex_grpc  # noqa: E402
 from pb import grpc_service_pb2 as pb  # noqa: E402
 from pb import grpc_service_pb2_grpc as pb_grpc  # noqa: E402
 from service.errors import INTERNAL_MESSAGE  # noqa: E402
+from tests.support.pictures import jpeg_claiming as _jpeg_claiming  # noqa: E402
+from tests.support.pictures import png_claiming as _png_claiming  # noqa: E402
 from training.cli import HelpFormatter  # noqa: E402
 
 INFER = "/inference.GRPCInferenceService/ModelInfer"
@@ -89,21 +89,6 @@ def _png(pixels: np.ndarray | Image.Image, fmt: str = "PNG", **options: Any) -> 
     buffer = io.BytesIO()
     img.save(buffer, format=fmt, **options)
     return buffer.getvalue()
-
-
-def _png_claiming(width: int, height: int) -> bytes:
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        crc = struct.pack(">I", zlib.crc32(kind + body))
-        return struct.pack(">I", len(body)) + kind + body + crc
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
-
-
-def _jpeg_claiming(width: int, height: int) -> bytes:
-    data = bytearray(_png(Image.new("L", (16, 16)), "JPEG"))
-    struct.pack_into(">HH", data, data.index(b"\xff\xc0") + 5, height, width)
-    return bytes(data)
 
 
 def _images(rng: np.random.Generator, count: int) -> np.ndarray:

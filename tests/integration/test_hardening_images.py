@@ -9,10 +9,8 @@ process's and its memory is this process's RSS; the peak is reset before each ca
 from __future__ import annotations
 
 import io
-import struct
 import threading
 import time
-import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -31,6 +29,8 @@ from service.errors import DeadlineExceeded, ServingError
 from service.imaging import MAX_DECODED_PIXELS, MAX_IMAGE_PIXELS, MAX_OVERLAY_SIDE, Cancelled
 from tests.support.harness import ServerThread, running_server, stub
 from tests.support.onnx_models import write_test_repository
+from tests.support.pictures import jpeg_claiming as _jpeg_claiming
+from tests.support.pictures import png_claiming as _png_claiming
 
 MODEL = "classifier"  # explained by classifier_gradcam
 MiB = 1024 * 1024
@@ -79,23 +79,6 @@ def _png(picture: Image.Image) -> bytes:
     buffer = io.BytesIO()
     picture.save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-def _png_claiming(width: int, height: int) -> bytes:
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        crc = struct.pack(">I", zlib.crc32(kind + body))
-        return struct.pack(">I", len(body)) + kind + body + crc
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
-
-
-def _jpeg_claiming(width: int, height: int) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("L", (16, 16)).save(buffer, format="JPEG")
-    data = bytearray(buffer.getvalue())
-    struct.pack_into(">HH", data, data.index(b"\xff\xc0") + 5, height, width)
-    return bytes(data)
 
 
 def _explain(server: ServerThread, image: bytes, timeout: float = 60) -> ex.ExplainResponse:

@@ -25,6 +25,8 @@ from service.imaging import (
     feature_grid_png,
     overlay_png,
 )
+from tests.support.pictures import jpeg_claiming as _jpeg_claiming
+from tests.support.pictures import png_claiming as _png_claiming
 from training.data import load_mnist
 
 
@@ -112,20 +114,6 @@ def test_feature_grid_tiles_every_map() -> None:
 
 def _png_chunk(kind: bytes, body: bytes) -> bytes:
     return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-
-def _png_claiming(width: int, height: int) -> bytes:
-    """A few bytes of PNG whose header states a huge size (the pixel data is missing)."""
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IEND", b"")
-
-
-def _jpeg_claiming(width: int, height: int) -> bytes:
-    """A small JPEG with its frame header (SOF0) patched to state a huge size."""
-    data = bytearray(_encode(np.zeros((16, 16), dtype=np.uint8), "JPEG"))
-    sof = data.index(b"\xff\xc0")
-    struct.pack_into(">HH", data, sof + 5, height, width)
-    return bytes(data)
 
 
 @pytest.mark.parametrize("mode", ["L", "RGB", "RGBA"])
