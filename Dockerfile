@@ -37,7 +37,7 @@ RUN pip install "grpcio-tools==1.85.*" && python proto/generate.py && pip uninst
          gpu) pip install ".[gpu]" "onnxruntime-gpu[cuda,cudnn]==${ORT_GPU_VERSION}" ;; \
          *) echo "VARIANT must be cpu or gpu" >&2; exit 1 ;; \
        esac \
-    && python -c "import service.server, onnxruntime; print(onnxruntime.get_available_providers())" \
+    && python -c "import service.app, onnxruntime; print(onnxruntime.get_available_providers())" \
     && ! python -c "import torch" 2>/dev/null \
     && if [ "${VARIANT}" = gpu ]; then check-cuda-libs /opt/venv > /etc/ld.so.conf.d/cuda-wheels.conf; \
        else : > /etc/ld.so.conf.d/cuda-wheels.conf; fi \

@@ -43,7 +43,7 @@ from pb import explain_pb2 as ex  # noqa: E402
 from pb import explain_pb2_grpc as ex_grpc  # noqa: E402
 from pb import grpc_service_pb2 as pb  # noqa: E402
 from pb import grpc_service_pb2_grpc as pb_grpc  # noqa: E402
-from service.errors import INTERNAL_MESSAGE  # noqa: E402
+from service.core.errors import INTERNAL_MESSAGE  # noqa: E402
 from tests.support.pictures import jpeg_claiming as _jpeg_claiming  # noqa: E402
 from tests.support.pictures import png_claiming as _png_claiming  # noqa: E402
 from training.cli import HelpFormatter  # noqa: E402

@@ -72,7 +72,7 @@ def gradcam_picture(repository: Path, names: list[str], out: Path) -> None:
     import matplotlib.pyplot as plt
     import onnxruntime as ort
 
-    from service.imaging import overlay_png
+    from service.explain.imaging import overlay_png
     from training.mnist import load_mnist
 
     images, labels = load_mnist("test")
@@ -113,7 +113,7 @@ def clip_picture(repository: Path, out: Path) -> None:
     import onnxruntime as ort
     from PIL import Image
 
-    from service.imaging import overlay_png
+    from service.explain.imaging import overlay_png
     from training.data import load_dataset
 
     clips, labels, _ = load_dataset("moving_mnist", "test")

@@ -8,10 +8,10 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 
+from .app import create_server
 from .config import Settings
-from .errors import ModelLoadError
-from .logs import configure_logging
-from .server import create_server
+from .core.errors import ModelLoadError
+from .observability.logs import configure_logging
 
 log = logging.getLogger("service")
 
@@ -55,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     configure_logging(settings.log_level, settings.log_format)
     if settings.workers > 1:
-        from .workers import supervise
+        from .workers.supervisor import supervise
 
         return supervise(settings)
     with asyncio.Runner(loop_factory=_loop_factory(settings.uvloop)) as runner:

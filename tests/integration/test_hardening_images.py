@@ -21,12 +21,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import service.explain
+import service.explain.pipeline
 from pb import explain_pb2 as ex
 from pb import explain_pb2_grpc as ex_grpc
 from pb import grpc_service_pb2 as pb
-from service.errors import DeadlineExceeded, ServingError
-from service.imaging import MAX_DECODED_PIXELS, MAX_IMAGE_PIXELS, MAX_OVERLAY_SIDE, Cancelled
+from service.core.errors import DeadlineExceeded, ServingError
+from service.explain.imaging import (
+    MAX_DECODED_PIXELS,
+    MAX_IMAGE_PIXELS,
+    MAX_OVERLAY_SIDE,
+    Cancelled,
+)
 from tests.support.harness import ServerThread, running_server, stub
 from tests.support.onnx_models import write_test_repository
 from tests.support.pictures import jpeg_claiming as _jpeg_claiming
@@ -184,7 +189,7 @@ def read_input_outcomes(monkeypatch: pytest.MonkeyPatch) -> list[BaseException |
                 outcomes.append(outcome)
                 done.notify_all()
 
-    monkeypatch.setattr(service.explain, "read_input", recorded)
+    monkeypatch.setattr(service.explain.pipeline, "read_input", recorded)
     return outcomes
 
 
@@ -207,7 +212,7 @@ class _SlowDecode:
             time.sleep(self.seconds)
             return original(*args)
 
-        monkeypatch.setattr(service.explain, "decode_image", slow)
+        monkeypatch.setattr(service.explain.pipeline, "decode_image", slow)
 
 
 def test_picture_work_past_the_deadline_stops_and_runs_no_model(

@@ -21,8 +21,8 @@ from onnx import TensorProto, helper, numpy_helper
 from pb import explain_pb2 as ex
 from pb import explain_pb2_grpc as ex_grpc
 from pb import grpc_service_pb2 as pb
-from service.codec import decode_bytes_tensor
-from service.errors import INTERNAL_MESSAGE
+from service.core.errors import INTERNAL_MESSAGE
+from service.rpc.codec import decode_bytes_tensor
 from tests.conftest import ROOT
 from tests.support.harness import (
     ServerThread,

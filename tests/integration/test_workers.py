@@ -212,7 +212,7 @@ def test_sigterm_drains_every_worker_and_exits_zero(group: Group) -> None:
     text = group.text
     assert code == 0, text
     assert set(outcomes) <= {"ok", "UNAVAILABLE", "CANCELLED"}, outcomes
-    drained = re.findall(r"\[worker (\d)\] service.server: drained: (\d+) requests succeeded, "
+    drained = re.findall(r"\[worker (\d)\] service.app: drained: (\d+) requests succeeded, "
                          r"(\d+) failed", text)  # fmt: skip
     assert sorted(w for w, _, _ in drained) == ["0", "1"], text
     # Every request a worker accepted was answered and received.

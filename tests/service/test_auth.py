@@ -1,4 +1,4 @@
-"""Unit tests for service.auth: token files, scopes, and the interceptor on a real grpc.aio server."""
+"""Unit tests for service.security.auth: token files, scopes, and the interceptor on a real grpc.aio server."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from service.auth import (
+from service.security.auth import (
     ADMIN,
     INFERENCE,
     Authenticator,

@@ -10,9 +10,9 @@ from collections.abc import Mapping
 import numpy as np
 import pytest
 
-from service import batcher as batcher_module
-from service.batcher import BatchRecord, DynamicBatcher
-from service.errors import DeadlineExceeded, ModelNotReady, QueueFull
+from service.core import batcher as batcher_module
+from service.core.batcher import BatchRecord, DynamicBatcher
+from service.core.errors import DeadlineExceeded, ModelNotReady, QueueFull
 
 
 def double(inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

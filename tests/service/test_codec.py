@@ -1,4 +1,4 @@
-"""Unit tests for service.codec: decoding, validation messages, reshape, encoding, top-k."""
+"""Unit tests for service.rpc.codec: decoding, validation messages, reshape, encoding, top-k."""
 
 from __future__ import annotations
 
@@ -9,15 +9,9 @@ import pytest
 
 from pb import grpc_service_pb2 as pb
 from pb import model_config_pb2 as mc
-from service.codec import (
-    CONFIG_DATATYPES,
-    Signature,
-    TensorSpec,
-    decode_bytes_tensor,
-    decode_request,
-    encode_response,
-)
-from service.errors import InvalidInput
+from service.core.errors import InvalidInput
+from service.core.signature import CONFIG_DATATYPES, Signature, TensorSpec
+from service.rpc.codec import decode_bytes_tensor, decode_request, encode_response
 
 IMAGE = TensorSpec("input", "FP32", (1, 28, 28), (1, 28, 28))
 TARGET = TensorSpec("target_class", "INT64", (1,), (), value_range=(-1, 10))

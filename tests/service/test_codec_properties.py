@@ -16,15 +16,9 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from pb import grpc_service_pb2 as pb
-from service.codec import (
-    CONTENTS_FIELDS,
-    NUMPY_DTYPES,
-    DecodedRequest,
-    Signature,
-    TensorSpec,
-    decode_request,
-)
-from service.errors import ServingError
+from service.core.errors import ServingError
+from service.core.signature import NUMPY_DTYPES, DecodedRequest, Signature, TensorSpec
+from service.rpc.codec import CONTENTS_FIELDS, decode_request
 
 settings.register_profile(
     "codec",

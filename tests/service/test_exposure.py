@@ -1,4 +1,4 @@
-"""Unit tests for service.security: loopback detection and the warning for an open server."""
+"""Unit tests for service.security.exposure: loopback detection and the warning for an open server."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from service.config import Settings
-from service.security import ServerSecurity, is_loopback
+from service.security.exposure import ServerSecurity, is_loopback
 
 
 @pytest.mark.parametrize(

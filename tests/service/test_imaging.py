@@ -12,9 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image, JpegImagePlugin
 
-from service.errors import DeadlineExceeded, InvalidInput
-from service.explain import ModelInput, _draw
-from service.imaging import (
+from service.core.errors import DeadlineExceeded, InvalidInput
+from service.explain.imaging import (
     MAX_DECODED_PIXELS,
     MAX_IMAGE_PIXELS,
     MAX_OVERLAY_SIDE,
@@ -25,6 +24,7 @@ from service.imaging import (
     feature_grid_png,
     overlay_png,
 )
+from service.explain.pipeline import ModelInput, _draw
 from tests.support.pictures import jpeg_claiming as _jpeg_claiming
 from tests.support.pictures import png_claiming as _png_claiming
 from training.data import load_mnist

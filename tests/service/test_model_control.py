@@ -1,4 +1,4 @@
-"""Unit tests for service.model_control: the none, explicit and poll modes over a repository.
+"""Unit tests for service.core.model_control: the none, explicit and poll modes over a repository.
 
 The loader is a stand-in (no ONNX Runtime): a version whose model file says `broken` fails.
 """
@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from service.errors import ModelControlDisabled, ModelLoadError
-from service.model_control import ModelControl, fingerprint
-from service.repository import ModelRepository, ModelSpec
+from service.core.errors import ModelControlDisabled, ModelLoadError
+from service.core.model_control import ModelControl, fingerprint
+from service.core.repository import ModelRepository, ModelSpec
 
 
 class FakeVersion:

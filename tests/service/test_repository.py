@@ -1,4 +1,4 @@
-"""Unit tests for service.repository and model loading: version policy, broken models, configs."""
+"""Unit tests for service.core.repository and model loading: version policy, broken models, configs."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from pb import model_config_pb2 as mc
-from service import loading as loading_module
 from service.config import Settings
-from service.errors import ModelLoadError, ModelNotFound, ModelNotReady
-from service.loading import load_version
-from service.metrics import ServingMetrics
-from service.repository import READY, UNAVAILABLE, ModelRepository, read_model, select_versions
+from service.core import loading as loading_module
+from service.core.errors import ModelLoadError, ModelNotFound, ModelNotReady
+from service.core.loading import load_version
+from service.core.repository import READY, UNAVAILABLE, ModelRepository, read_model, select_versions
+from service.observability.metrics import ServingMetrics
 from tests.support.onnx_models import (
     classifier_config,
     classifier_graph,

@@ -1,4 +1,4 @@
-"""Unit tests for service.tls: credentials from PEM files, TLS and mutual TLS on a real server."""
+"""Unit tests for service.security.tls: credentials from PEM files, TLS and mutual TLS on a real server."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from service.tls import TlsFiles, check_files, server_credentials, tls_files
+from service.security.tls import TlsFiles, check_files, server_credentials, tls_files
 from tests.support.certs import CertFiles, write_certs
 
 METHOD = "/test.Echo/Echo"

@@ -9,7 +9,13 @@ import pytest
 
 from pb import grpc_service_pb2 as pb
 from service.config import Settings
-from service.workers import WorkerInfo, merge_statistics, publish, published, reserve_port
+from service.workers.supervisor import (
+    WorkerInfo,
+    merge_statistics,
+    publish,
+    published,
+    reserve_port,
+)
 
 
 def stats(name: str, version: str, success: int, batches: dict[int, int], last: int = 0):

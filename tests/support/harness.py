@@ -15,8 +15,8 @@ import grpc
 
 from pb import grpc_service_pb2 as pb
 from pb import grpc_service_pb2_grpc as pb_grpc
+from service.app import InferenceServer, create_server
 from service.config import Settings
-from service.server import InferenceServer, create_server
 
 MAX_MESSAGE = 64 * 1024 * 1024
 

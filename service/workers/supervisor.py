@@ -47,13 +47,13 @@ from prometheus_client.registry import Collector
 
 from pb import grpc_service_pb2 as pb
 
-from .config import Settings
-from .errors import ModelLoadError, ServingError
-from .logs import configure_logging
-from .metrics import NAMESPACE
-from .model import ServedModel
-from .repository import ModelRepository
-from .server import CLOSE_MARGIN_S, create_server
+from ..app import CLOSE_MARGIN_S, create_server
+from ..config import Settings
+from ..core.errors import ModelLoadError, ServingError
+from ..core.model import ServedModel
+from ..core.repository import ModelRepository
+from ..observability.logs import configure_logging
+from ..observability.metrics import NAMESPACE
 
 log = logging.getLogger(__name__)
 
@@ -291,7 +291,7 @@ def worker_main(settings: Settings, index: int, run_dir: Path, metrics: bool) ->
         handler.setFormatter(
             logging.Formatter("%(asctime)s %(levelname)s [worker %(worker)s] %(name)s: %(message)s")
         )
-    from .__main__ import _loop_factory
+    from ..__main__ import _loop_factory
 
     with asyncio.Runner(loop_factory=_loop_factory(settings.uvloop)) as runner:
         code = runner.run(serve_worker(settings, index, run_dir, metrics))

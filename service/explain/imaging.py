@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .errors import DeadlineExceeded, InvalidInput, ServingError
+from ..core.errors import DeadlineExceeded, InvalidInput, ServingError
 
 FORMATS = ("PNG", "JPEG")
 # The picture's size as its header states it, in pixels: a JPEG this big is still decoded reduced

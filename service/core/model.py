@@ -16,13 +16,13 @@ import numpy as np
 import modelrepo
 from pb import model_config_pb2 as mc
 
+from ..config import Settings
+from ..observability.metrics import ServingMetrics
 from .batcher import BatchFunction, BatchRecord, BatchResult, DynamicBatcher
-from .codec import Signature
-from .config import Settings
 from .errors import ServingError
-from .metrics import ServingMetrics
 from .repository import ModelSpec
 from .runtime import CUDA, OnnxModel
+from .signature import Signature
 from .statistics import VersionStatistics
 
 Arrays = Mapping[str, np.ndarray]

@@ -20,7 +20,7 @@ from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import DecodeError, Message
 from google.protobuf.message_factory import GetMessageClass
 
-from .errors import INTERNAL_MESSAGE, MALFORMED, InvalidInput, ServingError, shorten
+from ..core.errors import INTERNAL_MESSAGE, MALFORMED, InvalidInput, ServingError, shorten
 
 log = logging.getLogger(__name__)
 

@@ -18,10 +18,10 @@ import numpy as np
 import modelrepo
 from pb import explain_pb2 as ex
 
-from .errors import InvalidInput
+from ..core.errors import InvalidInput
+from ..core.model import ServedModel
+from ..core.repository import ModelRepository
 from .imaging import NEVER, Stop, decode_image, feature_grid_png, overlay_png, pixels_png
-from .model import ServedModel
-from .repository import ModelRepository
 
 INPUT, TARGET = modelrepo.INPUT, modelrepo.TARGET_CLASS
 PROBABILITIES, CAM = modelrepo.PROBABILITIES, modelrepo.CAM

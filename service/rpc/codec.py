@@ -10,38 +10,18 @@ from __future__ import annotations
 import math
 import struct
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
 from pb import grpc_service_pb2 as pb
-from pb import model_config_pb2 as mc
 
-from .errors import InvalidInput, shorten
-
-# Protocol datatype name -> numpy dtype (little-endian). BF16 and BYTES have no numpy twin here.
-NUMPY_DTYPES: dict[str, np.dtype[Any]] = {
-    "BOOL": np.dtype(np.bool_),
-    "UINT8": np.dtype("<u1"),
-    "UINT16": np.dtype("<u2"),
-    "UINT32": np.dtype("<u4"),
-    "UINT64": np.dtype("<u8"),
-    "INT8": np.dtype("<i1"),
-    "INT16": np.dtype("<i2"),
-    "INT32": np.dtype("<i4"),
-    "INT64": np.dtype("<i8"),
-    "FP16": np.dtype("<f2"),
-    "FP32": np.dtype("<f4"),
-    "FP64": np.dtype("<f8"),
-}
-
-# Config enum (TYPE_FP32) -> protocol name (FP32); Triton calls TYPE_STRING "BYTES" on the wire.
-CONFIG_DATATYPES: dict[int, str] = {
-    value: ("BYTES" if name == "TYPE_STRING" else name.removeprefix("TYPE_"))
-    for name, value in mc.DataType.items()
-    if name != "TYPE_INVALID"
-}
+from ..core.errors import InvalidInput, shorten
+from ..core.signature import (
+    DecodedRequest,
+    RequestedOutput,
+    Signature,
+    TensorSpec,
+)
 
 # Which typed `contents` field carries each datatype (narrow integers travel widened).
 CONTENTS_FIELDS: dict[str, str] = {
@@ -60,91 +40,6 @@ CONTENTS_FIELDS: dict[str, str] = {
 }
 
 CLASSIFICATION = "classification"
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """One model input or output: wire dims and model dims exclude the batch dimension."""
-
-    name: str
-    datatype: str
-    dims: tuple[int, ...]
-    model_dims: tuple[int, ...]
-    value_range: tuple[int, int] | None = None  # allowed integer values, [low, high)
-    labels: tuple[str, ...] = ()
-    dtype: np.dtype[Any] = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        if self.datatype not in NUMPY_DTYPES:
-            raise ValueError(f"tensor {self.name!r}: datatype {self.datatype} is not supported")
-        object.__setattr__(self, "dtype", NUMPY_DTYPES[self.datatype])
-
-    @classmethod
-    def from_config(
-        cls,
-        tensor: mc.ModelInput | mc.ModelOutput,
-        value_range: tuple[int, int] | None = None,
-        labels: Sequence[str] = (),
-    ) -> TensorSpec:
-        """Build a spec from a config input or output, honouring its `reshape`."""
-        dims = tuple(int(d) for d in tensor.dims)
-        model_dims = (
-            tuple(int(d) for d in tensor.reshape.shape) if tensor.HasField("reshape") else dims
-        )
-        return cls(
-            name=tensor.name,
-            datatype=CONFIG_DATATYPES.get(tensor.data_type, "INVALID"),
-            dims=dims,
-            model_dims=model_dims,
-            value_range=value_range,
-            labels=tuple(labels),
-        )
-
-    def accepts(self, item_shape: Sequence[int]) -> bool:
-        """Whether one batch element of this shape fits the config dims (or the reshaped dims)."""
-        return _matches(item_shape, self.dims) or _matches(item_shape, self.model_dims)
-
-
-def _matches(shape: Sequence[int], dims: tuple[int, ...]) -> bool:
-    return len(shape) == len(dims) and all(
-        d == -1 or s == d for s, d in zip(shape, dims, strict=True)
-    )
-
-
-@dataclass(frozen=True)
-class Signature:
-    """A model's tensors and batching limit, as the codec needs them."""
-
-    inputs: tuple[TensorSpec, ...]
-    outputs: tuple[TensorSpec, ...]
-    max_batch_size: int
-    inputs_by_name: dict[str, TensorSpec] = field(init=False, repr=False, compare=False)
-    outputs_by_name: dict[str, TensorSpec] = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "inputs_by_name", {t.name: t for t in self.inputs})
-        object.__setattr__(self, "outputs_by_name", {t.name: t for t in self.outputs})
-
-    @property
-    def batching(self) -> bool:
-        return self.max_batch_size > 0
-
-
-@dataclass(frozen=True)
-class RequestedOutput:
-    """An output to return; `classes` > 0 asks for the top-k classification instead of values."""
-
-    spec: TensorSpec
-    classes: int = 0
-
-
-@dataclass
-class DecodedRequest:
-    """A request's inputs as batch-first arrays, its batch size and the outputs it wants."""
-
-    inputs: dict[str, np.ndarray]
-    batch_size: int
-    outputs: list[RequestedOutput]
 
 
 def decode_request(request: pb.ModelInferRequest, sig: Signature) -> DecodedRequest:

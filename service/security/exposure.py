@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health_pb2_grpc
 
+from ..config import Settings
 from .auth import Authenticator, AuthInterceptor, Refusal
-from .config import Settings
 from .tls import TlsFiles, check_files, server_credentials, tls_files
 
 log = logging.getLogger(__name__)

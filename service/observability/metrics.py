@@ -21,7 +21,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from .errors import REJECT_REASONS
+from ..core.errors import REJECT_REASONS
 
 log = logging.getLogger(__name__)
 

@@ -18,14 +18,14 @@ from pb import explain_pb2_grpc as ex_grpc
 from pb import grpc_service_pb2 as pb
 from pb import grpc_service_pb2_grpc as pb_grpc
 
-from . import __version__
+from .. import __version__
+from ..core.errors import InvalidInput, ModelNotReady, Unsupported
+from ..core.model import ServedModel
+from ..core.model_control import ModelControl
+from ..core.repository import ModelRepository
+from ..explain.pipeline import explain
 from .codec import decode_request, encode_response
-from .errors import InvalidInput, ModelNotReady, Unsupported
-from .explain import explain
 from .handlers import Rejections
-from .model import ServedModel
-from .model_control import ModelControl
-from .repository import ModelRepository
 
 SERVER_NAME = "cnnserve"
 EXTENSIONS = ("classification", "model_repository", "model_configuration", "statistics")

@@ -17,13 +17,13 @@ import numpy as np
 import modelrepo
 from pb import model_config_pb2 as mc
 
-from .codec import Signature, TensorSpec
-from .config import Settings
+from ..config import Settings
+from ..observability.metrics import ServingMetrics
 from .errors import ModelLoadError
-from .metrics import ServingMetrics
 from .model import ServedModel
 from .repository import ModelSpec
 from .runtime import CUDA, GraphTensor, OnnxModel
+from .signature import Signature, TensorSpec
 
 log = logging.getLogger(__name__)
 

@@ -21,16 +21,16 @@ from prometheus_client import CollectorRegistry, start_http_server
 from pb import explain_pb2 as ex
 from pb import grpc_service_pb2 as pb
 
-from .auth import Refusal
 from .config import Settings
-from .handlers import RateLimitedLog, Rejections, service_handler
-from .loading import load_version
-from .metrics import ServingMetrics
-from .model import ServedModel
-from .model_control import ModelControl
-from .repository import READY, STATES, ModelEntry, ModelRepository, ModelSpec
-from .security import ServerSecurity, start_health_server
-from .servicers import ExplainServicer, InferenceServicer, PeerStatistics
+from .core.loading import load_version
+from .core.model import ServedModel
+from .core.model_control import ModelControl
+from .core.repository import READY, STATES, ModelEntry, ModelRepository, ModelSpec
+from .observability.metrics import ServingMetrics
+from .rpc.handlers import RateLimitedLog, Rejections, service_handler
+from .rpc.servicers import ExplainServicer, InferenceServicer, PeerStatistics
+from .security.auth import Refusal
+from .security.exposure import ServerSecurity, start_health_server
 
 log = logging.getLogger(__name__)
 
