@@ -69,11 +69,31 @@ NEVER = Stop()
 
 
 @dataclass(frozen=True)
+class Box:
+    """Where the picture lies in the model's canvas, in canvas pixels (the rest is padding)."""
+
+    top: int
+    left: int
+    height: int
+    width: int
+
+    @staticmethod
+    def whole(shape: tuple[int, ...]) -> Box:
+        """The box of a canvas the picture fills: the last two dims of `shape`."""
+        return Box(0, 0, int(shape[-2]), int(shape[-1]))
+
+    def crop(self, values: np.ndarray) -> np.ndarray:
+        """The part of [..., H, W] values over the picture."""
+        return values[..., self.top : self.top + self.height, self.left : self.left + self.width]
+
+
+@dataclass(frozen=True)
 class DecodedImage:
     """Model pixels (float32 [H, W] in [0, 1]) and the picture as sent, in grey, for the overlay."""
 
     pixels: np.ndarray
     original: np.ndarray  # uint8 [height, width], after the polarity decision, at most work side
+    box: Box  # where `original` lies in `pixels`
 
 
 def decode_image(
@@ -122,7 +142,8 @@ def decode_image(
     if light:
         original = 255 - original
     stop.check("image")
-    return DecodedImage(_fit(original, size), original)
+    pixels, box = _fit(original, size)
+    return DecodedImage(pixels, original, box)
 
 
 def _check_header(img: Image.Image) -> None:
@@ -163,10 +184,11 @@ def _light_background(grey: Image.Image) -> bool:
     return float(border.mean()) > 127.5
 
 
-def _fit(grey: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+def _fit(grey: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, Box]:
     """Scale to fit `size` (H, W) with antialiasing, then pad with black (centred).
 
     Scaling first keeps the canvas at the model's input size, whatever the picture's shape.
+    Returns the canvas in [0, 1] and the box the picture occupies in it.
     """
     height, width = grey.shape
     target_h, target_w = size
@@ -179,7 +201,7 @@ def _fit(grey: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     canvas = np.zeros((target_h, target_w), dtype=np.float32)
     top, left = (target_h - fitted_h) // 2, (target_w - fitted_w) // 2
     canvas[top : top + fitted_h, left : left + fitted_w] = np.asarray(img, dtype=np.float32)
-    return canvas / 255.0
+    return canvas / 255.0, Box(top, left, fitted_h, fitted_w)
 
 
 def colormap(values: np.ndarray) -> np.ndarray:
@@ -214,9 +236,16 @@ def as_frames(values: np.ndarray) -> np.ndarray:
     return np.concatenate(frames, axis=1)
 
 
-def overlay_png(original: np.ndarray, heatmap: np.ndarray) -> bytes:
-    """The heatmap, resized to the picture, blended over it: a PNG of the picture's size, scaled
-    down so its longer side is at most MAX_OVERLAY_SIDE."""
+def overlay_png(original: np.ndarray, heatmap: np.ndarray, box: Box | None = None) -> bytes:
+    """The heatmap over the picture: a PNG of the picture's size, scaled down so its longer side
+    is at most MAX_OVERLAY_SIDE.
+
+    `box` is where the picture lies in the model's canvas (the heatmap's grid): only that part of
+    the heatmap is stretched over the picture, so the padding of a letterboxed picture is left
+    out and the heat lands where the model looked. None: the picture fills the canvas.
+    """
+    if box is not None:
+        heatmap = box.crop(heatmap)
     height, width = original.shape
     if max(height, width) > MAX_OVERLAY_SIDE:
         width, height = _scaled((width, height), MAX_OVERLAY_SIDE)

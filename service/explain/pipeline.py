@@ -21,7 +21,7 @@ from pb import explain_pb2 as ex
 from ..core.errors import InvalidInput
 from ..core.model import ServedModel
 from ..core.repository import ModelRepository
-from .imaging import NEVER, Stop, decode_image, feature_grid_png, overlay_png, pixels_png
+from .imaging import NEVER, Box, Stop, decode_image, feature_grid_png, overlay_png, pixels_png
 
 INPUT, TARGET = modelrepo.INPUT, modelrepo.TARGET_CLASS
 PROBABILITIES, CAM = modelrepo.PROBABILITIES, modelrepo.CAM
@@ -36,6 +36,7 @@ class ModelInput:
 
     pixels: np.ndarray
     original: np.ndarray
+    box: Box | None = None  # where `original` lies in `pixels` (None: it fills them)
 
 
 def read_input(request: ex.ExplainRequest, dims: tuple[int, ...], stop: Stop = NEVER) -> ModelInput:
@@ -63,7 +64,7 @@ def read_input(request: ex.ExplainRequest, dims: tuple[int, ...], stop: Stop = N
             )
         polarity = _POLARITY.get(request.polarity, "auto")
         decoded = decode_image(request.image, (dims[1], dims[2]), polarity, stop)
-        return ModelInput(decoded.pixels[np.newaxis], decoded.original)
+        return ModelInput(decoded.pixels[np.newaxis], decoded.original, decoded.box)
     raise InvalidInput("input: send `image` (PNG or JPEG bytes) or `tensor`")
 
 
@@ -215,7 +216,7 @@ def _draw(
     overlays = []
     for cam in cams:
         stop.check("overlay_png")
-        overlays.append(overlay_png(item.original, cam))
+        overlays.append(overlay_png(item.original, cam, item.box))
     stop.check("feature_maps_png")
     maps = feature_grid_png(activations[0]) if grid and activations is not None else b""
     return _Pictures(overlays, maps)

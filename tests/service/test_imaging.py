@@ -222,3 +222,51 @@ def test_pictures_of_nan_or_infinite_maps_are_drawn_without_warnings(digit: np.n
         overlay_png(digit, odd)
         feature_grid_png(np.stack([odd, np.ones_like(odd)]))
         assert colormap(odd).dtype == np.uint8
+
+
+# Overlays of pictures that are not square: the model sees the picture letterboxed into its
+# canvas, so only the part of the heatmap over the picture may be stretched over it.
+
+
+def _hottest(png: bytes) -> tuple[int, int]:
+    """(row, column) of the overlay's hottest pixel: most red against blue."""
+    with Image.open(io.BytesIO(png)) as img:
+        rgb = np.asarray(img.convert("RGB"), dtype=np.int32)
+    heat = rgb[..., 0] - rgb[..., 2]
+    row, col = np.unravel_index(int(np.argmax(heat)), heat.shape)
+    return int(row), int(col)
+
+
+@pytest.mark.parametrize(
+    ("size", "mark"),
+    [
+        # (width, height) of the picture; the mark's (top, left, height, width) in the picture
+        ((480, 240), (10, 40, 50, 50)),  # wide: near the top edge, off the centre rows
+        ((240, 480), (360, 170, 50, 50)),  # tall: near the right edge, low
+        ((510, 170), (120, 420, 40, 40)),  # wide 3:1, bottom right
+    ],
+    ids=["wide", "tall", "wide-3to1"],
+)
+def test_the_hottest_region_of_an_overlay_falls_on_the_mark(
+    size: tuple[int, int], mark: tuple[int, int, int, int], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    width, height = size
+    top, left, mark_h, mark_w = mark
+    picture = np.zeros((height, width), dtype=np.uint8)
+    picture[top : top + mark_h, left : left + mark_w] = 255
+    decoded = decode_image(_encode(picture), (28, 28), "as_is")
+    # A model that looks exactly at the mark: its heatmap is the model input itself.
+    png = overlay_png(decoded.original, decoded.pixels, decoded.box)
+    (tmp_path_factory.mktemp("overlays") / f"{width}x{height}.png").write_bytes(png)
+    with Image.open(io.BytesIO(png)) as img:
+        assert img.size == (width, height)
+    row, col = _hottest(png)
+    assert top <= row < top + mark_h and left <= col < left + mark_w, (row, col)
+
+
+def test_the_box_is_where_the_picture_lies_in_the_canvas() -> None:
+    decoded = decode_image(_encode(np.full((280, 560), 255, dtype=np.uint8)), (28, 28), "as_is")
+    box = decoded.box
+    assert (box.top, box.left, box.height, box.width) == (7, 0, 14, 28)
+    assert box.crop(decoded.pixels).min() == 1.0
+    assert decoded.pixels.sum() == box.height * box.width
