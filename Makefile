@@ -25,7 +25,9 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed  ## Create the virtual environment (.venv)
 
-# Generated protobuf/gRPC modules live in pb/ (not committed; rerun any time).
+# Generated protobuf/gRPC modules live in pb/ (not committed; rerun any time). The install itself
+# generates them too (setup.py, grpcio-tools as a build requirement), so the editable install and
+# any wheel include `pb`; this target regenerates them with the venv's own grpcio-tools.
 pb/.generated: $(VENV)/.installed $(wildcard proto/*.proto) proto/generate.py
 	$(PY) proto/generate.py
 	touch $@
