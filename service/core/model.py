@@ -19,7 +19,7 @@ from pb import model_config_pb2 as mc
 from ..config import Settings
 from ..observability.metrics import ServingMetrics
 from .batcher import BatchFunction, BatchRecord, BatchResult, DynamicBatcher
-from .errors import ServingError
+from .errors import InvalidInput, ServingError
 from .repository import ModelSpec
 from .runtime import CUDA, OnnxModel
 from .signature import Signature
@@ -88,6 +88,10 @@ class ServedModel:
         start = time.perf_counter_ns() if started_ns is None else started_ns
         self.in_flight += 1
         try:
+            # Every caller, not only the wire codec: ONNX Runtime's own error would be INTERNAL.
+            missing = [n for n in self.signature.inputs_by_name if n not in inputs]
+            if missing:
+                raise InvalidInput(f"model '{self.name}': missing input(s): {', '.join(missing)}")
             result: BatchResult = await self.batcher.submit(inputs, batch_size, timeout_s)
         except asyncio.CancelledError:
             self.request_failed(start, "cancelled")

@@ -94,6 +94,13 @@ def _check_model(model: ServedModel, explainer: bool) -> tuple[str, ...]:
     input_spec = sig.inputs_by_name.get(INPUT)
     if input_spec is None or input_spec.datatype != "FP32":
         raise InvalidInput(f"model '{model.name}' has no FP32 input named '{INPUT}'")
+    if not explainer:
+        others = [n for n in sig.inputs_by_name if n != INPUT]
+        if others:  # e.g. the explainer `<model>_gradcam` given to classify by mistake
+            raise InvalidInput(
+                f"model '{model.name}': missing input(s): {', '.join(others)}; classify takes "
+                "the classifier (the name without the explainer's suffix)"
+            )
     needed = [PROBABILITIES, CAM, modelrepo.EXPLAINED_CLASS] if explainer else [PROBABILITIES]
     missing = [n for n in needed if n not in sig.outputs_by_name]
     if explainer and TARGET not in sig.inputs_by_name:
@@ -139,6 +146,12 @@ async def explain(
         raise InvalidInput(f"top_k: at most {MAX_TOP_K}, got {request.top_k}")
     top_k = max(int(request.top_k), 1)
     name = request.model_name
+    suffix = modelrepo.EXPLAINER_SUFFIX
+    if not request.predictions_only and name.endswith(suffix) and len(name) > len(suffix):
+        raise InvalidInput(
+            f"model_name: '{name}' is an explainer; name its classifier "
+            f"('{name.removesuffix(suffix)}'), whose explainer does the work"
+        )
     served = name if request.predictions_only else modelrepo.explainer_name(name)
     _, model = repository.get(served, request.model_version)
     labels = _check_model(model, explainer=not request.predictions_only)
