@@ -16,7 +16,7 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..core.errors import DeadlineExceeded, InvalidInput, ServingError
 
@@ -117,6 +117,8 @@ def decode_image(
             stop.check("image")
             img.load()
             stop.check("image")
+            # A phone stores its photo as the sensor saw it and says how to turn it in EXIF.
+            ImageOps.exif_transpose(img, in_place=True)
             grey = _to_grey(img)
     except ServingError:
         raise

@@ -55,6 +55,11 @@ def read_input(request: ex.ExplainRequest, dims: tuple[int, ...], stop: Stop = N
         pixels = np.frombuffer(request.tensor.data, dtype="<f4").reshape(dims)
         if not np.all(np.isfinite(pixels)):
             raise InvalidInput("tensor.data: values must be finite pixels in [0, 1]")
+        low, high = float(pixels.min()), float(pixels.max())
+        if low < 0.0 or high > 1.0:
+            raise InvalidInput(
+                f"tensor.data: values must be pixels in [0, 1] (255 is 1.0); got {low:g}..{high:g}"
+            )
         return ModelInput(pixels.astype(np.float32), pixels_png(pixels[0]))
     if which == "image":
         if len(dims) != 3 or dims[0] != 1:

@@ -113,3 +113,26 @@ def test_the_client_cli_classifying_the_explainer_says_what_is_missing(
     result = _cli(server, "classify", str(image), "--model", EXPLAINER)
     assert result.returncode == 1
     assert "INVALID_ARGUMENT" in result.stderr and "target_class" in result.stderr
+
+
+def test_a_turned_phone_photo_of_a_digit_classifies_right(
+    server: ServerThread, digits: tuple[np.ndarray, np.ndarray]
+) -> None:
+    """A dark digit on paper, stored turned 90° with EXIF orientation 6, as phones do."""
+    right = 0
+    with server.channel() as channel:
+        explainer = ex_grpc.ExplainerStub(channel)
+        for pixels, label in zip(*digits, strict=True):
+            upright = np.kron(255 - pixels, np.ones((8, 8), dtype=np.uint8))
+            exif = Image.Exif()
+            exif[0x0112] = 6  # turn 90° clockwise to view
+            buffer = io.BytesIO()
+            Image.fromarray(np.ascontiguousarray(np.rot90(upright, 1))).save(
+                buffer, format="JPEG", quality=90, exif=exif
+            )
+            request = ex.ExplainRequest(
+                model_name="mnist_cnn", image=buffer.getvalue(), predictions_only=True
+            )
+            top = explainer.Explain(request, timeout=30).predictions[0]
+            right += top.class_index == label
+    assert right >= len(digits[1]) - 1, f"{right} of {len(digits[1])} right"

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image, JpegImagePlugin
 
+from pb import explain_pb2 as ex
 from service.core.errors import DeadlineExceeded, InvalidInput
 from service.explain.imaging import (
     MAX_DECODED_PIXELS,
@@ -24,7 +25,7 @@ from service.explain.imaging import (
     feature_grid_png,
     overlay_png,
 )
-from service.explain.pipeline import ModelInput, _draw
+from service.explain.pipeline import ModelInput, _draw, read_input
 from tests.support.pictures import jpeg_claiming as _jpeg_claiming
 from tests.support.pictures import png_claiming as _png_claiming
 from training.data import load_mnist
@@ -270,3 +271,42 @@ def test_the_box_is_where_the_picture_lies_in_the_canvas() -> None:
     assert (box.top, box.left, box.height, box.width) == (7, 0, 14, 28)
     assert box.crop(decoded.pixels).min() == 1.0
     assert decoded.pixels.sum() == box.height * box.width
+
+
+# A phone photo is stored as the sensor saw it, with an EXIF tag saying how to turn it upright.
+
+
+def _jpeg_turned(upright: np.ndarray, orientation: int) -> bytes:
+    """`upright` stored as a camera would with EXIF `orientation` (6: turn 90° clockwise to view,
+    8: 90° counter-clockwise, 3: 180°)."""
+    stored = {6: np.rot90(upright, 1), 8: np.rot90(upright, -1), 3: np.rot90(upright, 2)}
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(stored[orientation])).save(
+        buffer, format="JPEG", quality=95, exif=exif
+    )
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("orientation", [6, 8, 3])
+def test_a_jpeg_is_turned_as_its_exif_orientation_says(digit: np.ndarray, orientation: int) -> None:
+    upright = np.kron(255 - digit, np.ones((4, 4), dtype=np.uint8))  # dark digit on paper
+    decoded = decode_image(_jpeg_turned(upright, orientation), (28, 28))
+    expected = digit.astype(np.float32) / 255.0
+    assert np.abs(decoded.pixels - expected).mean() < 0.03
+    assert np.abs(decoded.pixels - np.rot90(expected, 1)).mean() > 0.1
+
+
+@pytest.mark.parametrize(("low", "high"), [(-0.5, 1.0), (0.0, 255.0), (0.0, 1.0001)])
+def test_explain_tensors_outside_0_1_are_refused(low: float, high: float) -> None:
+    pixels = np.zeros((1, 28, 28), dtype="<f4")
+    pixels[0, 0, :2] = [low, high]
+    request = ex.ExplainRequest(
+        model_name="m", tensor=ex.RawTensor(shape=[1, 28, 28], data=pixels.tobytes())
+    )
+    with pytest.raises(InvalidInput, match=r"\[0, 1\]"):
+        read_input(request, (1, 28, 28))
+    pixels[0, 0, :2] = [0.0, 1.0]
+    request.tensor.data = pixels.tobytes()
+    assert read_input(request, (1, 28, 28)).pixels.max() == 1.0
