@@ -8,7 +8,10 @@ python -m client explain-dir photos/ --out-dir overlays/
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import os
+import re
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -43,15 +46,42 @@ def _print_predictions(name: str, response: ex.ExplainResponse) -> None:
     print(f"{name}: {ranked}")
 
 
+OVERLAY_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
+
+
+def _overlay_path(text: str) -> Path:
+    """An --out path whose suffix names a picture format the client writes."""
+    path = Path(text)
+    if path.suffix.lower() not in OVERLAY_FORMATS:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: name a .png, .jpg or .jpeg file (the suffix picks the format)"
+        )
+    return path
+
+
+def _encoded(png: bytes, path: Path) -> bytes:
+    """The server's PNG as the format `path`'s suffix names (PNG as is, JPEG re-encoded)."""
+    fmt = OVERLAY_FORMATS.get(path.suffix.lower(), "PNG")
+    if fmt == "PNG":
+        return png
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    with Image.open(io.BytesIO(png)) as img:
+        img.convert("RGB").save(buffer, format=fmt, quality=92)
+    return buffer.getvalue()
+
+
 def _write_overlays(response: ex.ExplainResponse, out: Path) -> list[Path]:
-    """One PNG per explanation: `out` itself for a single one, `<stem>_<label>.png` for several."""
+    """One picture per explanation: `out` itself for a single one, `<stem>_<label><suffix>` for
+    several (e.g. overlay_7.png, overlay_2.png)."""
     written = []
     out.parent.mkdir(parents=True, exist_ok=True)
     for explanation in response.explanations:
         path = out
         if len(response.explanations) > 1:
             path = out.with_name(f"{out.stem}_{explanation.target.label}{out.suffix}")
-        path.write_bytes(explanation.overlay_png)
+        path.write_bytes(_encoded(explanation.overlay_png, path))
         written.append(path)
     return written
 
@@ -78,8 +108,16 @@ def explain(stub: ex_grpc.ExplainerStub, args: argparse.Namespace) -> int:
     return 0
 
 
-def _images(directory: Path) -> list[Path]:
-    return sorted(p for p in directory.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+def _images(directory: Path, skip: Path | None = None) -> list[Path]:
+    """The pictures under `directory`, recursively, leaving out those under `skip`."""
+    found = []
+    for path in sorted(directory.rglob("*")):
+        if path.suffix.lower() not in IMAGE_SUFFIXES or not path.is_file():
+            continue
+        if skip is not None and path.resolve().is_relative_to(skip):
+            continue
+        found.append(path)
+    return found
 
 
 def _progress(items: Sequence[Path], quiet: bool) -> Iterable[Path]:
@@ -90,32 +128,108 @@ def _progress(items: Sequence[Path], quiet: bool) -> Iterable[Path]:
     return tqdm(items, unit="image", disable=quiet)
 
 
+CSV_NAME = "predictions.csv"
+CSV_COLUMNS = ("image", "rank", "class_index", "label", "probability", "overlay", "error")
+
+
+class UsageError(Exception):
+    """A command given something it cannot work with; the message says what to do."""
+
+
+def _overlay_name(relative: Path) -> Path:
+    """`a.png` -> `a_png.png`, `a.jpg` -> `a_jpg.png`: pictures differing only in their suffix
+    get overlays of their own."""
+    return relative.with_name(f"{relative.stem}_{relative.suffix.lstrip('.')}.png")
+
+
+def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
+    """Refuse a folder holding files, unless --overwrite and it holds an earlier run's output,
+    which is then removed (the files its predictions.csv lists, and the CSV)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"--out-dir {out_dir}: is a file, not a folder")
+    if not out_dir.exists() or not any(out_dir.iterdir()):
+        return
+    listing = out_dir / CSV_NAME
+    if not overwrite:
+        raise UsageError(
+            f"--out-dir {out_dir}: not empty; pass --overwrite to replace an earlier run's "
+            "output there, or name a new folder"
+        )
+    if not listing.is_file():
+        raise UsageError(
+            f"--out-dir {out_dir}: not empty and holds no {CSV_NAME}, so it is not an earlier "
+            "run's output; --overwrite only replaces those: name a new or empty folder"
+        )
+    with listing.open(newline="") as handle:
+        for row in csv.DictReader(handle):
+            overlay = row.get("overlay") or ""
+            path = (out_dir / overlay).resolve()
+            if overlay and path.is_relative_to(out_dir.resolve()) and path.is_file():
+                path.unlink()
+    listing.unlink()
+
+
+def _check_directory(directory: Path) -> None:
+    if not directory.exists():
+        raise UsageError(f"{directory}: no such folder")
+    if not directory.is_dir():
+        raise UsageError(
+            f"{directory}: is a file; explain-dir takes a folder (`explain {directory}` "
+            "explains one picture)"
+        )
+
+
 def explain_dir(stub: ex_grpc.ExplainerStub, args: argparse.Namespace) -> int:
-    images = _images(args.directory)
+    _check_directory(args.directory)
+    out_dir: Path = args.out_dir
+    images = _images(args.directory, skip=out_dir.resolve())
     if not images:
-        print(f"no PNG or JPEG files under {args.directory}", file=sys.stderr)
-        return 1
-    args.out_dir.mkdir(parents=True, exist_ok=True)
+        raise UsageError(
+            f"{args.directory}: no PNG or JPEG files in this folder or below it "
+            f"(looked for {', '.join(IMAGE_SUFFIXES)})"
+        )
+    _prepare_out_dir(out_dir, args.overwrite)
+    out_dir.mkdir(parents=True, exist_ok=True)
     failures = 0
-    rows = ["image,predicted,probability,overlay"]
+    rows: list[dict[str, Any]] = []
     for image in _progress(images, args.quiet):
         relative = image.relative_to(args.directory)
         try:
             response = stub.Explain(_request(args, image, False), timeout=args.timeout)
         except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                raise
             failures += 1
-            print(f"\n{relative}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            error = f"{exc.code().name}: {exc.details()}"
+            print(f"\n{relative}: {error}", file=sys.stderr)
+            rows.append({"image": relative.as_posix(), "error": error})
             continue
-        out = args.out_dir / relative.with_suffix(".png")
-        paths = _write_overlays(response, out)
-        top = response.predictions[0]
-        rows.append(
-            f"{relative},{top.label},{top.probability:.4f},{paths[0].relative_to(args.out_dir)}"
-        )
-    (args.out_dir / "predictions.csv").write_text("\n".join(rows) + "\n")
+        except OSError as exc:
+            failures += 1
+            rows.append({"image": relative.as_posix(), "error": f"{exc.__class__.__name__}: {exc}"})
+            continue
+        paths = _write_overlays(response, out_dir / _overlay_name(relative))
+        ranks = {p.class_index: rank for rank, p in enumerate(response.predictions, 1)}
+        for explanation, path in zip(response.explanations, paths, strict=True):
+            target = explanation.target
+            rows.append(
+                {
+                    "image": relative.as_posix(),
+                    "rank": ranks.get(target.class_index, ""),
+                    "class_index": target.class_index,
+                    "label": target.label,
+                    "probability": f"{target.probability:.4f}",
+                    "overlay": path.relative_to(out_dir).as_posix(),
+                }
+            )
+    with (out_dir / CSV_NAME).open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, CSV_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    failed = f"; {failures} failed (their rows give the error)" if failures else ""
     print(
-        f"explained {len(images) - failures} of {len(images)} images into {args.out_dir} "
-        f"(predictions.csv lists them)"
+        f"explained {len(images) - failures} of {len(images)} images into {out_dir}{failed} "
+        f"({CSV_NAME} lists them: one row per overlay)"
     )
     return 1 if failures else 0
 
@@ -219,10 +333,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("image", type=Path, help="PNG or JPEG file")
     sub.add_argument(
         "--out",
-        type=Path,
+        type=_overlay_path,
         default=None,
-        metavar="PNG",
-        help="overlay PNG; several targets add _<label> to its name (default: <image>_gradcam.png)",
+        metavar="FILE",
+        help="overlay picture, .png or .jpg (the suffix picks the format); with several classes "
+        "each gets _<label> before the suffix, e.g. overlay_7.png (default: <image>_gradcam.png)",
     )
     sub.add_argument(
         "--target",
@@ -250,7 +365,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         required=True,
         metavar="DIR",
-        help="where the overlays (mirroring the directory tree) and predictions.csv go",
+        help="where the overlays (mirroring the directory tree; a.jpg -> a_jpg.png) and "
+        "predictions.csv go; it must be new or empty unless --overwrite",
+    )
+    sub.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier run's output in --out-dir (the files its predictions.csv lists)",
     )
     sub.add_argument(
         "--target",
@@ -265,14 +386,52 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_HOST_PORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[^\s/:\[\]]+):(\d{1,5})$")
+
+
+def server_address(url: str) -> str:
+    """--url as gRPC's HOST:PORT: `http://HOST:PORT` (plaintext, as this client speaks) is taken
+    without its scheme; anything else but HOST:PORT is refused with the expected form."""
+    address = url.strip()
+    if address.lower().startswith("http://"):
+        address = address[len("http://") :].rstrip("/")
+    elif "://" in address:
+        raise UsageError(
+            f"--url {url!r}: this client speaks plaintext gRPC; give HOST:PORT "
+            "(e.g. 127.0.0.1:8001) or http://HOST:PORT"
+        )
+    if not _HOST_PORT.match(address):
+        raise UsageError(f"--url {url!r}: expected HOST:PORT, e.g. 127.0.0.1:8001")
+    return address
+
+
+def _unreachable(url: str, exc: grpc.RpcError) -> str:
+    return (
+        f"error: no server answers at {url} ({exc.code().name}: {exc.details()}).\n"
+        "Start one (`make serve`, or `python -m service --model-repository DIR`), or point "
+        "--url or CNNSERVE_URL at a running one."
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    with grpc.insecure_channel(args.url) as channel:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        address = server_address(args.url)
+    except UsageError as exc:
+        parser.error(str(exc))
+    with grpc.insecure_channel(address) as channel:
         stub = ex_grpc.ExplainerStub(channel)
         try:
             return int(args.run(stub, args))
+        except UsageError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         except grpc.RpcError as exc:
-            print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                print(_unreachable(address, exc), file=sys.stderr)
+            else:
+                print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1
         except OSError as exc:
             print(f"error: {exc}", file=sys.stderr)

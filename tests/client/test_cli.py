@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from client.__main__ import build_parser
+from client.__main__ import build_parser, main, server_address
 
 COMMON = {
     "--url": ("url", "127.0.0.1:9", "127.0.0.1:8001"),
@@ -67,3 +67,33 @@ def test_help_names_each_default_once(
         assert line.count("default") <= 1, line
     for flag in COMMON:
         assert any(line.lstrip().startswith(flag + " ") for line in lines), flag
+
+
+@pytest.mark.parametrize(
+    ("url", "address"),
+    [
+        ("127.0.0.1:8001", "127.0.0.1:8001"),
+        ("http://127.0.0.1:8001", "127.0.0.1:8001"),
+        ("http://server.example:9000/", "server.example:9000"),
+        ("[::1]:8001", "[::1]:8001"),
+    ],
+)
+def test_url_takes_host_port_or_plain_http(url: str, address: str) -> None:
+    assert server_address(url) == address
+
+
+@pytest.mark.parametrize("url", ["https://h:443", "grpc://h:1", "localhost", "h:port", "/tmp/s"])
+def test_other_urls_are_refused_with_the_expected_form(
+    url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["--url", url, "classify", "x.png"])
+    assert exit_.value.code == 2
+    assert "HOST:PORT" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("out", ["x.gif", "x", "x.webp"])
+def test_explain_out_names_a_png_or_jpeg(out: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["explain", "x.png", "--out", out])
+    assert ".png, .jpg or .jpeg" in capsys.readouterr().err

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import csv
 import io
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -136,3 +139,113 @@ def test_a_turned_phone_photo_of_a_digit_classifies_right(
             top = explainer.Explain(request, timeout=30).predictions[0]
             right += top.class_index == label
     assert right >= len(digits[1]) - 1, f"{right} of {len(digits[1])} right"
+
+
+# explain-dir: one overlay per picture and class, every picture in the CSV, no silent mixing.
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_explain_dir_keeps_every_picture_apart_and_lists_every_overlay_and_failure(
+    server: ServerThread, digits: tuple[np.ndarray, np.ndarray], tmp_path: Path
+) -> None:
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(_png(digits[0][0], scale=2))
+    Image.fromarray(np.kron(digits[0][1], np.ones((2, 2), np.uint8))).save(folder / "a.jpg")
+    (folder / "broken.png").write_bytes(b"not a picture")
+    out = tmp_path / "out"
+    result = _cli(
+        server, "explain-dir", str(folder), "--out-dir", str(out), "--top-k", "2", "--quiet"
+    )
+    assert result.returncode == 1, result.stderr  # one picture failed
+    assert "2 of 3" in result.stdout and "1 failed" in result.stdout
+    rows = _read_csv(out / "predictions.csv")
+    by_image: dict[str, list[dict[str, str]]] = {}
+    for row in rows:
+        by_image.setdefault(row["image"], []).append(row)
+    assert sorted(by_image) == ["a.jpg", "a.png", "broken.png"]
+    assert len(by_image["a.png"]) == 2 and len(by_image["a.jpg"]) == 2
+    assert [r["rank"] for r in by_image["a.png"]] == ["1", "2"]
+    overlays = [r["overlay"] for r in rows if r["overlay"]]
+    assert len(set(overlays)) == 4 and all((out / o).is_file() for o in overlays)
+    (failed,) = by_image["broken.png"]
+    assert failed["error"].startswith("INVALID_ARGUMENT") and not failed["overlay"]
+    assert str(digits[1][0]) == by_image["a.png"][0]["label"]
+    assert str(digits[1][1]) == by_image["a.jpg"][0]["label"]
+
+
+def test_explain_dir_refuses_a_used_out_dir_unless_overwrite_replaces_the_earlier_run(
+    server: ServerThread, digits: tuple[np.ndarray, np.ndarray], tmp_path: Path
+) -> None:
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    for i in range(2):
+        (folder / f"d{i}.png").write_bytes(_png(digits[0][i]))
+    out = tmp_path / "out"
+    args = ["explain-dir", str(folder), "--out-dir", str(out), "--quiet"]
+    assert _cli(server, *args, "--top-k", "2").returncode == 0
+    first = sorted(p.name for p in out.iterdir())
+    assert len(first) == 5  # 2 pictures x 2 classes + the CSV
+    again = _cli(server, *args)
+    assert again.returncode == 2 and "--overwrite" in again.stderr
+    assert sorted(p.name for p in out.iterdir()) == first
+    (folder / "d0.png").unlink()
+    assert _cli(server, *args, "--overwrite").returncode == 0
+    assert sorted(p.name for p in out.iterdir()) == ["d1_png.png", "predictions.csv"]
+    stranger = tmp_path / "not-ours"
+    stranger.mkdir()
+    (stranger / "notes.txt").write_text("keep me")
+    refused = _cli(server, "explain-dir", str(folder), "--out-dir", str(stranger), "--overwrite")
+    assert refused.returncode == 2 and "predictions.csv" in refused.stderr
+    assert (stranger / "notes.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize(
+    ("make", "says"),
+    [
+        (lambda p: p / "missing", "no such folder"),
+        (lambda p: (p / "one.png").write_bytes(b"x") and p / "one.png", "is a file"),
+        (lambda p: (p / "empty").mkdir() or p / "empty", "no PNG or JPEG files"),
+    ],
+    ids=["missing", "file", "empty"],
+)
+def test_explain_dir_says_why_it_found_no_pictures(
+    server: ServerThread, tmp_path: Path, make: Any, says: str
+) -> None:
+    result = _cli(server, "explain-dir", str(make(tmp_path)), "--out-dir", str(tmp_path / "o"))
+    assert result.returncode == 2 and says in result.stderr, result.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_explain_out_jpg_writes_a_jpeg(
+    server: ServerThread, digits: tuple[np.ndarray, np.ndarray], tmp_path: Path
+) -> None:
+    image = tmp_path / "digit.png"
+    image.write_bytes(_png(digits[0][0], scale=4))
+    out = tmp_path / "overlay.jpg"
+    result = _cli(server, "explain", str(image), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    with Image.open(out) as img:
+        assert img.format == "JPEG" and img.size == (112, 112)
+
+
+def test_a_refused_connection_names_the_address_and_the_fix(tmp_path: Path) -> None:
+    image = tmp_path / "digit.png"
+    image.write_bytes(_png(np.zeros((28, 28), np.uint8)))
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{sock.getsockname()[1]}"
+    result = subprocess.run(
+        [sys.executable, "-m", "client", "--url", f"http://{address}", "classify", str(image)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert address in result.stderr and "CNNSERVE_URL" in result.stderr
+    assert "make serve" in result.stderr

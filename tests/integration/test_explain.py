@@ -235,9 +235,9 @@ def test_client_cli_classifies_explains_and_walks_a_directory(
     rows = (tmp_path / "out" / "predictions.csv").read_text().splitlines()
     assert len(rows) == 4 and rows[1].startswith("d0.png,")
     assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == [
-        "d0.png",
-        "d1.png",
-        "d2.png",
+        "d0_png.png",
+        "d1_png.png",
+        "d2_png.png",
     ]
 
 
