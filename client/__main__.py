@@ -24,6 +24,7 @@ from pb import explain_pb2_grpc as ex_grpc
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 POLARITIES = {"auto": ex.POLARITY_AUTO, "as-is": ex.POLARITY_AS_IS, "invert": ex.POLARITY_INVERT}
+SCALES = {"per-class": ex.HEATMAP_SCALE_PER_CLASS, "shared": ex.HEATMAP_SCALE_SHARED}
 
 
 def _request(args: argparse.Namespace, image: Path, predictions_only: bool) -> ex.ExplainRequest:
@@ -38,12 +39,18 @@ def _request(args: argparse.Namespace, image: Path, predictions_only: bool) -> e
     if not predictions_only:
         request.target_classes.extend(args.target or [])
         request.feature_maps = bool(getattr(args, "feature_maps", None))
+        request.annotated = True
+        request.heatmap_scale = SCALES[args.scale]
     return request
 
 
 def _print_predictions(name: str, response: ex.ExplainResponse) -> None:
     ranked = ", ".join(f"{p.label} ({100 * p.probability:.1f}%)" for p in response.predictions)
     print(f"{name}: {ranked}")
+    if response.inverted:
+        print("  (inverted: a dark picture on light paper, as the model reads light on dark)")
+    for warning in response.warnings:
+        print(f"  warning: {warning}")
 
 
 OVERLAY_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
@@ -73,15 +80,16 @@ def _encoded(png: bytes, path: Path) -> bytes:
 
 
 def _write_overlays(response: ex.ExplainResponse, out: Path) -> list[Path]:
-    """One picture per explanation: `out` itself for a single one, `<stem>_<label><suffix>` for
-    several (e.g. overlay_7.png, overlay_2.png)."""
+    """One picture per explanation (annotated where the server sent it): `out` itself for a
+    single one, `<stem>_<label><suffix>` for several (e.g. overlay_7.png, overlay_2.png)."""
     written = []
     out.parent.mkdir(parents=True, exist_ok=True)
     for explanation in response.explanations:
         path = out
         if len(response.explanations) > 1:
             path = out.with_name(f"{out.stem}_{explanation.target.label}{out.suffix}")
-        path.write_bytes(_encoded(explanation.overlay_png, path))
+        picture = explanation.annotated_png or explanation.overlay_png
+        path.write_bytes(_encoded(picture, path))
         written.append(path)
     return written
 
@@ -307,6 +315,16 @@ def _common_options(parser: argparse.ArgumentParser, *, after_command: bool) -> 
         group.add_argument(flag, **spec)
 
 
+def _scale_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--scale",
+        choices=sorted(SCALES),
+        default="per-class",
+        help="overlay colours: each class from its own min to max, or one scale shared by the "
+        "classes of a picture so they compare (each overlay says which)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m client",
@@ -346,6 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="CLASS",
         help="class to explain (repeatable; default: the top prediction(s))",
     )
+    _scale_option(sub)
     sub.add_argument(
         "--feature-maps",
         type=Path,
@@ -380,6 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="CLASS",
         help="class to explain (repeatable; default: the top prediction)",
     )
+    _scale_option(sub)
     sub.add_argument("--quiet", action="store_true", help="no progress bar")
     _common_options(sub, after_command=True)
     sub.set_defaults(run=explain_dir)

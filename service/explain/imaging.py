@@ -10,13 +10,15 @@ lets the caller abandon the work between steps when the client cancels or the de
 from __future__ import annotations
 
 import io
+import math
+import textwrap
 import threading
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 
 from ..core.errors import DeadlineExceeded, InvalidInput, ServingError
 
@@ -31,6 +33,10 @@ MAX_DECODED_PIXELS = 25_000_000
 # from, unless the model's input is larger): a bigger picture is scaled down once, after decoding.
 MAX_OVERLAY_SIDE = 512
 OVERLAY_ALPHA = 0.45
+# The annotated overlay (for people) is enlarged, in whole pixels, until its longer side is at
+# least this; its caption panel is at least ANNOTATION_WIDTH wide.
+MIN_ANNOTATED_SIDE = 224
+ANNOTATION_WIDTH = 280
 
 # Pillow warns at open about pictures between its own limit and twice it; ours is lower and
 # refuses them with a clear message, so the warning would only let clients write to the log.
@@ -94,6 +100,8 @@ class DecodedImage:
     pixels: np.ndarray
     original: np.ndarray  # uint8 [height, width], after the polarity decision, at most work side
     box: Box  # where `original` lies in `pixels`
+    inverted: bool = False  # the picture was dark on light and was inverted to match the model
+    size: tuple[int, int] = (0, 0)  # (width, height) as sent, after the EXIF turn
 
 
 def decode_image(
@@ -119,6 +127,7 @@ def decode_image(
             stop.check("image")
             # A phone stores its photo as the sensor saw it and says how to turn it in EXIF.
             ImageOps.exif_transpose(img, in_place=True)
+            sent = img.size
             grey = _to_grey(img)
     except ServingError:
         raise
@@ -145,7 +154,7 @@ def decode_image(
         original = 255 - original
     stop.check("image")
     pixels, box = _fit(original, size)
-    return DecodedImage(pixels, original, box)
+    return DecodedImage(pixels, original, box, light, sent)
 
 
 def _check_header(img: Image.Image) -> None:
@@ -206,6 +215,32 @@ def _fit(grey: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, Box]:
     return canvas / 255.0, Box(top, left, fitted_h, fitted_w)
 
 
+def picture_warnings(pixels: np.ndarray, box: Box | None, size: tuple[int, int]) -> list[str]:
+    """Plain sentences on a model input ([H, W] in [0, 1], light strokes on black) that does not
+    look like a digit; `box` is the picture's part of it, `size` its (width, height) as sent.
+
+    The bounds come from MNIST's test set: there at least 64% of every digit's pixels are dark
+    (< 0.2) and at most 12% are mid-grey (0.2-0.8).
+    """
+    notes = []
+    seen = box.crop(pixels) if box is not None else pixels
+    if seen.size == 0 or float(seen.max() - seen.min()) < 0.05:
+        notes.append("the picture is blank (one flat tone): there is nothing to classify")
+    else:
+        dark = float((seen < 0.2).mean())
+        mid = float(((seen >= 0.2) & (seen <= 0.8)).mean())
+        if dark < 0.5 or mid > 0.25:
+            notes.append(
+                f"this does not look like a digit on plain paper ({100 * mid:.0f}% mid-grey, "
+                f"{100 * dark:.0f}% background; digits have at most 12% and at least 64%): the "
+                "prediction says little"
+            )
+    width, height = size
+    if 0 < max(width, height) < 16:
+        notes.append(f"the picture is {width}x{height} px: the model saw it enlarged")
+    return notes
+
+
 def colormap(values: np.ndarray) -> np.ndarray:
     """The classic 'jet' colour map: [0, 1] floats -> uint8 RGB (blue cold, red hot)."""
     v = _unit(values)[..., np.newaxis]
@@ -224,7 +259,8 @@ def _resize_float(values: np.ndarray, width: int, height: int) -> np.ndarray:
     return np.asarray(img.resize((width, height), Image.Resampling.BILINEAR))
 
 
-def _png(rgb: np.ndarray) -> bytes:
+def encode_png(rgb: np.ndarray) -> bytes:
+    """uint8 RGB (or grey) as PNG bytes."""
     buffer = io.BytesIO()
     Image.fromarray(rgb).save(buffer, format="PNG", optimize=False)
     return buffer.getvalue()
@@ -238,9 +274,9 @@ def as_frames(values: np.ndarray) -> np.ndarray:
     return np.concatenate(frames, axis=1)
 
 
-def overlay_png(original: np.ndarray, heatmap: np.ndarray, box: Box | None = None) -> bytes:
-    """The heatmap over the picture: a PNG of the picture's size, scaled down so its longer side
-    is at most MAX_OVERLAY_SIDE.
+def overlay_rgb(original: np.ndarray, heatmap: np.ndarray, box: Box | None = None) -> np.ndarray:
+    """The heatmap over the picture: uint8 RGB of the picture's size, scaled down so its longer
+    side is at most MAX_OVERLAY_SIDE.
 
     `box` is where the picture lies in the model's canvas (the heatmap's grid): only that part of
     the heatmap is stretched over the picture, so the padding of a letterboxed picture is left
@@ -258,7 +294,87 @@ def overlay_png(original: np.ndarray, heatmap: np.ndarray, box: Box | None = Non
     # Cold regions keep the picture; hot ones take the colour.
     alpha = OVERLAY_ALPHA + (1.0 - OVERLAY_ALPHA) * 0.5 * heat[..., np.newaxis]
     blended = (1.0 - alpha) * base + alpha * colormap(heat).astype(np.float32)
-    return _png(np.clip(blended + 0.5, 0, 255).astype(np.uint8))
+    return np.clip(blended + 0.5, 0, 255).astype(np.uint8)
+
+
+def overlay_png(original: np.ndarray, heatmap: np.ndarray, box: Box | None = None) -> bytes:
+    """`overlay_rgb` as a PNG: the picture's own size (at most MAX_OVERLAY_SIDE), no caption."""
+    return encode_png(overlay_rgb(original, heatmap, box))
+
+
+@dataclass(frozen=True)
+class Caption:
+    """What an annotated overlay says under the picture."""
+
+    label: str
+    probability: float
+    method: str = "Grad-CAM"
+    scale: str = "this class's own min to max"
+    notes: tuple[str, ...] = field(default=())
+
+
+def annotated_png(rgb: np.ndarray, caption: Caption) -> bytes:
+    """An overlay for people: the picture enlarged to a readable size (whole pixels, so a tiny
+    picture stays sharp), then its class, probability, method, colour scale and any notes."""
+    height, width = rgb.shape[:2]
+    factor = max(1, math.ceil(MIN_ANNOTATED_SIDE / max(height, width, 1)))
+    picture = Image.fromarray(rgb)
+    if factor > 1:
+        picture = picture.resize((width * factor, height * factor), Image.Resampling.NEAREST)
+    font = _font()
+    panel_w = max(picture.width, ANNOTATION_WIDTH)
+    pad, line_h, bar_h = 6, 16, 10
+    chars = max(20, (panel_w - 2 * pad) // 7)
+    title = f"class {caption.label}: {100 * caption.probability:.1f}%   method: {caption.method}"
+    lines = [(t, (0, 0, 0)) for t in textwrap.wrap(title, chars)]
+    notes = [(t, (170, 0, 0)) for note in caption.notes for t in textwrap.wrap(note, chars)]
+    scale = textwrap.wrap(f"colour scale: {caption.scale}", chars)
+    panel_h = pad + line_h * len(lines) + bar_h + line_h * (1 + len(scale)) + line_h * len(notes)
+    canvas = Image.new("RGB", (panel_w, picture.height + panel_h + pad), (255, 255, 255))
+    canvas.paste(picture, ((panel_w - picture.width) // 2, 0))
+    draw = ImageDraw.Draw(canvas)
+    y = picture.height + pad
+    for text, colour in lines:
+        draw.text((pad, y), text, fill=colour, font=font)
+        y += line_h
+    bar_w = panel_w - 2 * pad
+    bar = colormap(np.tile(np.linspace(0.0, 1.0, bar_w, dtype=np.float32), (bar_h, 1)))
+    canvas.paste(Image.fromarray(bar), (pad, y))
+    y += bar_h
+    draw.text((pad, y), "0 (cold)", fill=(0, 0, 0), font=font)
+    draw.text((pad + bar_w, y), "1 (hot)", fill=(0, 0, 0), font=font, anchor="ra")
+    y += line_h
+    for text in scale:
+        draw.text((pad, y), text, fill=(60, 60, 60), font=font)
+        y += line_h
+    for text, colour in notes:
+        draw.text((pad, y), text, fill=colour, font=font)
+        y += line_h
+    return encode_png(np.asarray(canvas))
+
+
+def _font() -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=12)
+    except (ImportError, OSError):  # Pillow without FreeType: the small bitmap font
+        return ImageFont.load_default()
+
+
+def shared_scale(cams: list[np.ndarray], raws: list[np.ndarray]) -> list[np.ndarray]:
+    """Per-class min-max maps put on one scale: the largest raw Grad-CAM value of the request.
+
+    `cams` are the explainer's maps, each min-max normalised on its own; `raws` the same maps
+    before upsampling and normalisation. Each map is mapped back to its raw range and divided by
+    the largest raw value of all of them, so a class the model barely saw looks cold.
+    """
+    top = max((float(np.max(r)) for r in raws if r.size), default=0.0)
+    if not math.isfinite(top) or top <= 0:
+        return [np.zeros_like(c) for c in cams]
+    shared = []
+    for cam, raw in zip(cams, raws, strict=True):
+        low, high = float(np.min(raw)), float(np.max(raw))
+        shared.append(np.clip((cam * (high - low) + max(low, 0.0)) / top, 0.0, 1.0))
+    return shared
 
 
 def feature_grid_png(activations: np.ndarray, tile: int = 56) -> bytes:
@@ -280,9 +396,9 @@ def feature_grid_png(activations: np.ndarray, tile: int = 56) -> bytes:
         y, x = gap + r * (th + gap), gap + c * (tw + gap)
         big = np.kron(maps[index], np.ones((scale, scale), dtype=np.float32))
         grid[y : y + th, x : x + tw] = colormap(big)
-    return _png(grid)
+    return encode_png(grid)
 
 
-def pixels_png(pixels: np.ndarray) -> np.ndarray:
-    """Model pixels in [0, 1] -> the uint8 grey picture used as the overlay's base."""
+def pixels_to_grey(pixels: np.ndarray) -> np.ndarray:
+    """Model pixels in [0, 1] -> the uint8 grey array used as the overlay's base (not a PNG)."""
     return (np.clip(as_frames(pixels), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)

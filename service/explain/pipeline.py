@@ -21,7 +21,20 @@ from pb import explain_pb2 as ex
 from ..core.errors import InvalidInput
 from ..core.model import ServedModel
 from ..core.repository import ModelRepository
-from .imaging import NEVER, Box, Stop, decode_image, feature_grid_png, overlay_png, pixels_png
+from .imaging import (
+    NEVER,
+    Box,
+    Caption,
+    Stop,
+    annotated_png,
+    decode_image,
+    encode_png,
+    feature_grid_png,
+    overlay_rgb,
+    picture_warnings,
+    pixels_to_grey,
+    shared_scale,
+)
 
 INPUT, TARGET = modelrepo.INPUT, modelrepo.TARGET_CLASS
 PROBABILITIES, CAM = modelrepo.PROBABILITIES, modelrepo.CAM
@@ -37,6 +50,8 @@ class ModelInput:
     pixels: np.ndarray
     original: np.ndarray
     box: Box | None = None  # where `original` lies in `pixels` (None: it fills them)
+    inverted: bool = False  # a dark-on-light picture, inverted to match the model
+    warnings: tuple[str, ...] = ()  # what a person should know: blank, not like a digit, tiny
 
 
 def read_input(request: ex.ExplainRequest, dims: tuple[int, ...], stop: Stop = NEVER) -> ModelInput:
@@ -60,7 +75,10 @@ def read_input(request: ex.ExplainRequest, dims: tuple[int, ...], stop: Stop = N
             raise InvalidInput(
                 f"tensor.data: values must be pixels in [0, 1] (255 is 1.0); got {low:g}..{high:g}"
             )
-        return ModelInput(pixels.astype(np.float32), pixels_png(pixels[0]))
+        notes = picture_warnings(pixels[0], None, (0, 0)) if len(dims) == 3 else []
+        return ModelInput(
+            pixels.astype(np.float32), pixels_to_grey(pixels[0]), None, False, tuple(notes)
+        )
     if which == "image":
         if len(dims) != 3 or dims[0] != 1:
             raise InvalidInput(
@@ -69,7 +87,14 @@ def read_input(request: ex.ExplainRequest, dims: tuple[int, ...], stop: Stop = N
             )
         polarity = _POLARITY.get(request.polarity, "auto")
         decoded = decode_image(request.image, (dims[1], dims[2]), polarity, stop)
-        return ModelInput(decoded.pixels[np.newaxis], decoded.original, decoded.box)
+        notes = picture_warnings(decoded.pixels, decoded.box, decoded.size)
+        return ModelInput(
+            decoded.pixels[np.newaxis],
+            decoded.original,
+            decoded.box,
+            decoded.inverted,
+            tuple(notes),
+        )
     raise InvalidInput("input: send `image` (PNG or JPEG bytes) or `tensor`")
 
 
@@ -169,6 +194,9 @@ async def explain(
         model_version=model.version,
         model_input=item.pixels.astype("<f4").tobytes(),
         model_input_shape=item.pixels.shape,
+        warnings=item.warnings,
+        inverted=item.inverted,
+        heatmap_scale=request.heatmap_scale,
     )
     if request.predictions_only:
         probs = (await _run(model, item.pixels, None, stop.remaining()))[PROBABILITIES][0]
@@ -183,22 +211,32 @@ async def explain(
     for index in ranked:
         response.predictions.append(_prediction(probs, index, labels))
     cams = [first[CAM][i] for i in range(len(targets))]
+    raws = [first[modelrepo.CAM_RAW][i] for i in range(len(targets))]
     explained = [int(c) for c in first[modelrepo.EXPLAINED_CLASS].reshape(-1)]
     if not request.target_classes and len(ranked) > 1:
         # The top class is explained; the runners-up go in one more (batched) request.
         rest = await _run(model, item.pixels, ranked[1:], stop.remaining())
         cams.extend(rest[CAM])
+        raws.extend(rest[modelrepo.CAM_RAW])
         explained.extend(ranked[1:])
     activations = first.get(modelrepo.ACTIVATIONS) if request.feature_maps else None
     grid = bool(request.feature_maps)
-    pictures = await _in_thread(stop, _draw, item, cams, activations, grid, stop)
-    for cam, index, overlay in zip(cams, explained, pictures.overlays, strict=True):
+    shared = request.heatmap_scale == ex.HEATMAP_SCALE_SHARED
+    drawn = shared_scale(cams, raws) if shared else cams
+    captions = None
+    if request.annotated:
+        captions = [_caption(probs, i, labels, shared, item) for i in explained]
+    pictures = await _in_thread(stop, _draw, item, drawn, activations, grid, stop, captions)
+    for cam, index, overlay, annotated in zip(
+        cams, explained, pictures.overlays, pictures.annotated, strict=True
+    ):
         response.explanations.append(
             ex.Explanation(
                 target=_prediction(probs, index, labels),
                 heatmap=np.ascontiguousarray(cam, dtype="<f4").tobytes(),
                 heatmap_shape=cam.shape,
                 overlay_png=overlay,
+                annotated_png=annotated,
             )
         )
     if pictures.feature_maps:
@@ -213,6 +251,23 @@ async def explain(
 class _Pictures:
     overlays: list[bytes]
     feature_maps: bytes
+    annotated: list[bytes]
+
+
+def _caption(
+    probs: np.ndarray, index: int, labels: tuple[str, ...], shared: bool, item: ModelInput
+) -> Caption:
+    """What the annotated overlay of class `index` says under the picture."""
+    label = labels[index] if index < len(labels) else str(index)
+    scale = (
+        "shared by this request's classes (0 to its largest value)"
+        if shared
+        else ("this class's own min to max")
+    )
+    notes = [f"note: {w}" for w in item.warnings]
+    if item.inverted:
+        notes.append("inverted: dark on light, the model reads light strokes on black")
+    return Caption(label, float(probs[index]), scale=scale, notes=tuple(notes))
 
 
 async def _in_thread(stop: Stop, func: Callable[..., T], /, *args: Any) -> T:
@@ -230,11 +285,15 @@ def _draw(
     activations: np.ndarray | None,
     grid: bool,
     stop: Stop = NEVER,
+    captions: list[Caption] | None = None,
 ) -> _Pictures:
-    overlays = []
-    for cam in cams:
+    overlays, annotated = [], []
+    for index, cam in enumerate(cams):
         stop.check("overlay_png")
-        overlays.append(overlay_png(item.original, cam, item.box))
+        rgb = overlay_rgb(item.original, cam, item.box)
+        overlays.append(encode_png(rgb))
+        if captions is not None:
+            annotated.append(annotated_png(rgb, captions[index]))
     stop.check("feature_maps_png")
     maps = feature_grid_png(activations[0]) if grid and activations is not None else b""
-    return _Pictures(overlays, maps)
+    return _Pictures(overlays, maps, annotated or [b""] * len(overlays))

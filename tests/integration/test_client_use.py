@@ -249,3 +249,82 @@ def test_a_refused_connection_names_the_address_and_the_fix(tmp_path: Path) -> N
     assert result.returncode == 1
     assert address in result.stderr and "CNNSERVE_URL" in result.stderr
     assert "make serve" in result.stderr
+
+
+# Pictures people can read: annotated overlays, one scale for a request's classes, warnings.
+
+
+def _heat(png: bytes) -> float:
+    """How hot an overlay looks: the mean of red minus blue."""
+    with Image.open(io.BytesIO(png)) as img:
+        rgb = np.asarray(img.convert("RGB"), dtype=np.float32)
+    return float((rgb[..., 0] - rgb[..., 2]).mean())
+
+
+def _explain(server: ServerThread, **fields: Any) -> ex.ExplainResponse:
+    with server.channel() as channel:
+        request = ex.ExplainRequest(model_name="mnist_cnn", **fields)
+        return ex_grpc.ExplainerStub(channel).Explain(request, timeout=60)
+
+
+def test_a_shared_scale_makes_the_runners_up_colder_than_the_winner(
+    server: ServerThread, digits: tuple[np.ndarray, np.ndarray]
+) -> None:
+    image = _png(digits[0][0], scale=4)
+    own = _explain(server, image=image, top_k=3, annotated=True)
+    shared = _explain(
+        server, image=image, top_k=3, annotated=True, heatmap_scale=ex.HEATMAP_SCALE_SHARED
+    )
+    assert own.heatmap_scale == ex.HEATMAP_SCALE_PER_CLASS
+    assert shared.heatmap_scale == ex.HEATMAP_SCALE_SHARED
+    for a, b in zip(own.explanations, shared.explanations, strict=True):
+        assert a.heatmap == b.heatmap  # the values stay per class; only the pictures change
+    winner, *rest = [_heat(e.overlay_png) for e in shared.explanations]
+    assert all(heat < winner for heat in rest), (winner, rest)
+    assert _heat(shared.explanations[-1].overlay_png) < _heat(own.explanations[-1].overlay_png)
+    for explanation in shared.explanations:
+        with Image.open(io.BytesIO(explanation.annotated_png)) as img:
+            assert img.width >= 224 and img.height > img.width  # the caption under the picture
+
+
+def test_not_a_digit_comes_back_with_a_warning_and_a_visible_note(server: ServerThread) -> None:
+    buffer = io.BytesIO()
+    Image.new("RGBA", (64, 64), (0, 0, 0, 0)).save(buffer, format="PNG")
+    blank = _explain(server, image=buffer.getvalue(), annotated=True)
+    assert any("blank" in w for w in blank.warnings)
+    plain = _explain(server, image=buffer.getvalue())
+    assert not plain.explanations[0].annotated_png and plain.warnings == blank.warnings
+    only = _explain(server, image=buffer.getvalue(), predictions_only=True)
+    assert only.warnings == blank.warnings
+    with Image.open(io.BytesIO(blank.explanations[0].annotated_png)) as img:
+        rgb = np.asarray(img.convert("RGB"), dtype=np.int32)
+    note_red = (rgb[..., 0] > 140) & (rgb[..., 1] < 60) & (rgb[..., 2] < 60)
+    assert note_red[64:].any()  # the note, in red under the picture
+
+
+def test_an_inverted_picture_says_so_and_a_5x5_one_gets_a_readable_overlay(
+    server: ServerThread, digits: tuple[np.ndarray, np.ndarray]
+) -> None:
+    paper = _explain(server, image=_png(255 - digits[0][0], scale=3))
+    assert paper.inverted
+    assert not _explain(server, image=_png(digits[0][0], scale=3)).inverted
+    tiny = np.asarray(Image.fromarray(digits[0][0]).resize((5, 5), Image.Resampling.BOX))
+    small = _explain(server, image=_png(tiny), annotated=True)
+    assert any("5x5" in w for w in small.warnings)
+    with Image.open(io.BytesIO(small.explanations[0].overlay_png)) as img:
+        assert img.size == (5, 5)  # the raw overlay keeps the picture's size
+    with Image.open(io.BytesIO(small.explanations[0].annotated_png)) as img:
+        assert min(img.size) >= 224
+
+
+def test_the_client_writes_the_annotated_overlay_and_prints_the_warnings(
+    server: ServerThread, tmp_path: Path
+) -> None:
+    image = tmp_path / "blank.png"
+    Image.new("RGBA", (40, 40), (0, 0, 0, 0)).save(image)
+    out = tmp_path / "overlay.png"
+    result = _cli(server, "explain", str(image), "--out", str(out), "--scale", "shared")
+    assert result.returncode == 0, result.stderr
+    assert "warning: the picture is blank" in result.stdout
+    with Image.open(out) as img:
+        assert img.width >= 224 and img.height > img.width

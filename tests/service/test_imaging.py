@@ -7,6 +7,7 @@ import struct
 import time
 import warnings
 import zlib
+from typing import Any
 
 import numpy as np
 import pytest
@@ -19,11 +20,15 @@ from service.explain.imaging import (
     MAX_IMAGE_PIXELS,
     MAX_OVERLAY_SIDE,
     Cancelled,
+    Caption,
     Stop,
+    annotated_png,
     colormap,
     decode_image,
     feature_grid_png,
     overlay_png,
+    picture_warnings,
+    shared_scale,
 )
 from service.explain.pipeline import ModelInput, _draw, read_input
 from tests.support.pictures import jpeg_claiming as _jpeg_claiming
@@ -310,3 +315,68 @@ def test_explain_tensors_outside_0_1_are_refused(low: float, high: float) -> Non
     pixels[0, 0, :2] = [0.0, 1.0]
     request.tensor.data = pixels.tobytes()
     assert read_input(request, (1, 28, 28)).pixels.max() == 1.0
+
+
+# Pictures for people: the annotated overlay, the shared scale, the warnings.
+
+
+def test_an_annotated_overlay_of_a_5x5_picture_is_readable_and_keeps_its_pixels_sharp() -> None:
+    rgb = np.zeros((5, 5, 3), dtype=np.uint8)
+    rgb[2, 2] = 255
+    caption = Caption("7", 0.982, notes=("note: the picture is 5x5 px",))
+    with Image.open(io.BytesIO(annotated_png(rgb, caption))) as img:
+        width, height = img.size
+        out = np.asarray(img.convert("RGB"))
+    assert width >= 224 and height > 225  # the picture (225 px: 45 x 5) and the caption below
+    left = (width - 225) // 2
+    assert out[2 * 45 + 1, left + 2 * 45 + 1].tolist() == [255, 255, 255]  # whole-pixel blocks
+    assert out[0, left].tolist() == [0, 0, 0]
+    caption_band = out[225:]
+    assert (caption_band < 100).all(axis=2).any()  # dark text under the picture
+    red, blue = caption_band[..., 0].astype(int), caption_band[..., 2].astype(int)
+    assert ((red - blue) > 150).any() and ((blue - red) > 150).any()  # the colour scale's ends
+
+
+def test_a_shared_scale_keeps_a_weak_class_cold() -> None:
+    strong, weak = np.zeros((7, 7), np.float32), np.zeros((7, 7), np.float32)
+    strong[3, 3], weak[1, 1] = 4.0, 0.4
+    cams = [np.ones((28, 28), np.float32), np.ones((28, 28), np.float32)]  # each max 1 alone
+    shared = shared_scale(cams, [strong, weak])
+    assert shared[0].max() == pytest.approx(1.0) and shared[1].max() == pytest.approx(0.1)
+    assert [s.max() for s in shared_scale(cams, [np.zeros((7, 7))] * 2)] == [0.0, 0.0]
+
+
+def _photo() -> bytes:
+    noise = np.random.default_rng(0).random((8, 8)) * 255
+    photo = Image.fromarray(noise.astype(np.uint8)).resize((300, 200), Image.Resampling.BICUBIC)
+    return _encode(np.asarray(photo), "JPEG")
+
+
+def _transparent() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGBA", (100, 100), (0, 0, 0, 0)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("make", "says"),
+    [(_photo, "does not look like a digit"), (_transparent, "blank")],
+    ids=["grey-photo", "blank-transparent-png"],
+)
+def test_pictures_that_are_not_digits_are_warned_about(make: Any, says: str) -> None:
+    decoded = decode_image(make(), (28, 28))
+    (warning,) = picture_warnings(decoded.pixels, decoded.box, decoded.size)
+    assert says in warning
+
+
+def test_mnist_digits_get_no_warning() -> None:
+    images, _ = load_mnist("test")
+    for pixels in images[:500]:
+        decoded = decode_image(_encode(pixels), (28, 28))
+        assert picture_warnings(decoded.pixels, decoded.box, decoded.size) == []
+
+
+def test_a_dark_on_light_picture_says_it_was_inverted(digit: np.ndarray) -> None:
+    assert decode_image(_encode(255 - digit), (28, 28)).inverted
+    assert not decode_image(_encode(digit), (28, 28)).inverted
+    assert not decode_image(_encode(255 - digit), (28, 28), "as_is").inverted
