@@ -12,7 +12,7 @@ ORT_EXTRA   := $(if $(filter 1,$(GPU)),gpu,cpu)
 PY          := $(VENV)/bin/python
 PIP_FLAGS   ?= --disable-pip-version-check -q
 
-.PHONY: help venv tools sysdeps benchdeps triton proto model serve test lint typecheck zoo perf bench image clean
+.PHONY: help venv tools sysdeps perfdeps benchdeps triton proto model serve test lint typecheck zoo perf bench image clean
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -100,7 +100,12 @@ URL         ?= 127.0.0.1:8001
 CONCURRENCY ?= 1:16:4
 CUDART      := $(TOOLS_VENV)/lib/python3.11/site-packages/nvidia/cuda_runtime/lib
 
-perf: tools  ## perf_analyzer against a running server (URL=, MODEL=, CONCURRENCY=)
+# perf_analyzer needs only the tools venv (tritonclient 2.51 ships it) and libb64.
+perfdeps:
+	@ldconfig -p | grep -q libb64 || { apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends libb64-0d >/dev/null; }
+
+perf: $(TOOLS_VENV)/.installed perfdeps  ## perf_analyzer against a running server (URL=, MODEL=, CONCURRENCY=)
 	LD_LIBRARY_PATH=$(CUDART) $(TOOLS_VENV)/bin/perf_analyzer -m $(MODEL) -i grpc -u $(URL) \
 		--concurrency-range $(CONCURRENCY)
 

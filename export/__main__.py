@@ -42,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-queue-delay-us",
         type=int,
         default=1000,
-        help="dynamic batching: longest wait for a fuller batch",
+        help="dynamic batching: longest wait for a fuller batch, in microseconds; the server "
+        "waits only with --batching delay (with eager batching it runs what is queued at once)",
     )
     parser.add_argument(
         "--max-queue-size",

@@ -157,12 +157,20 @@ class InferenceServer:
         status = health_pb2.HealthCheckResponse.SERVING
         for service in ("", SERVICE_NAME, EXPLAIN_SERVICE_NAME):
             await self.health.set(service, status)
-        ready = [e.name for e in self.repository.entries() if e.state == READY]
+        entries = list(self.repository.entries())
+        ready = [e.name for e in entries if e.state == READY]
+        off = "off"  # an unset port
         log.info(
             "serving %s on gRPC port %d, metrics port %s (%s, model control %s, health port %s)",
-            ", ".join(ready) or "no models", self.grpc_port, self.metrics_port,
-            self.security.describe(), self.control.mode, self.health_port,
+            ", ".join(ready) or "no models", self.grpc_port, self.metrics_port or off,
+            self.security.describe(), self.control.mode, self.health_port or off,
         )  # fmt: skip
+        if not entries:
+            log.warning(
+                "the model repository %s holds no models (expected <model>/config.pbtxt and "
+                "<model>/<version>/model.onnx; `make model` trains and exports one)",
+                settings.model_repository.resolve(),
+            )
         self.security.warn_if_exposed(settings.host)
 
     def reload_tokens(self) -> None:

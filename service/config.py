@@ -18,8 +18,17 @@ ENV_PREFIX = "CNNSERVE_"
 MiB = 1024 * 1024
 
 
-def _doc(help: str, choices: tuple[str, ...] | None = None) -> dict[str, Any]:
-    return {"help": help, "choices": choices}
+def _doc(
+    help: str, choices: tuple[str, ...] | None = None, name: str = "", aliases: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """A field's help; `name` spells its flag and variable when the field's name does not, and
+    `aliases` are older spellings still accepted (each as --flag and CNNSERVE_VARIABLE)."""
+    return {"help": help, "choices": choices, "name": name, "aliases": aliases}
+
+
+def _names(f: dataclasses.Field[Any]) -> tuple[str, ...]:
+    """The spellings of a field's flag and variable, the preferred first."""
+    return (f.metadata.get("name") or f.name, *f.metadata.get("aliases", ()))
 
 
 @dataclass(frozen=True)
@@ -96,7 +105,7 @@ class Settings:
         metadata=_doc(
             "as Triton's: none (load every model at start; load/unload over the API refused), "
             "explicit (load/unload allowed; --load-model picks what loads at start), poll "
-            "(reload new, changed and removed versions every --repository-poll-secs)",
+            "(reload new, changed and removed versions every --repository-poll-s)",
             ("none", "explicit", "poll"),
         ),
     )
@@ -109,7 +118,12 @@ class Settings:
     )
     repository_poll_secs: float = field(
         default=15.0,
-        metadata=_doc("with --model-control-mode poll: seconds between repository scans"),
+        metadata=_doc(
+            "with --model-control-mode poll: seconds between repository scans (the older "
+            "CNNSERVE_REPOSITORY_POLL_SECS still works)",
+            name="repository_poll_s",
+            aliases=("repository_poll_secs",),
+        ),
     )
     intra_op_threads: int = field(
         default=1,
@@ -139,7 +153,10 @@ class Settings:
     )
     max_message_bytes: int = field(
         default=64 * MiB,
-        metadata=_doc("largest gRPC message accepted or sent, in bytes (gRPC's default: 4 MiB)"),
+        metadata=_doc(
+            "largest gRPC message accepted or sent, in bytes (grpcio's own limit, 4 MiB, is too "
+            "small for big batches)"
+        ),
     )
     max_queue_bytes: int = field(
         default=256 * MiB,
@@ -221,12 +238,15 @@ class Settings:
         environ = os.environ if environ is None else environ
         values: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
-            raw = environ.get(ENV_PREFIX + f.name.upper())
-            if raw is not None:
+            for name in _names(f):  # the preferred spelling wins over an alias
+                raw = environ.get(ENV_PREFIX + name.upper())
+                if raw is None:
+                    continue
                 try:
                     values[f.name] = _convert(f, raw)
                 except ValueError as exc:
-                    raise ValueError(f"{ENV_PREFIX}{f.name.upper()}={raw!r}: {exc}") from None
+                    raise ValueError(f"{ENV_PREFIX}{name.upper()}={raw!r}: {exc}") from None
+                break
         parsed = build_parser(cls(**values)).parse_args(argv)
         for f in dataclasses.fields(cls):
             value = getattr(parsed, f.name)
@@ -295,21 +315,27 @@ def build_parser(defaults: Settings | None = None) -> argparse.ArgumentParser:
         "SIGTERM or Ctrl-C drains: health turns NOT_SERVING, accepted requests finish.",
     )
     for f in dataclasses.fields(Settings):
-        flag = "--" + f.name.replace("_", "-")
-        env = ENV_PREFIX + f.name.upper()
+        flag, *aliases = ("--" + name.replace("_", "-") for name in _names(f))
+        env = ENV_PREFIX + _names(f)[0].upper()
         default = getattr(defaults, f.name)
         shown = "unset" if default in (None, (), "") else default
         help_text = f"{f.metadata['help']} (default: {shown}; env {env})"
         kind = _field_type(f)
         if kind is bool:
             parser.add_argument(
-                flag, action=argparse.BooleanOptionalAction, default=None, help=help_text
-            )
+                flag, *aliases, dest=f.name, action=argparse.BooleanOptionalAction,
+                default=None, help=help_text,
+            )  # fmt: skip
         elif kind is tuple:
-            parser.add_argument(flag, action="append", default=None, metavar="NAME", help=help_text)
+            parser.add_argument(
+                flag, *aliases, dest=f.name, action="append", default=None, metavar="NAME",
+                help=help_text,
+            )  # fmt: skip
         else:
             parser.add_argument(
                 flag,
+                *aliases,
+                dest=f.name,
                 type=str if _optional(f) else kind,
                 default=None,
                 choices=f.metadata.get("choices"),

@@ -347,6 +347,18 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     return metrics
 
 
+def _learning_rates() -> str:
+    """Every model's default optimizer and learning rate, models that share one grouped."""
+    groups: dict[tuple[str, float], list[str]] = {}
+    for name, spec in sorted(MODELS.items()):
+        groups.setdefault((spec.optimizer, spec.lr), []).append(name)
+    names = {"adadelta": "Adadelta", "adamw": "AdamW"}
+    return "; ".join(
+        f"{names.get(opt, opt)} {lr} for {', '.join(models)}"
+        for (opt, lr), models in groups.items()
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m training.train",
@@ -371,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--lr",
         type=float,
         default=None,
-        help="learning rate (default: the model's: Adadelta 1.0 for mnist_cnn, AdamW 2e-3 for convnext)",
+        help="learning rate (default: the model's own: " + _learning_rates() + ")",
     )
     parser.add_argument("--gamma", type=float, default=0.7, help="learning-rate decay per epoch")
     parser.add_argument(

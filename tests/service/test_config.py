@@ -88,3 +88,39 @@ def test_security_flags_and_environment(tmp_path: Path) -> None:
 def test_inconsistent_security_settings(flags: list[str], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         Settings.from_sources(flags, environ={})
+
+
+def test_seconds_flags_end_in_s_and_the_older_poll_spelling_still_works(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    for argv, environ in [
+        (["--repository-poll-s", "2.5"], {}),
+        (["--repository-poll-secs", "2.5"], {}),
+        ([], {"CNNSERVE_REPOSITORY_POLL_S": "2.5"}),
+        ([], {"CNNSERVE_REPOSITORY_POLL_SECS": "2.5"}),
+        ([], {"CNNSERVE_REPOSITORY_POLL_S": "2.5", "CNNSERVE_REPOSITORY_POLL_SECS": "9"}),
+        (["--repository-poll-s", "2.5"], {"CNNSERVE_REPOSITORY_POLL_SECS": "9"}),
+    ]:
+        settings = Settings.from_sources(argv, environ)
+        assert settings.repository_poll_secs == 2.5, (argv, environ)
+    with pytest.raises(SystemExit):
+        Settings.from_sources(["--help"], {})
+    flags = [
+        line.split()[0]
+        for line in capsys.readouterr().out.splitlines()
+        if line.lstrip().startswith("--")
+    ]
+    timed = [f for f in flags if "secs" in f or "seconds" in f or f.endswith("-ms")]
+    assert timed == [], timed  # seconds are spelled -s: --grace-period-s, --repository-poll-s
+
+
+def test_max_message_bytes_help_names_one_default(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "400")
+    with pytest.raises(SystemExit):
+        Settings.from_sources(["--help"], {})
+    (line,) = [
+        line for line in capsys.readouterr().out.splitlines() if "largest gRPC message" in line
+    ]
+    assert line.count("default") == 1, line
