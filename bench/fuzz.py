@@ -398,8 +398,10 @@ def internal_rejections(metrics_url: str | None) -> float | None:
         return None
     with urllib.request.urlopen(metrics_url, timeout=10) as response:
         text = response.read().decode()
-    match = re.search(r'^cnnserve_rejected_requests_total\{reason="internal"\} (\S+)$', text, re.M)
-    return float(match.group(1)) if match else 0.0
+    counts = re.findall(
+        r'^cnnserve_rejected_requests_total\{reason="internal"[^}]*\} (\S+)$', text, re.M
+    )
+    return sum(float(c) for c in counts)
 
 
 def still_serving(address: str, model: str) -> bool:

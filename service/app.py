@@ -63,9 +63,7 @@ class InferenceServer:
             settings.repository_poll_secs,
         )
         self.security = ServerSecurity.from_settings(settings)
-        self.rejections = Rejections(
-            lambda reason: self.metrics.rejected.labels(reason).inc(), RateLimitedLog(log)
-        )
+        self.rejections = Rejections(self.metrics.reject, RateLimitedLog(log))
         self.grpc = grpc.aio.server(
             interceptors=self.security.interceptors(self._refused),
             maximum_concurrent_rpcs=settings.max_concurrent_rpcs or None,
@@ -91,7 +89,7 @@ class InferenceServer:
 
     def _refused(self, method: str, refusal: Refusal) -> None:
         """A call the token check refused: counted, and logged (rate-limited) without the token."""
-        self.rejections.count(refusal.code.name.lower())
+        self.rejections.count(refusal.code.name.lower(), method, "")
         self.rejections.log.log(
             logging.INFO, "%s: %s %s", method, refusal.code.name, refusal.message
         )
@@ -125,7 +123,9 @@ class InferenceServer:
         self.grpc.add_generic_rpc_handlers(
             (
                 service_handler(inference, INFERENCE_SERVICE, rejections),
-                service_handler(ExplainServicer(self.repository), EXPLAIN_SERVICE, rejections),
+                service_handler(
+                    ExplainServicer(self.repository, self.metrics), EXPLAIN_SERVICE, rejections
+                ),
             )
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)

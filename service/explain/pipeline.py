@@ -186,6 +186,12 @@ async def explain(
     _, model = repository.get(served, request.model_version)
     labels = _check_model(model, explainer=not request.predictions_only)
     _check_counts(model, request, top_k)
+    shared_asked = request.heatmap_scale == ex.HEATMAP_SCALE_SHARED
+    if shared_asked and modelrepo.CAM_RAW not in model.signature.outputs_by_name:
+        raise InvalidInput(
+            f"heatmap_scale: a shared scale needs the explainer's '{modelrepo.CAM_RAW}' output, "
+            f"which '{model.name}' lacks; use the per-class scale"
+        )
     stop = Stop(timeout_s)
     dims = model.signature.inputs_by_name[INPUT].model_dims
     item = await _in_thread(stop, read_input, request, dims, stop)
@@ -211,17 +217,18 @@ async def explain(
     for index in ranked:
         response.predictions.append(_prediction(probs, index, labels))
     cams = [first[CAM][i] for i in range(len(targets))]
-    raws = [first[modelrepo.CAM_RAW][i] for i in range(len(targets))]
+    shared = request.heatmap_scale == ex.HEATMAP_SCALE_SHARED
+    raws = list(first[modelrepo.CAM_RAW][: len(targets)]) if shared else []
     explained = [int(c) for c in first[modelrepo.EXPLAINED_CLASS].reshape(-1)]
     if not request.target_classes and len(ranked) > 1:
         # The top class is explained; the runners-up go in one more (batched) request.
         rest = await _run(model, item.pixels, ranked[1:], stop.remaining())
         cams.extend(rest[CAM])
-        raws.extend(rest[modelrepo.CAM_RAW])
+        if shared:
+            raws.extend(rest[modelrepo.CAM_RAW])
         explained.extend(ranked[1:])
     activations = first.get(modelrepo.ACTIVATIONS) if request.feature_maps else None
     grid = bool(request.feature_maps)
-    shared = request.heatmap_scale == ex.HEATMAP_SCALE_SHARED
     drawn = shared_scale(cams, raws) if shared else cams
     captions = None
     if request.annotated:

@@ -7,6 +7,7 @@ counts are read lazily at scrape time, costing nothing per request.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 from collections.abc import Callable, Iterable
 
@@ -17,6 +18,7 @@ from prometheus_client import (
     Histogram,
     PlatformCollector,
     ProcessCollector,
+    disable_created_metrics,
 )
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -25,10 +27,21 @@ from ..core.errors import REJECT_REASONS
 
 log = logging.getLogger(__name__)
 
+# No `<name>_created` series beside every counter and histogram: they double the series count and
+# nothing here reads them (rate() and increase() handle restarts without them).
+disable_created_metrics()
+
+# The RPC a request came in through (ModelInfer, ModelStreamInfer, Explain, ...): the front that
+# receives it sets it, and every request counted in that context carries it as the `call` label.
+CALL: contextvars.ContextVar[str] = contextvars.ContextVar("cnnserve_call", default="other")
+
 NAMESPACE = "cnnserve"
 LATENCY_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
 )  # fmt: skip
+# An explanation decodes a picture, runs the explainer once or twice and draws: slower.
+EXPLAIN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+UNKNOWN_MODEL = ""  # the model label of a request naming no model the server knows
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 OUTCOMES = (
     "success", "invalid_argument", "not_found", "unavailable", "resource_exhausted",
@@ -42,21 +55,27 @@ class VersionMetrics:
     def __init__(self, metrics: ServingMetrics, model: str, version: str) -> None:
         self._metrics = metrics
         self.labels = (model, version)
-        self.request_seconds = metrics.request_seconds.labels(model, version)
         self.queue_seconds = metrics.queue_seconds.labels(model, version)
         self.compute_seconds = metrics.compute_seconds.labels(model, version)
         self.batch_size = metrics.batch_size.labels(model, version)
         self.inferences = metrics.inferences.labels(model, version)
-        self._outcomes = {o: metrics.requests.labels(model, version, o) for o in OUTCOMES}
+        self._outcomes: dict[tuple[str, str], Counter] = {}
+        self._seconds: dict[str, Histogram] = {}
+        self._providers: set[str] = set()
 
     def request_done(self, outcome: str, seconds: float) -> None:
-        """Count one finished request and observe its duration."""
-        counter = self._outcomes.get(outcome)
+        """Count one finished request and observe its duration, under the current call."""
+        call = CALL.get()
+        counter = self._outcomes.get((call, outcome))
         if counter is None:
-            counter = self._metrics.requests.labels(*self.labels, outcome)
-            self._outcomes[outcome] = counter
+            counter = self._metrics.requests.labels(*self.labels, outcome, call)
+            self._outcomes[(call, outcome)] = counter
         counter.inc()
-        self.request_seconds.observe(seconds)
+        histogram = self._seconds.get(call)
+        if histogram is None:
+            histogram = self._metrics.request_seconds.labels(*self.labels, call)
+            self._seconds[call] = histogram
+        histogram.observe(seconds)
 
     def watch(self, queue_depth: Callable[[], float], in_flight: Callable[[], float]) -> None:
         """Report queue depth and in-flight requests from these callables at scrape time."""
@@ -67,6 +86,7 @@ class VersionMetrics:
     def set_provider(self, provider: str) -> None:
         """Expose the execution provider in use as an info-style gauge."""
         self._metrics.provider.labels(*self.labels, provider).set(1)
+        self._providers.add(provider)
 
     def remove(self) -> None:
         """Drop the live-state series of this version, unless a reload has taken them over."""
@@ -76,9 +96,9 @@ class VersionMetrics:
         for family in (self._metrics.queue_depth, self._metrics.in_flight):
             with contextlib.suppress(KeyError):
                 family.remove(*self.labels)
-        for labels in list(self._metrics.provider._metrics):
-            if tuple(labels[:2]) == self.labels:
-                self._metrics.provider.remove(*labels)
+        for provider in self._providers:
+            with contextlib.suppress(KeyError):
+                self._metrics.provider.remove(*self.labels, provider)
 
 
 class ServingMetrics:
@@ -88,7 +108,8 @@ class ServingMetrics:
         self.registry = registry
         per_version = ("model", "version")
         self.requests = Counter(
-            "requests", "Inference requests by outcome", (*per_version, "outcome"),
+            "requests", "Requests that reached a model version, by outcome and by the call "
+            "they came in through", (*per_version, "outcome", "call"),
             namespace=NAMESPACE, registry=registry,
         )  # fmt: skip
         self.inferences = Counter(
@@ -96,8 +117,13 @@ class ServingMetrics:
             namespace=NAMESPACE, registry=registry,
         )  # fmt: skip
         self.request_seconds = Histogram(
-            "request_duration_seconds", "Whole request time in the server, decode to encode",
-            per_version, namespace=NAMESPACE, registry=registry, buckets=LATENCY_BUCKETS,
+            "request_duration_seconds", "Time of a request at a model version, decode to encode "
+            "(for Explain: each model call, not the picture work)",
+            (*per_version, "call"), namespace=NAMESPACE, registry=registry, buckets=LATENCY_BUCKETS,
+        )  # fmt: skip
+        self.explain_seconds = Histogram(
+            "explain_duration_seconds", "Whole Explain call: decode, model calls and drawing",
+            ("model", "outcome"), namespace=NAMESPACE, registry=registry, buckets=EXPLAIN_BUCKETS,
         )  # fmt: skip
         self.queue_seconds = Histogram(
             "queue_duration_seconds", "Time a request waited for its batch to start",
@@ -128,11 +154,13 @@ class ServingMetrics:
             (*per_version, "provider"), namespace=NAMESPACE, registry=registry,
         )  # fmt: skip
         self.rejected = Counter(
-            "rejected_requests", "Requests answered with an error, by reason (a fixed set)",
-            ("reason",), namespace=NAMESPACE, registry=registry,
+            "rejected_requests", "RPCs answered with an error, by reason (a fixed set), call and "
+            "model (empty where the request names none the server knows)",
+            ("reason", "call", "model"), namespace=NAMESPACE, registry=registry,
         )  # fmt: skip
         for reason in REJECT_REASONS:
-            self.rejected.labels(reason)
+            self.rejected.labels(reason, "other", UNKNOWN_MODEL)
+        self._models: set[str] = set()
         ProcessCollector(registry=registry)
         PlatformCollector(registry=registry)
         self._gpu: GpuCollector | None = None
@@ -143,8 +171,20 @@ class ServingMetrics:
         """Bound children for one model version."""
         return VersionMetrics(self, model, version)
 
+    def reject(self, reason: str, call: str = "", model: str = "") -> None:
+        """Count one RPC answered with an error; a model the server does not know is not a
+        label value (clients choose those names)."""
+        known = model if model in self._models else UNKNOWN_MODEL
+        self.rejected.labels(reason, call or CALL.get(), known).inc()
+
+    def explain_done(self, model: str, outcome: str, seconds: float) -> None:
+        """Observe one whole Explain call."""
+        known = model if model in self._models else UNKNOWN_MODEL
+        self.explain_seconds.labels(known, outcome).observe(seconds)
+
     def set_model_state(self, model: str, state: str, states: Iterable[str]) -> None:
         """Mark `state` as the model's current one (1) and the others 0."""
+        self._models.add(model)
         for s in states:
             self.model_state.labels(model, s).set(1 if s == state else 0)
 

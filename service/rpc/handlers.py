@@ -21,6 +21,7 @@ from google.protobuf.message import DecodeError, Message
 from google.protobuf.message_factory import GetMessageClass
 
 from ..core.errors import INTERNAL_MESSAGE, MALFORMED, InvalidInput, ServingError, shorten
+from ..observability.metrics import CALL
 
 log = logging.getLogger(__name__)
 
@@ -57,23 +58,25 @@ class RateLimitedLog:
 class Rejections:
     """Where rejected requests go: a counter by reason and a rate-limited log."""
 
-    count: Callable[[str], None]
+    count: Callable[[str, str, str], None]  # reason, call, model ("" where none is known)
     log: RateLimitedLog
 
-    def status(self, method: str, exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    def status(
+        self, method: str, exc: BaseException, model: str = ""
+    ) -> tuple[grpc.StatusCode, str]:
         """Count and log a failed request; returns the status and the message for the client."""
         if isinstance(exc, ServingError):
             code, message = exc.status, str(exc)
-            self.count(code.lower())
+            self.count(code.lower(), method, model)
             self.log.log(logging.INFO, "%s: %s %s", method, code, shorten(message))
             return grpc.StatusCode[code], message
-        self.count("internal")
+        self.count("internal", method, model)
         self.log.log(logging.ERROR, "%s: unhandled error", method, exc_info=exc)
         return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
 
     def malformed(self, method: str, message_type: str) -> InvalidInput:
         """Count and log a frame that does not parse; returns the error to answer with."""
-        self.count(MALFORMED)
+        self.count(MALFORMED, method, "")
         self.log.log(logging.INFO, "%s: request is not a valid %s", method, message_type)
         return InvalidInput(f"the request is not a valid {message_type} message")
 
@@ -88,6 +91,7 @@ def _unary(
     parse, type_name = request_type.FromString, request_type.DESCRIPTOR.full_name
 
     async def handle(raw: bytes, context: grpc.aio.ServicerContext) -> Message:
+        CALL.set(method)  # each RPC runs in its own task: the label stays with this call
         try:
             request = parse(raw)
         except DecodeError:
@@ -98,7 +102,7 @@ def _unary(
         except grpc.aio.AbortError:
             raise
         except Exception as exc:
-            code, message = rejections.status(method, exc)
+            code, message = rejections.status(method, exc, getattr(request, "model_name", ""))
             await context.abort(code, message)
         raise AssertionError("unreachable")  # abort always raises
 
@@ -121,6 +125,7 @@ def _streaming(
     async def handle(
         raw_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[Message]:
+        CALL.set(method)
         try:
             async for response in impl(decoded(raw_iterator), context):
                 yield response

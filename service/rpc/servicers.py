@@ -19,11 +19,12 @@ from pb import grpc_service_pb2 as pb
 from pb import grpc_service_pb2_grpc as pb_grpc
 
 from .. import __version__
-from ..core.errors import InvalidInput, ModelNotReady, Unsupported
+from ..core.errors import InvalidInput, ModelNotReady, ServingError, Unsupported
 from ..core.model import ServedModel
 from ..core.model_control import ModelControl
 from ..core.repository import ModelRepository
 from ..explain.pipeline import explain
+from ..observability.metrics import ServingMetrics
 from .codec import decode_request, encode_response
 from .handlers import Rejections
 
@@ -235,13 +236,28 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 class ExplainServicer(ex_grpc.ExplainerServicer):
     """The explain API: an image in, predictions, Grad-CAM heatmaps and pictures out."""
 
-    def __init__(self, repository: ModelRepository[ServedModel]) -> None:
+    def __init__(
+        self, repository: ModelRepository[ServedModel], metrics: ServingMetrics | None = None
+    ) -> None:
         self._repository = repository
+        self._metrics = metrics
 
     async def Explain(
         self, request: ex.ExplainRequest, context: grpc.aio.ServicerContext
     ) -> ex.ExplainResponse:
-        return await explain(self._repository, request, context.time_remaining())
+        start, outcome = time.perf_counter(), "success"
+        try:
+            return await explain(self._repository, request, context.time_remaining())
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            raise
+        except Exception as exc:
+            outcome = exc.status.lower() if isinstance(exc, ServingError) else "internal"
+            raise
+        finally:
+            if self._metrics is not None:  # the whole call: decode, model calls, drawing
+                seconds = time.perf_counter() - start
+                self._metrics.explain_done(request.model_name, outcome, seconds)
 
 
 SHUTTING_DOWN = "the server is shutting down; this request was not run"

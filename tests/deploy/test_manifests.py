@@ -231,7 +231,7 @@ def test_promtool_checks_config_and_rules() -> None:
 
 
 def test_rules_read_only_metrics_the_server_exports() -> None:
-    source = (ROOT / "service" / "metrics.py").read_text()
+    source = (ROOT / "service" / "observability" / "metrics.py").read_text()
     exported = set(re.findall(r'^\s+"(\w+)", "', source, re.MULTILINE))
     texts = [p.read_text() for p in RULE_FILES]
     texts.append((DEPLOY / "grafana" / "cnnserve-dashboard.json").read_text())
