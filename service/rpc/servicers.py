@@ -197,7 +197,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         try:
             response = await self._infer(request, context.time_remaining())
         except Exception as exc:
-            _, message = self._rejections.status("ModelStreamInfer", exc)
+            _, message = self._rejections.status("ModelStreamInfer", exc, request.model_name)
             return _stream_error(request, message)
         return pb.ModelStreamInferResponse(infer_response=response)
 
