@@ -399,7 +399,7 @@ def internal_rejections(metrics_url: str | None) -> float | None:
     with urllib.request.urlopen(metrics_url, timeout=10) as response:
         text = response.read().decode()
     counts = re.findall(
-        r'^cnnserve_rejected_requests_total\{reason="internal"[^}]*\} (\S+)$', text, re.M
+        r'^cnnserve_rejected_requests_total\{[^}]*reason="internal"[^}]*\} (\S+)$', text, re.M
     )
     return sum(float(c) for c in counts)
 

@@ -178,7 +178,7 @@ def test_service_hpa_and_monitor_fit_together(
 ) -> None:
     adapter = yaml.safe_load((KUBERNETES / "prometheus-adapter" / "configmap.yaml").read_text())
     served = {r["name"]["as"] for r in yaml.safe_load(adapter["data"]["config.yaml"])["rules"]}
-    metrics_source = (ROOT / "service" / "metrics.py").read_text()
+    metrics_source = (ROOT / "service" / "observability" / "metrics.py").read_text()
     for name in served:  # each adapter rule reads a metric the server exports
         assert f'"{name.removeprefix("cnnserve_")}"' in metrics_source, name
     for objects in rendered.values():

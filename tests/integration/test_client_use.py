@@ -230,7 +230,7 @@ def test_explain_out_jpg_writes_a_jpeg(
     result = _cli(server, "explain", str(image), "--out", str(out))
     assert result.returncode == 0, result.stderr
     with Image.open(out) as img:
-        assert img.format == "JPEG" and img.size == (112, 112)
+        assert img.format == "JPEG" and img.width >= 224 and img.height > img.width
 
 
 def test_a_refused_connection_names_the_address_and_the_fix(tmp_path: Path) -> None:

@@ -32,7 +32,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
 
 def rejected(server: ServerThread, reason: str) -> float:
     values = re.findall(
-        rf'^cnnserve_rejected_requests_total{{reason="{reason}"[^}}]*}} (\S+)$',
+        rf'^cnnserve_rejected_requests_total{{[^}}]*reason="{reason}"[^}}]*}} (\S+)$',
         server.scrape(),
         re.M,
     )

@@ -231,7 +231,9 @@ def test_tritonclient_over_tls_with_tokens(
     metrics = guarded.scrape()
     for reason in ("unauthenticated", "permission_denied"):
         counts = re.findall(
-            rf'^cnnserve_rejected_requests_total{{reason="{reason}"[^}}]*}} (\S+)$', metrics, re.M
+            rf'^cnnserve_rejected_requests_total{{[^}}]*reason="{reason}"[^}}]*}} (\S+)$',
+            metrics,
+            re.M,
         )
         assert counts and sum(float(c) for c in counts) > 0, reason
 
