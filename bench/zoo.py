@@ -1,10 +1,10 @@
-"""Measure every model of the zoo and regenerate the README's zoo table and picture.
+"""Measure every model of the zoo and regenerate the zoo table (docs/zoo.md) and picture.
 
     .venv/bin/python bench/zoo.py   # after `make zoo`
 
 Reads checkpoints/<model>.json (training metrics) and checkpoints/<model>.export.json (export
 summary), measures FLOPs with PyTorch's FlopCounterMode and ONNX Runtime latency on this machine,
-writes bench/results/zoo.json, the table between the README's zoo markers, and docs/zoo_gradcam.png.
+writes bench/results/zoo.json, the table between the zoo markers of docs/zoo.md, and docs/zoo_gradcam.png.
 """
 
 from __future__ import annotations
@@ -143,7 +143,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--repository", type=Path, default=ROOT / "model_repository")
     parser.add_argument("--checkpoints", type=Path, default=ROOT / "checkpoints")
-    parser.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    parser.add_argument("--readme", type=Path, default=ROOT / "docs" / "zoo.md")
     parser.add_argument("--picture", type=Path, default=ROOT / "docs" / "zoo_gradcam.png")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "zoo.json")
     args = parser.parse_args()

@@ -4,8 +4,8 @@ Every command of the README's shell code blocks is one test case, in README orde
 run when a rule of RUN matches it and skipped, with the reason shown, when a pattern of SKIPPED
 does (SKIPPED is consulted first); a command that neither table knows fails, so a new one cannot
 slip in unseen. Commands run through bash in a sandbox directory that looks like a checkout:
-the repository's files are linked in, `model_repository/` and `checkpoints/` are copies of the
-session's short-trained model, the README's example inputs (`digit.png`, `scans/`) exist, and
+the repository's files are linked in (the README's example pictures are those of `data/samples/`),
+`model_repository/` and `checkpoints/` are copies of the session's short-trained model, and
 `127.0.0.1:8001` / `:8002` point at a server this module starts on free ports.
 
 Adding a README section: a command that can run here needs a RUN rule only if it needs a quick
@@ -111,12 +111,6 @@ RUN: list[tuple[str, Plan]] = [
     ),
 ]
 
-# The README's example inputs, made in the sandbox from the vendored samples.
-EXAMPLE_INPUTS = {
-    "digit.png": "data/samples/digit0_7.png",
-    "scans/digit1_2.png": "data/samples/digit1_2.png",
-    "scans/letters/paper_9.jpg": "data/samples/paper_9.jpg",
-}
 # Paths that commands write to: copies in the sandbox, never links into the repository.
 WRITTEN = ("model_repository", "checkpoints")
 # After a command, the paths these flags name must exist.
@@ -165,9 +159,6 @@ def sandbox(
     shutil.copytree(mnist_repository, root / "model_repository")
     (root / "checkpoints").mkdir()
     shutil.copy(mnist_checkpoint, root / "checkpoints" / mnist_checkpoint.name)
-    for name, source in EXAMPLE_INPUTS.items():
-        (root / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(ROOT / source, root / name)
     return root
 
 
