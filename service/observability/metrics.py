@@ -68,8 +68,13 @@ class VersionMetrics:
         call = CALL.get()
         counter = self._outcomes.get((call, outcome))
         if counter is None:
-            counter = self._metrics.requests.labels(*self.labels, outcome, call)
-            self._outcomes[(call, outcome)] = counter
+            # A call's first request creates all its outcome series at zero, so that error
+            # ratios are 0 rather than missing.
+            for known in (*OUTCOMES, outcome):
+                if (call, known) not in self._outcomes:
+                    child = self._metrics.requests.labels(*self.labels, known, call)
+                    self._outcomes[(call, known)] = child
+            counter = self._outcomes[(call, outcome)]
         counter.inc()
         histogram = self._seconds.get(call)
         if histogram is None:

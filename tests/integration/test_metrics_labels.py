@@ -105,3 +105,16 @@ def test_no_created_series_and_promtool_accepts_the_metrics(server: ServerThread
         [promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_a_calls_first_request_starts_every_outcome_at_zero(server: ServerThread) -> None:
+    with server.channel() as channel:
+        stub(channel).ModelInfer(infer_request("classifier", images(1)), timeout=30)
+    text = server.scrape()
+    for outcome in ("internal", "unavailable", "resource_exhausted", "deadline_exceeded"):
+        assert re.search(
+            rf'^cnnserve_requests_total{{(?=[^}}]*call="ModelInfer")(?=[^}}]*model="classifier")'
+            rf'(?=[^}}]*outcome="{outcome}")[^}}]*}} \S+$',
+            text,
+            re.M,
+        ), outcome  # the error ratio's numerator exists (at 0) once the call has been seen
