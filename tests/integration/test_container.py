@@ -259,7 +259,7 @@ def test_tritonclient_infers_and_explains(
         and sample.labels.get("model") == MODEL
         and sample.labels.get("outcome") == "success"
     ]
-    assert successes and successes[0] >= 1, metrics[-3000:]
+    assert successes and sum(successes) >= 1, metrics[-3000:]  # summed over the calls
 
 
 def test_sigterm_drains_and_exits_zero(container: Container) -> None:
