@@ -32,7 +32,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from multiprocessing.connection import wait
 from multiprocessing.process import BaseProcess
@@ -47,11 +47,12 @@ from prometheus_client.registry import Collector
 
 from pb import grpc_service_pb2 as pb
 
-from ..app import CLOSE_MARGIN_S, create_server
+from ..app import CLOSE_MARGIN_S, InferenceServer
 from ..config import Settings
-from ..core.errors import ModelLoadError, ServingError
+from ..core.errors import ServingError
 from ..core.model import ServedModel
 from ..core.repository import ModelRepository
+from ..lifecycle import StopSignals, run, serve
 from ..observability.logs import configure_logging
 from ..observability.metrics import NAMESPACE
 
@@ -221,53 +222,50 @@ class Peers:
 # ---- the worker process --------------------------------------------------------------------
 
 
-async def serve_worker(settings: Settings, index: int, run_dir: Path, metrics: bool) -> int:
+async def serve_worker(
+    settings: Settings, index: int, run_dir: Path, metrics: bool, signals: StopSignals
+) -> int:
     """Serve as worker `index` until SIGTERM (or the supervisor is gone), then drain."""
     peers = Peers(run_dir, index)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    # Installed before loading (a stop during start-up drains once started), and kept: a second
-    # SIGTERM (say, to the whole process group) changes nothing.
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    started: list[Any] = []  # SIGHUP (forwarded by the supervisor) re-reads the token files
-    loop.add_signal_handler(signal.SIGHUP, lambda: [s.reload_tokens() for s in started])
-    try:
-        server = await create_server(
-            replace(settings, metrics_port=-1), peer_statistics=peers.statistics
+
+    async def started(server: InferenceServer) -> Callable[[], Awaitable[None]]:
+        """Open the private statistics port and loopback metrics, then publish them."""
+        private = grpc.aio.server()
+        private.add_generic_rpc_handlers((statistics_handler(server.repository),))
+        statistics_port = private.add_insecure_port("127.0.0.1:0")
+        await private.start()
+        httpd: Any = None
+        if metrics:
+            httpd, _ = start_http_server(0, addr="127.0.0.1", registry=server.metrics.registry)
+        publish(
+            run_dir,
+            WorkerInfo(index, os.getpid(), statistics_port, httpd.server_port if httpd else None),
         )
-    except (ModelLoadError, OSError) as exc:
-        log.error("cannot start: %s", exc)
-        return 2
-    started.append(server)
-    private = grpc.aio.server()
-    private.add_generic_rpc_handlers((statistics_handler(server.repository),))
-    statistics_port = private.add_insecure_port("127.0.0.1:0")
-    await private.start()
-    httpd: Any = None
-    if metrics:
-        httpd, _ = start_http_server(0, addr="127.0.0.1", registry=server.metrics.registry)
-    publish(
-        run_dir,
-        WorkerInfo(index, os.getpid(), statistics_port, httpd.server_port if httpd else None),
+        orphan = asyncio.create_task(_watch_parent(os.getppid(), signals))
+
+        async def cleanup() -> None:
+            orphan.cancel()
+            await private.stop(0)
+            await peers.close()
+            if httpd is not None:
+                httpd.shutdown()
+                httpd.server_close()
+
+        return cleanup
+
+    return await serve(
+        replace(settings, metrics_port=-1),
+        signals,
+        peer_statistics=peers.statistics,
+        on_started=started,
     )
-    orphan = asyncio.create_task(_watch_parent(os.getppid(), stop))
-    await stop.wait()
-    orphan.cancel()
-    await server.stop()
-    await private.stop(0)
-    await peers.close()
-    if httpd is not None:
-        httpd.shutdown()
-        httpd.server_close()
-    return 0
 
 
-async def _watch_parent(parent: int, stop: asyncio.Event) -> None:
+async def _watch_parent(parent: int, signals: StopSignals) -> None:
     """Drain when the supervisor is gone (killed with SIGKILL, say) instead of serving on."""
     while os.getppid() == parent:
         await asyncio.sleep(1.0)
-    log.warning("the supervisor (pid %d) is gone: stopping", parent)
-    stop.set()
+    signals.stop(f"the supervisor (pid {parent}) is gone")
 
 
 class _WorkerTag(logging.Filter):
@@ -291,10 +289,9 @@ def worker_main(settings: Settings, index: int, run_dir: Path, metrics: bool) ->
         handler.setFormatter(
             logging.Formatter("%(asctime)s %(levelname)s [worker %(worker)s] %(name)s: %(message)s")
         )
-    from ..__main__ import _loop_factory
-
-    with asyncio.Runner(loop_factory=_loop_factory(settings.uvloop)) as runner:
-        code = runner.run(serve_worker(settings, index, run_dir, metrics))
+    # SIGTERM only: the supervisor forwards one; a second (to the process group, say) is ignored.
+    signals = StopSignals((signal.SIGTERM,))
+    code = run(serve_worker(settings, index, run_dir, metrics, signals), settings.uvloop, signals)
     raise SystemExit(code)
 
 
@@ -474,10 +471,14 @@ class Supervisor:
         for slot in self.slots:
             self._spawn(slot)
         starting = True
+        repeat_logged = False
         stop_deadline: float | None = None
         codes: dict[int, int | None] = {}
         while True:
             now = time.monotonic()
+            if len(self._signals) > 1 and not repeat_logged:
+                repeat_logged = True
+                log.warning("another stop signal received while stopping: ignored")
             if self._signals and stop_deadline is None:
                 log.info("stop signal received: draining %d workers", len(self.slots))
                 stop_deadline = now + self.settings.grace_period_s + CLOSE_MARGIN_S + STOP_MARGIN_S
