@@ -240,7 +240,7 @@ def test_a_server_that_cannot_start_exits_2_without_a_traceback(tmp_path: Path) 
                     "-1",
                     "--workers",
                     workers,
-                ],  # fmt: skip
+                ],
                 cwd=ROOT,
                 capture_output=True,
                 text=True,
