@@ -19,7 +19,7 @@ from pb import model_config_pb2 as mc
 from ..config import Settings
 from ..observability.metrics import ServingMetrics
 from .batcher import BatchFunction, BatchRecord, BatchResult, DynamicBatcher
-from .errors import ServingError
+from .errors import outcome
 from .repository import ModelSpec
 from .runtime import CUDA, OnnxModel
 from .signature import Signature
@@ -89,10 +89,7 @@ class ServedModel:
         self.in_flight += 1
         try:
             result: BatchResult = await self.batcher.submit(inputs, batch_size, timeout_s)
-        except asyncio.CancelledError:
-            self.request_failed(start, "cancelled")
-            raise
-        except Exception as exc:
+        except (Exception, asyncio.CancelledError) as exc:
             self.request_failed(start, exc)
             raise
         finally:
@@ -104,16 +101,13 @@ class ServedModel:
         self.metrics.inferences.inc(batch_size)
         return result.outputs
 
-    def request_failed(self, started_ns: int, cause: BaseException | str) -> None:
+    def request_failed(self, started_ns: int, cause: BaseException) -> None:
         """Count a failed request (a refused decode as well as a failed run)."""
-        if isinstance(cause, str):
-            outcome = cause
-            self.cancelled += cause == "cancelled"
-        else:
-            outcome = cause.status.lower() if isinstance(cause, ServingError) else "internal"
+        _, label = outcome(cause)
+        self.cancelled += isinstance(cause, asyncio.CancelledError)
         elapsed = time.perf_counter_ns() - started_ns
         self.stats.request_failed(elapsed)
-        self.metrics.request_done(outcome, elapsed / 1e9)
+        self.metrics.request_done(label, elapsed / 1e9)
 
     def reported_config(self) -> mc.ModelConfig:
         """The config as read, with the instances and provider the sessions really got.
