@@ -179,7 +179,15 @@ async def load_version(
     )
     idle_max_size = max(1, int(FAST_PATH_BUDGET_S / per_image)) if per_image > 0 else 1
     model = ServedModel(
-        spec, version, sessions, signature, settings, metrics, latency, idle_max_size
+        spec,
+        version,
+        sessions,
+        signature,
+        metrics,
+        wait_for_preferred=settings.batching == "delay",
+        max_queue_bytes=settings.max_queue_bytes,
+        latency_session=latency,
+        idle_max_size=idle_max_size,
     )
     log.info(
         "loaded %s version %s: %d instance(s) on %s, max_batch_size %d",

@@ -16,7 +16,6 @@ import numpy as np
 import modelrepo
 from pb import model_config_pb2 as mc
 
-from ..config import Settings
 from ..observability.metrics import ServingMetrics
 from .batcher import BatchFunction, BatchRecord, BatchResult, DynamicBatcher
 from .errors import outcome
@@ -37,11 +36,14 @@ class ServedModel:
         version: int,
         sessions: list[OnnxModel],
         signature: Signature,
-        settings: Settings,
         metrics: ServingMetrics,
+        *,
+        wait_for_preferred: bool,
+        max_queue_bytes: int,
         latency_session: OnnxModel | None = None,
         idle_max_size: int = 1,
     ) -> None:
+        """`wait_for_preferred` (`--batching delay`) and `max_queue_bytes` set up the batcher."""
         self.name = spec.name
         self.version = str(version)
         self.config = spec.config
@@ -61,11 +63,11 @@ class ServedModel:
             max_queue_size=batching.default_queue_policy.max_queue_size,
             max_queue_delay_s=batching.max_queue_delay_microseconds / 1e6,
             preferred_batch_sizes=tuple(batching.preferred_batch_size),
-            wait_for_preferred=settings.batching == "delay",
+            wait_for_preferred=wait_for_preferred,
             on_batch=self._batch_done,
             idle_function=latency_session.run if latency_session else None,
             idle_max_size=idle_max_size,
-            max_queue_bytes=settings.max_queue_bytes,
+            max_queue_bytes=max_queue_bytes,
             name=f"{self.name}:{self.version}",
         )
         self.metrics.watch(lambda: self.batcher.queue_depth, lambda: self.in_flight)

@@ -55,6 +55,7 @@ from ..core.repository import ModelRepository
 from ..lifecycle import StopSignals, run, serve
 from ..observability.logs import configure_logging
 from ..observability.metrics import NAMESPACE
+from ..rpc.statistics import statistics_message
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +154,7 @@ def _local_statistics(
         models = repository.serving(request.name, request.version)
     except ServingError:  # not loaded here (an unload reached only this worker): nothing to add
         return []
-    return [m.stats.to_proto() for m in models]
+    return [statistics_message(m.stats) for m in models]
 
 
 def statistics_handler(repository: ModelRepository[ServedModel]) -> grpc.GenericRpcHandler:

@@ -173,7 +173,7 @@ def read_input_outcomes(monkeypatch: pytest.MonkeyPatch) -> list[BaseException |
     """What each call of the explain API's picture decoding ended with (None: it finished)."""
     outcomes: list[BaseException | None] = []
     done = threading.Condition()
-    original: Callable[..., Any] = service.explain.read_input
+    original: Callable[..., Any] = service.explain.pipeline.read_input
 
     def recorded(*args: Any) -> Any:
         try:
@@ -206,7 +206,7 @@ class _SlowDecode:
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
         self.seconds = seconds
-        original = service.explain.decode_image
+        original = service.explain.pipeline.decode_image
 
         def slow(*args: Any) -> Any:
             time.sleep(self.seconds)
