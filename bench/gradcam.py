@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.loadgen import ROOT, closed_loop, latest_model, print_table, running_server, save_grid
 from modelrepo import CAM, INPUT, TARGET_CLASS, explainer_name
 from pb import grpc_service_pb2 as pb
+from service.core.runtime import session_options
 from training.cli import HelpFormatter
 
 
@@ -114,8 +115,7 @@ def main() -> None:
         )
 
     # (a) the explainer graph run in-process by ONNX Runtime: the ceiling.
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
+    options = session_options(1)
     session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
     for batch in (1, 32):
         feeds = {INPUT: pixels[:batch], TARGET_CLASS: np.full(batch, -1, dtype=np.int64)}

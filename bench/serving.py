@@ -34,6 +34,7 @@ from bench.loadgen import (  # noqa: E402
 )
 from pb import grpc_service_pb2 as pb  # noqa: E402
 from pb import grpc_service_pb2_grpc as pb_grpc  # noqa: E402
+from service.core.runtime import session_options  # noqa: E402
 from training.cli import HelpFormatter  # noqa: E402
 
 TARGETS = {"p50_ms_at_c1": 1.0, "infer_per_s_at_c16": 3500, "avg_batch_at_c16": 4}
@@ -113,9 +114,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def measure_ort(model_file: Path, batches: list[int], threads: int, seconds: float) -> list[dict]:
     """Run the ONNX file in-process: throughput and per-call latency at each batch size."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
+    options = session_options(threads)
     session = ort.InferenceSession(str(model_file), options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     shape = [d if isinstance(d, int) else 1 for d in session.get_inputs()[0].shape[1:]]

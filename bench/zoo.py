@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.loadgen import ROOT, latest_model, save_grid
 from modelrepo import CAM, INPUT, LOGITS, PROBABILITIES, TARGET_CLASS, explainer_name
+from service.core.runtime import session_options
 from training.cli import HelpFormatter
 
 START, END = "<!-- zoo-table:start -->", "<!-- zoo-table:end -->"
@@ -33,8 +34,7 @@ def ort_timings(path: Path, shape: tuple[int, ...], seconds: float = 2.0) -> tup
     """(median ms at batch 1, images/s at batch 32) with one intra-op thread."""
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
+    options = session_options(1)
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
     one = rng.random((1, *shape), dtype=np.float32)

@@ -81,9 +81,9 @@ def read_model(directory: Path) -> ModelSpec:
         )
     filename = config.default_model_filename or DEFAULT_MODEL_FILE
     available = sorted(
-        int(p.name)
-        for p in directory.iterdir()
-        if p.is_dir() and p.name.isdigit() and (p / filename).is_file()
+        v
+        for v, folder in modelrepo.version_folders(directory).items()
+        if (folder / filename).is_file()
     )
     chosen = select_versions(available, config.version_policy)
     versions = {v: directory / str(v) / filename for v in chosen if v in available}
