@@ -1,6 +1,6 @@
 """Grad-CAM throughput: served by cnnserve vs the explainer graph in-process vs PyTorch autograd.
 
-    .venv/bin/python bench/gradcam.py --repository model_repository --checkpoint checkpoints/mnist_cnn.pt
+    .venv/bin/python -m bench.gradcam --repository model_repository --checkpoint checkpoints/mnist_cnn.pt
 
 Prints a table and writes bench/results/gradcam.json.
 """
@@ -11,13 +11,10 @@ import argparse
 import asyncio
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.loadgen import ROOT, closed_loop, latest_model, print_table, running_server, save_grid
 from modelrepo import CAM, INPUT, TARGET_CLASS, explainer_name

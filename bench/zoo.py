@@ -1,6 +1,6 @@
 """Measure every model of the zoo and regenerate the README's zoo table and picture.
 
-    .venv/bin/python bench/zoo.py   # after `make zoo`
+    .venv/bin/python -m bench.zoo   # after `make zoo`
 
 Reads checkpoints/<model>.json (training metrics) and checkpoints/<model>.export.json (export
 summary), measures FLOPs with PyTorch's FlopCounterMode and ONNX Runtime latency on this machine,
@@ -13,14 +13,11 @@ import argparse
 import io
 import json
 import re
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.loadgen import ROOT, latest_model, save_grid
 from modelrepo import CAM, INPUT, LOGITS, PROBABILITIES, TARGET_CLASS, explainer_name

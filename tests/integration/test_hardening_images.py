@@ -22,6 +22,8 @@ import pytest
 from PIL import Image
 
 import service.explain.pipeline
+from bench.pictures import jpeg_claiming as _jpeg_claiming
+from bench.pictures import png_claiming as _png_claiming
 from pb import explain_pb2 as ex
 from pb import explain_pb2_grpc as ex_grpc
 from pb import grpc_service_pb2 as pb
@@ -34,8 +36,6 @@ from service.explain.imaging import (
 )
 from tests.support.harness import ServerThread, running_server, stub
 from tests.support.onnx_models import write_test_repository
-from tests.support.pictures import jpeg_claiming as _jpeg_claiming
-from tests.support.pictures import png_claiming as _png_claiming
 
 MODEL = "classifier"  # explained by classifier_gradcam
 MiB = 1024 * 1024
