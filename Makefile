@@ -71,9 +71,11 @@ SERVE_FLAGS ?=
 serve: model  ## Serve the model repository on loopback (gRPC :8001, metrics :8002)
 	$(PY) -m service --model-repository $(REPO) --reflection $(SERVE_FLAGS)
 
-lint: pb/.generated  ## ruff (lint + format check), hadolint on the Dockerfile
+lint: pb/.generated  ## ruff (lint + format check), import layers, dead code, hadolint on the Dockerfile
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/vulture
 	@if [ -x $(TOOLS_VENV)/bin/hadolint ]; then $(TOOLS_VENV)/bin/hadolint Dockerfile && echo "hadolint: Dockerfile ok"; \
 	else echo "hadolint: skipped (make tools installs it)"; fi
 

@@ -26,7 +26,7 @@ from .core.errors import Refused
 from .core.loading import load_version
 from .core.model import ServedModel
 from .core.model_control import ModelControl
-from .core.repository import READY, STATES, ModelEntry, ModelRepository, ModelSpec
+from .core.repository import READY, STATES, ModelEntry, ModelFolder, ModelRepository
 from .observability.metrics import ServingMetrics
 from .rpc.handlers import RateLimitedLog, Rejections, service_handler
 from .rpc.servicers import ExplainServicer, InferenceServicer, PeerStatistics
@@ -86,7 +86,7 @@ class InferenceServer:
         self._metrics_http: Any = None
         self._stopped = asyncio.Event()
 
-    async def _load_version(self, spec: ModelSpec, version: int) -> ServedModel:
+    async def _load_version(self, spec: ModelFolder, version: int) -> ServedModel:
         return await load_version(spec, version, self.settings, self.metrics)
 
     def _refused(self, method: str, refusal: Refused) -> None:
@@ -197,10 +197,6 @@ class InferenceServer:
             self._metrics_http.server_close()
         log.info("stopped")
         self._stopped.set()
-
-    async def wait_for_termination(self) -> None:
-        """Return once `stop` has finished."""
-        await self._stopped.wait()
 
 
 async def create_server(

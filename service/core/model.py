@@ -19,8 +19,8 @@ from pb import model_config_pb2 as mc
 from ..observability.metrics import ServingMetrics
 from .batcher import BatchFunction, BatchRecord, BatchResult, DynamicBatcher
 from .errors import outcome
-from .repository import ModelSpec
-from .runtime import CUDA, OnnxModel
+from .repository import ModelFolder
+from .runtime import CUDA, OnnxSession
 from .signature import Signature
 from .statistics import VersionStatistics
 
@@ -32,15 +32,15 @@ class ServedModel:
 
     def __init__(
         self,
-        spec: ModelSpec,
+        spec: ModelFolder,
         version: int,
-        sessions: list[OnnxModel],
+        sessions: list[OnnxSession],
         signature: Signature,
         metrics: ServingMetrics,
         *,
         wait_for_preferred: bool,
         max_queue_bytes: int,
-        latency_session: OnnxModel | None = None,
+        latency_session: OnnxSession | None = None,
         idle_max_size: int = 1,
     ) -> None:
         """`wait_for_preferred` (`--batching delay`) and `max_queue_bytes` set up the batcher."""

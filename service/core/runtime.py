@@ -53,7 +53,7 @@ def session_options(intra_op_threads: int = 1, *, spinning: bool = True) -> ort.
     return options
 
 
-class OnnxModel:
+class OnnxSession:
     """One ONNX Runtime session; `run` is safe to call from one thread at a time.
 
     `run` takes and returns batch-first arrays, as everything in the server does. For a graph

@@ -27,7 +27,6 @@ INPUT, TARGET = modelrepo.INPUT, modelrepo.TARGET_CLASS
 PROBABILITIES, CAM = modelrepo.PROBABILITIES, modelrepo.CAM
 MAX_TOP_K = 100
 T = TypeVar("T")
-POLARITIES = ("auto", "as_is", "invert")
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from service.explain.imaging import (
     overlay_png,
 )
 from service.explain.pipeline import ModelInput, _draw
-from training.data import load_mnist
+from training.mnist import load_mnist
 
 
 def _encode(pixels: np.ndarray, fmt: str = "PNG", mode: str | None = None) -> bytes:
