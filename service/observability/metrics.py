@@ -23,7 +23,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from ..core.errors import REJECT_REASONS
+from ..core.errors import REJECT_REASONS, REQUEST_FAILURES
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +43,7 @@ LATENCY_BUCKETS = (
 EXPLAIN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 UNKNOWN_MODEL = ""  # the model label of a request naming no model the server knows
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-OUTCOMES = (
-    "success", "invalid_argument", "not_found", "unavailable", "resource_exhausted",
-    "deadline_exceeded", "cancelled", "internal",
-)  # fmt: skip
+OUTCOMES = ("success", *REQUEST_FAILURES)
 
 
 class VersionMetrics:

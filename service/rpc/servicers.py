@@ -1,7 +1,8 @@
-"""The gRPC servicers: thin layers that decode, call the model layer and encode.
+"""The gRPC servicers: thin layers that decode, call the core and encode.
 
-The protocol stops here: below these classes, models take and return numpy arrays. Methods raise
-domain errors (`errors.py`); `handlers.py` parses each request and turns errors into statuses.
+The protocol stops in `service/rpc/`: below it, models take and return numpy arrays and the
+explain pipeline dataclasses. Methods raise domain errors (`core/errors.py`); `handlers.py`
+parses each request and turns errors into statuses.
 """
 
 from __future__ import annotations
@@ -19,14 +20,16 @@ from pb import grpc_service_pb2 as pb
 from pb import grpc_service_pb2_grpc as pb_grpc
 
 from .. import __version__
-from ..core.errors import InvalidInput, ModelNotReady, ServingError, Unsupported
+from ..core.errors import InvalidInput, ModelNotReady, Unsupported, outcome
 from ..core.model import ServedModel
 from ..core.model_control import ModelControl
 from ..core.repository import ModelRepository
 from ..explain.pipeline import explain
 from ..observability.metrics import ServingMetrics
 from .codec import decode_request, encode_response
+from .explain import explain_query, explain_response
 from .handlers import Rejections
+from .statistics import statistics_message
 
 SERVER_NAME = "cnnserve"
 EXTENSIONS = ("classification", "model_repository", "model_configuration", "statistics")
@@ -205,7 +208,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelStatisticsResponse:
         models = self._repository.serving(request.name, request.version)
-        stats = [m.stats.to_proto() for m in models]
+        stats = [statistics_message(m.stats) for m in models]
         if self._peer_statistics is not None:
             stats = await self._peer_statistics(request, stats)
         return pb.ModelStatisticsResponse(model_stats=stats)
@@ -245,19 +248,19 @@ class ExplainServicer(ex_grpc.ExplainerServicer):
     async def Explain(
         self, request: ex.ExplainRequest, context: grpc.aio.ServicerContext
     ) -> ex.ExplainResponse:
-        start, outcome = time.perf_counter(), "success"
+        start, label = time.perf_counter(), "success"
         try:
-            return await explain(self._repository, request, context.time_remaining())
-        except asyncio.CancelledError:
-            outcome = "cancelled"
-            raise
-        except Exception as exc:
-            outcome = exc.status.lower() if isinstance(exc, ServingError) else "internal"
+            query = explain_query(request)
+            return explain_response(
+                await explain(self._repository, query, context.time_remaining())
+            )
+        except (Exception, asyncio.CancelledError) as exc:
+            label = outcome(exc)[1]
             raise
         finally:
             if self._metrics is not None:  # the whole call: decode, model calls, drawing
                 seconds = time.perf_counter() - start
-                self._metrics.explain_done(request.model_name, outcome, seconds)
+                self._metrics.explain_done(request.model_name, label, seconds)
 
 
 SHUTTING_DOWN = "the server is shutting down; this request was not run"

@@ -21,7 +21,7 @@ from pb import explain_pb2_grpc as ex_grpc
 from service.core.errors import InvalidInput
 from tests.conftest import ROOT
 from tests.support.harness import ServerThread, infer_request, running_server, stub
-from training.data import load_mnist
+from training.mnist import load_mnist
 
 EXPLAINER = "mnist_cnn_gradcam"
 

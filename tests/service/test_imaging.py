@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image, JpegImagePlugin
 
-from pb import explain_pb2 as ex
+from bench.pictures import jpeg_claiming as _jpeg_claiming
+from bench.pictures import png_claiming as _png_claiming
 from service.core.errors import DeadlineExceeded, InvalidInput
 from service.explain.imaging import (
     MAX_DECODED_PIXELS,
@@ -30,10 +31,8 @@ from service.explain.imaging import (
     picture_warnings,
     shared_scale,
 )
-from service.explain.pipeline import ModelInput, _draw, read_input
-from tests.support.pictures import jpeg_claiming as _jpeg_claiming
-from tests.support.pictures import png_claiming as _png_claiming
-from training.data import load_mnist
+from service.explain.pipeline import ExplainQuery, ModelInput, RawTensor, _draw, read_input
+from training.mnist import load_mnist
 
 
 def _encode(pixels: np.ndarray, fmt: str = "PNG", mode: str | None = None) -> bytes:
@@ -307,14 +306,12 @@ def test_a_jpeg_is_turned_as_its_exif_orientation_says(digit: np.ndarray, orient
 def test_explain_tensors_outside_0_1_are_refused(low: float, high: float) -> None:
     pixels = np.zeros((1, 28, 28), dtype="<f4")
     pixels[0, 0, :2] = [low, high]
-    request = ex.ExplainRequest(
-        model_name="m", tensor=ex.RawTensor(shape=[1, 28, 28], data=pixels.tobytes())
-    )
+    query = ExplainQuery(model="m", tensor=RawTensor((1, 28, 28), pixels.tobytes()))
     with pytest.raises(InvalidInput, match=r"\[0, 1\]"):
-        read_input(request, (1, 28, 28))
+        read_input(query, (1, 28, 28))
     pixels[0, 0, :2] = [0.0, 1.0]
-    request.tensor.data = pixels.tobytes()
-    assert read_input(request, (1, 28, 28)).pixels.max() == 1.0
+    query = ExplainQuery(model="m", tensor=RawTensor((1, 28, 28), pixels.tobytes()))
+    assert read_input(query, (1, 28, 28)).pixels.max() == 1.0
 
 
 # Pictures for people: the annotated overlay, the shared scale, the warnings.
