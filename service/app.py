@@ -27,6 +27,7 @@ from .core.model import ServedModel
 from .core.model_control import ModelControl
 from .core.repository import READY, STATES, ModelEntry, ModelRepository, ModelSpec
 from .observability.metrics import ServingMetrics
+from .rest.server import HttpFront, start_http, stop_http
 from .rpc.handlers import RateLimitedLog, Rejections, service_handler
 from .rpc.servicers import ExplainServicer, InferenceServicer, PeerStatistics
 from .security.auth import Refusal
@@ -84,6 +85,7 @@ class InferenceServer:
         self.draining = False
         self._started = False
         self._metrics_http: Any = None
+        self.http: HttpFront | None = None
         self._stopped = asyncio.Event()
 
     async def _load_version(self, spec: ModelSpec, version: int) -> ServedModel:
@@ -153,14 +155,17 @@ class InferenceServer:
             )
             self._metrics_http = httpd
             self.metrics_port = httpd.server_port
+        if settings.http_port >= 0:
+            self.http = await start_http(self)
         self._started = True
         status = health_pb2.HealthCheckResponse.SERVING
         for service in ("", SERVICE_NAME, EXPLAIN_SERVICE_NAME):
             await self.health.set(service, status)
         ready = [e.name for e in self.repository.entries() if e.state == READY]
         log.info(
-            "serving %s on gRPC port %d, metrics port %s (%s, model control %s, health port %s)",
-            ", ".join(ready) or "no models", self.grpc_port, self.metrics_port,
+            "serving %s on gRPC port %d, HTTP port %s, metrics port %s (%s, model control %s, "
+            "health port %s)", ", ".join(ready) or "no models", self.grpc_port,
+            self.http.port if self.http else None, self.metrics_port,
             self.security.describe(), self.control.mode, self.health_port,
         )  # fmt: skip
         self.security.warn_if_exposed(settings.host)
@@ -181,7 +186,7 @@ class InferenceServer:
             await self.health.enter_graceful_shutdown()
         await self.control.stop()  # no repository change while draining
         cancelled_before = sum(m.cancelled for m in self.repository.serving())
-        await self.grpc.stop(grace)
+        await asyncio.gather(self.grpc.stop(grace), stop_http(self.http, grace))
         if self._health_grpc is not None:
             await self._health_grpc.stop(0)
         served = self.repository.serving()

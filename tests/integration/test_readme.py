@@ -84,7 +84,7 @@ class Plan:
 TRAIN_QUICKLY = "--epochs 1 --max-steps 3 --test-limit 200 --threads 1 --no-plot --quiet"
 
 # What runs, and how: the first matching rule wins; a command matching none of them (and no
-# SKIPPED pattern) fails. `{grpc_port}` and `{metrics_port}` in `quick` are fresh free ports.
+# SKIPPED pattern) fails. `{grpc_port}`, `{metrics_port}`, `{http_port}` in `quick` are free ports.
 RUN: list[tuple[str, Plan]] = [
     (r".* --help$", Plan()),
     (r"make help$", Plan()),
@@ -94,7 +94,8 @@ RUN: list[tuple[str, Plan]] = [
         r"python -m service\b",
         Plan(
             serve=True,
-            quick="--host 127.0.0.1 --grpc-port {grpc_port} --metrics-port {metrics_port}",
+            quick="--host 127.0.0.1 --grpc-port {grpc_port} --metrics-port {metrics_port} "
+            "--http-port {http_port}",
         ),
     ),
     (r"python -m training\.train\b", Plan(quick=TRAIN_QUICKLY)),
@@ -256,7 +257,7 @@ def test_readme_command(command: Command, sandbox: Path, server: ServerThread) -
         pytest.skip(f"{command}: {plan}")
     if plan.needs and not (ROOT / plan.needs).exists():
         pytest.skip(f"{command}: {plan.needs} is missing (make tools installs it)")
-    ports = {"grpc_port": free_port(), "metrics_port": free_port()}
+    ports = {"grpc_port": free_port(), "metrics_port": free_port(), "http_port": free_port()}
     ran = localize(command.text, server)
     if plan.quick:
         ran += " " + plan.quick.format(**ports)

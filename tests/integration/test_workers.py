@@ -61,7 +61,7 @@ def start_group(repository: Path, *extra: str, workers: int = 2) -> Group:
     process = subprocess.Popen(
         [
             sys.executable, "-m", "service", "--model-repository", str(repository),
-            "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0",
+            "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0", "--http-port", "0",
             "--workers", str(workers), "--no-uvloop", *extra,
         ],
         cwd=ROOT,
@@ -234,7 +234,8 @@ def test_ctrl_c_reaches_each_worker_once(group: Group) -> None:
 def test_a_worker_that_cannot_start_stops_the_group(tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "service", "--model-repository", str(tmp_path / "missing"),
-         "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0", "--workers", "2"],
+         "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0", "--http-port", "0",
+         "--workers", "2"],
         cwd=ROOT, capture_output=True, text=True, timeout=90,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )  # fmt: skip

@@ -1,0 +1,451 @@
+"""The KServe v2 REST protocol as a bare ASGI application over the core objects.
+
+No web framework: a dozen routes matched on the raw path, each a thin call on the same objects the
+gRPC servicers use (the repository, `ServedModel.infer`, model control, statistics). Errors are
+`{"error": "..."}` with the HTTP status Triton's HTTP front gives the same case; every refused
+request is counted and logged through the server's rate-limited `Rejections`. Tokens are checked
+against the scope of the equivalent gRPC method, so both fronts share one policy.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote
+
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
+from prometheus_client import CollectorRegistry, Counter
+
+from pb import grpc_service_pb2 as pb
+
+from .. import __version__
+from ..core.errors import InvalidInput, ModelNotReady, ServingError, Unsupported
+from ..core.model import ServedModel
+from ..core.model_control import ModelControl
+from ..core.repository import ModelRepository
+from ..observability.metrics import NAMESPACE
+from ..rpc.handlers import Rejections
+from ..security.auth import Authenticator, Refusal
+from .codec import HEADER_LENGTH, decode_infer, encode_infer, parse_json, split_body
+
+log = logging.getLogger(__name__)
+
+SERVER_NAME = "cnnserve"
+EXTENSIONS = (
+    "classification",
+    "binary_tensor_data",
+    "model_repository",
+    "model_configuration",
+    "statistics",
+)
+_SERVICE = "/inference.GRPCInferenceService/"
+# gRPC status name -> HTTP status, as Triton's HTTP front maps its error codes
+# (INVALID_ARG 400, NOT_FOUND 404, UNAVAILABLE 503, UNSUPPORTED 501, INTERNAL 500, others 400).
+HTTP_STATUS = {
+    "INVALID_ARGUMENT": 400,
+    "NOT_FOUND": 404,
+    "UNAVAILABLE": 503,
+    "RESOURCE_EXHAUSTED": 503,  # Triton: a full queue is UNAVAILABLE
+    "DEADLINE_EXCEEDED": 503,  # Triton: an expired timeout is UNAVAILABLE
+    "UNIMPLEMENTED": 501,
+    "INTERNAL": 500,
+    "UNAUTHENTICATED": 401,
+    "PERMISSION_DENIED": 403,
+}
+PeerStatistics = Callable[
+    [pb.ModelStatisticsRequest, list[pb.ModelStatistics]], Awaitable[list[pb.ModelStatistics]]
+]
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+class HttpError(Exception):
+    """An answer decided at the HTTP level (bad route, method, body size)."""
+
+    def __init__(self, status: int, message: str, headers: tuple[tuple[bytes, bytes], ...] = ()):
+        super().__init__(message)
+        self.status = status
+        self.headers = headers
+
+
+@dataclass
+class Response:
+    """What a route returns: status, body and content type (JSON unless said otherwise)."""
+
+    body: bytes = b""
+    status: int = 200
+    content_type: bytes = b"application/json"
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+
+
+def json_response(value: Any, status: int = 200) -> Response:
+    return Response(json.dumps(value, separators=(",", ":")).encode(), status)
+
+
+def message_to_json(message: Message) -> dict[str, Any]:
+    """A protobuf message as JSON with field names as in the .proto and integers as numbers.
+
+    protobuf's own JSON printer writes 64-bit integers as strings and leaves out zeros; Triton's
+    HTTP front and the clients that read it (tritonclient, perf_analyzer) expect numbers, and
+    counters that are present when zero.
+    """
+    out: dict[str, Any] = {}
+    for fd in message.DESCRIPTOR.fields:
+        value = getattr(message, fd.name)
+        if fd.message_type is not None and fd.message_type.GetOptions().map_entry:
+            value_fd = fd.message_type.fields_by_name["value"]
+            out[fd.name] = {k: _json_value(value_fd, v) for k, v in value.items()}
+        elif _repeated(fd):
+            out[fd.name] = [_json_value(fd, v) for v in value]
+        elif fd.message_type is not None or fd.containing_oneof is not None:
+            if message.HasField(fd.name):
+                out[fd.name] = _json_value(fd, value)
+        else:
+            out[fd.name] = _json_value(fd, value)
+    return out
+
+
+def _repeated(fd: Any) -> bool:
+    is_repeated = getattr(fd, "is_repeated", None)  # protobuf >= 6; `label` before
+    if is_repeated is not None:
+        return bool(is_repeated)
+    return bool(fd.label == FieldDescriptor.LABEL_REPEATED)
+
+
+def _json_value(fd: Any, value: Any) -> Any:
+    if fd.type == FieldDescriptor.TYPE_MESSAGE:
+        return message_to_json(value)
+    if fd.type == FieldDescriptor.TYPE_ENUM and fd.enum_type is not None:
+        return fd.enum_type.values_by_number[value].name
+    if fd.type == FieldDescriptor.TYPE_BYTES:
+        import base64
+
+        return base64.b64encode(value).decode()
+    return value
+
+
+class RestApi:
+    """The ASGI app: routes KServe v2 REST calls onto the core."""
+
+    def __init__(
+        self,
+        repository: ModelRepository[ServedModel],
+        control: ModelControl,
+        ready: Callable[[], bool],
+        draining: Callable[[], bool],
+        rejections: Rejections,
+        authenticator: Authenticator,
+        registry: CollectorRegistry,
+        max_body_bytes: int,
+        peer_statistics: PeerStatistics | None = None,
+    ) -> None:
+        self.repository = repository
+        self.control = control
+        self.ready = ready
+        self.draining = draining
+        self.rejections = rejections
+        self.authenticator = authenticator
+        self.max_body_bytes = max_body_bytes
+        self.peer_statistics = peer_statistics
+        self.responses = Counter(
+            "http_responses", "HTTP API answers by route and status code",
+            ("route", "code"), namespace=NAMESPACE, registry=registry,
+        )  # fmt: skip
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":  # lifespan and websockets are not served
+            return
+        route = "unknown"
+        try:
+            route, handler, method_name, args = self._route(scope)
+            self._check_token(method_name, scope)
+            response = await handler(scope, receive, *args)
+        except HttpError as exc:
+            self.rejections.count("invalid_argument" if exc.status < 500 else "unavailable")
+            self.rejections.log.log(logging.INFO, "HTTP %s: %d %s", route, exc.status, exc)
+            response = json_response({"error": str(exc)}, exc.status)
+            response.headers = exc.headers
+        except Refusal as refusal:
+            status = HTTP_STATUS[refusal.code.name]
+            self.rejections.count(refusal.code.name.lower())
+            self.rejections.log.log(
+                logging.INFO, "HTTP %s: %s %s", route, refusal.code.name, refusal.message
+            )
+            response = json_response({"error": refusal.message}, status)
+            if status == 401:
+                response.headers = ((b"www-authenticate", b"Bearer"),)
+        except Exception as exc:
+            code, message = self.rejections.status(f"HTTP {route}", exc)
+            response = json_response({"error": message}, HTTP_STATUS.get(code.name, 400))
+        self.responses.labels(route, str(response.status)).inc()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": response.status,
+                "headers": [
+                    (b"content-type", response.content_type),
+                    (b"content-length", str(len(response.body)).encode()),
+                    *response.headers,
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": response.body})
+
+    # -- routing ------------------------------------------------------------------------------
+
+    def _route(self, scope: Scope) -> tuple[str, Any, str | None, tuple[Any, ...]]:
+        """(route name, handler, gRPC method for the token scope, handler arguments)."""
+        raw = scope.get("raw_path") or scope["path"].encode()
+        path = raw.split(b"?", 1)[0].decode("latin-1")
+        parts = [unquote(p) for p in path.strip("/").split("/")] if path.strip("/") else []
+        method = scope["method"]
+        if not parts or parts[0] != "v2":
+            raise HttpError(404, f"no such endpoint: {method} {path[:100]}")
+        rest = parts[1:]
+        get, post = ("GET", "HEAD"), ("POST",)
+        if not rest:
+            return self._allow(
+                "server_metadata", method, get, self.server_metadata, "ServerMetadata"
+            )
+        if rest[0] == "health" and len(rest) == 2 and rest[1] in ("live", "ready"):
+            handler: Any = self.live if rest[1] == "live" else self.server_ready
+            return self._allow(f"health_{rest[1]}", method, get, handler, None)
+        if rest[0] == "repository":
+            if rest[1:] == ["index"]:
+                return self._allow("repository_index", method, post, self.index, "RepositoryIndex")
+            if len(rest) == 4 and rest[1] == "models" and rest[3] in ("load", "unload"):
+                grpc_name = "RepositoryModelLoad" if rest[3] == "load" else "RepositoryModelUnload"
+                handler = self.load if rest[3] == "load" else self.unload
+                return self._allow(
+                    f"repository_{rest[3]}", method, post, handler, grpc_name, rest[2]
+                )
+        if rest[0] == "models":
+            if rest[1:] == ["stats"]:
+                return self._allow(
+                    "statistics", method, get, self.statistics, "ModelStatistics", "", ""
+                )
+            if len(rest) >= 2:
+                name, tail, version = rest[1], rest[2:], ""
+                if len(tail) >= 2 and tail[0] == "versions":
+                    version, tail = tail[1], tail[2:]
+                if not tail:
+                    return self._allow(
+                        "model_metadata",
+                        method,
+                        get,
+                        self.model_metadata,
+                        "ModelMetadata",
+                        name,
+                        version,
+                    )
+                if len(tail) == 1:
+                    routes = {
+                        "ready": ("model_ready", get, self.model_ready, "ModelReady"),
+                        "config": ("model_config", get, self.model_config, "ModelConfig"),
+                        "stats": ("statistics", get, self.statistics, "ModelStatistics"),
+                        "infer": ("infer", post, self.infer, "ModelInfer"),
+                    }
+                    if tail[0] in routes:
+                        route, allowed, handler, grpc_name = routes[tail[0]]
+                        return self._allow(
+                            route, method, allowed, handler, grpc_name, name, version
+                        )
+        raise HttpError(404, f"no such endpoint: {method} {path[:100]}")
+
+    @staticmethod
+    def _allow(
+        route: str,
+        method: str,
+        allowed: tuple[str, ...],
+        handler: Any,
+        grpc_name: str | None,
+        *args: Any,
+    ) -> tuple[str, Any, str | None, tuple[Any, ...]]:
+        if method not in allowed:
+            raise HttpError(
+                405,
+                f"method {method[:10]} not allowed here; use {allowed[0]}",
+                ((b"allow", ", ".join(allowed).encode()),),
+            )
+        return route, handler, (_SERVICE + grpc_name) if grpc_name else None, args
+
+    def _check_token(self, method_name: str | None, scope: Scope) -> None:
+        if method_name is None or not self.authenticator.enabled:
+            return
+        metadata = [
+            (k.decode("latin-1"), v.decode("latin-1"))
+            for k, v in scope["headers"]
+            if k == b"authorization"
+        ]
+        self.authenticator.check(method_name, metadata)
+
+    async def _body(self, scope: Scope, receive: Receive) -> bytes:
+        """The request body, refused with 413 past the limit before it is all read."""
+        limit = self.max_body_bytes
+        for key, value in scope["headers"]:
+            if key == b"content-length" and value.isdigit() and int(value) > limit:
+                raise HttpError(
+                    413, f"request body of {int(value)} bytes exceeds the limit of {limit}"
+                )
+            if key == b"content-encoding" and value.lower() not in (b"identity", b""):
+                raise HttpError(415, "compressed request bodies are not supported")
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise HttpError(400, "the client went away")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise HttpError(413, f"request body exceeds the limit of {limit} bytes")
+            chunks.append(chunk)
+            if not message.get("more_body"):
+                return b"".join(chunks)
+
+    @staticmethod
+    def _header(scope: Scope, name: bytes) -> str | None:
+        for key, value in scope["headers"]:
+            if key == name:
+                return str(value.decode("latin-1"))
+        return None
+
+    # -- handlers -----------------------------------------------------------------------------
+
+    async def live(self, scope: Scope, receive: Receive) -> Response:
+        return Response()
+
+    async def server_ready(self, scope: Scope, receive: Receive) -> Response:
+        return Response(status=200 if self.ready() else 400)  # Triton: 400 when not ready
+
+    async def server_metadata(self, scope: Scope, receive: Receive) -> Response:
+        return json_response(
+            {"name": SERVER_NAME, "version": __version__, "extensions": list(EXTENSIONS)}
+        )
+
+    def _model(self, name: str, version: str) -> ServedModel:
+        return self.repository.get(name, version)[1]
+
+    async def model_ready(
+        self, scope: Scope, receive: Receive, name: str, version: str
+    ) -> Response:
+        try:
+            self._model(name, version)
+        except ModelNotReady:
+            return Response(status=400)
+        return Response(status=400 if self.draining() else 200)
+
+    async def model_metadata(
+        self, scope: Scope, receive: Receive, name: str, version: str
+    ) -> Response:
+        model = self._model(name, version)
+        entry = self.repository.entry(name)
+        lead = [-1] if model.signature.batching else []
+        return json_response(
+            {
+                "name": model.name,
+                "versions": [str(v) for v in sorted(entry.versions)],
+                "platform": model.config.platform or "onnxruntime_onnx",
+                "inputs": [
+                    {"name": t.name, "datatype": t.datatype, "shape": [*lead, *t.dims]}
+                    for t in model.signature.inputs
+                ],
+                "outputs": [
+                    {"name": t.name, "datatype": t.datatype, "shape": [*lead, *t.dims]}
+                    for t in model.signature.outputs
+                ],
+            }
+        )
+
+    async def model_config(
+        self, scope: Scope, receive: Receive, name: str, version: str
+    ) -> Response:
+        return json_response(message_to_json(self._model(name, version).reported_config()))
+
+    async def statistics(self, scope: Scope, receive: Receive, name: str, version: str) -> Response:
+        models = self.repository.serving(name, version)
+        stats = [m.stats.to_proto() for m in models]
+        if self.peer_statistics is not None:
+            request = pb.ModelStatisticsRequest(name=name, version=version)
+            stats = await self.peer_statistics(request, stats)
+        return json_response({"model_stats": [message_to_json(s) for s in stats]})
+
+    async def index(self, scope: Scope, receive: Receive) -> Response:
+        body = await self._body(scope, receive)
+        ready = False
+        if body.strip():
+            request = parse_json(body)
+            if not isinstance(request, dict):
+                raise InvalidInput("the index request must be a JSON object")
+            ready = request.get("ready", False)
+            if not isinstance(ready, bool):
+                raise InvalidInput("'ready' must be true or false")
+        rows = []
+        for row in self.repository.index(ready_only=ready):
+            item = {"name": row.name, "version": row.version, "state": row.state}
+            if row.reason:
+                item["reason"] = row.reason
+            rows.append(item)
+        return json_response(rows)
+
+    async def _control_parameters(self, scope: Scope, receive: Receive) -> dict[str, Any]:
+        body = await self._body(scope, receive)
+        if not body.strip():
+            return {}
+        request = parse_json(body)
+        if not isinstance(request, dict):
+            raise InvalidInput("the request must be a JSON object")
+        params = request.get("parameters", {})
+        if not isinstance(params, dict):
+            raise InvalidInput("'parameters' must be a JSON object")
+        return params
+
+    async def load(self, scope: Scope, receive: Receive, name: str) -> Response:
+        if await self._control_parameters(scope, receive):
+            raise Unsupported("load parameters (config or file overrides) are not supported")
+        await self.control.load(name)
+        return Response()
+
+    async def unload(self, scope: Scope, receive: Receive, name: str) -> Response:
+        params = await self._control_parameters(scope, receive)
+        if params.get("unload_dependents", False) not in (False, True) or set(params) - {
+            "unload_dependents"
+        }:
+            raise InvalidInput("the only unload parameter is 'unload_dependents' (true or false)")
+        await self.control.unload(name)
+        return Response()
+
+    async def infer(self, scope: Scope, receive: Receive, name: str, version: str) -> Response:
+        model = self._model(name, version)
+        start = time.perf_counter_ns()
+        try:
+            body = await self._body(scope, receive)
+            header, binary = split_body(body, self._header(scope, HEADER_LENGTH.encode()))
+            request = decode_infer(header, binary, model.signature)
+        except ServingError as exc:
+            model.request_failed(start, exc)
+            raise
+        except HttpError as exc:
+            model.request_failed(start, InvalidInput(str(exc)))
+            raise
+        decoded = request.decoded
+        outputs = await model.infer(decoded.inputs, decoded.batch_size, request.timeout_s, start)
+        body, header_length = encode_infer(
+            model.name, model.version, request, outputs, model.signature.batching
+        )
+        if header_length is None:
+            return Response(body)
+        return Response(
+            body,
+            content_type=b"application/octet-stream",
+            headers=((HEADER_LENGTH.encode(), str(header_length).encode()),),
+        )
+
+
+__all__ = ["HTTP_STATUS", "RestApi", "message_to_json"]
