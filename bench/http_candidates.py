@@ -26,6 +26,9 @@ from typing import Any
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from training.cli import HelpFormatter
+
 CANDIDATES = ("aiohttp", "uvicorn", "granian")
 HEADER = "Inference-Header-Content-Length"
 
@@ -266,14 +269,21 @@ def measure(candidate: str, seconds: int, concurrency: int, workdir: Path) -> di
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--candidates", nargs="+", default=list(CANDIDATES), choices=CANDIDATES)
-    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (default: 3)")
-    parser.add_argument("--seconds", type=int, default=5, help="wrk window (default: 5)")
-    parser.add_argument("--concurrency", type=int, default=16, help="connections (default: 16)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=HelpFormatter
+    )
+    parser.add_argument(
+        "--candidates", nargs="+", default=list(CANDIDATES), choices=CANDIDATES,
+        help="libraries to measure",
+    )  # fmt: skip
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds")
+    parser.add_argument("--seconds", type=int, default=5, help="wrk window per run")
+    parser.add_argument("--concurrency", type=int, default=16, help="wrk connections")
     parser.add_argument("--serve", choices=CANDIDATES, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--out", type=Path, default=Path("bench/results/http_candidates.json"))
+    parser.add_argument(
+        "--out", type=Path, default=Path("bench/results/http_candidates.json"), help="JSON rows"
+    )
     args = parser.parse_args()
     if args.serve:
         serve_forever(args.serve, args.port)
