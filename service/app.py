@@ -163,9 +163,8 @@ class InferenceServer:
             await self.health.set(service, status)
         ready = [e.name for e in self.repository.entries() if e.state == READY]
         log.info(
-            "serving %s on gRPC port %d, HTTP port %s, metrics port %s (%s, model control %s, "
-            "health port %s)", ", ".join(ready) or "no models", self.grpc_port,
-            self.http.port if self.http else None, self.metrics_port,
+            "serving %s on gRPC port %d, metrics port %s (%s, model control %s, health port %s)",
+            ", ".join(ready) or "no models", self.grpc_port, self.metrics_port,
             self.security.describe(), self.control.mode, self.health_port,
         )  # fmt: skip
         self.security.warn_if_exposed(settings.host)

@@ -162,6 +162,7 @@ async def start_http(server: _Server) -> HttpFront:
         limit_concurrency=settings.max_concurrent_rpcs or None,
     )
     await front.start()
+    log.info("HTTP API (KServe v2 REST) on %s port %d", settings.effective_http_host, front.port)
     return front
 
 
