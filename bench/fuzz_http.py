@@ -1,9 +1,8 @@
 """Fuzz a live server's HTTP API (KServe v2 REST) with mutated requests; count 5xx and RSS.
 
-    .venv/bin/python bench/fuzz_http.py [--repository DIR] [--count 100000] [--threads 4]
+    .venv/bin/python -m bench.fuzz_http --repository model_repository [--count 100000]
 
-Starts `python -m service` on free ports (on a small generated repository unless `--repository`
-is given), then sends `--count` requests built from valid seeds (JSON and binary infer,
+Starts `python -m service` on free ports, then sends `--count` requests built from valid seeds (JSON and binary infer,
 classification, metadata, config, statistics, repository calls) and mutated: bytes flipped,
 bodies cut or spliced, JSON values swapped for hostile ones (huge or negative dims, wrong types,
 deep nesting), Inference-Header-Content-Length and binary_data_size lied about, odd paths and
@@ -20,7 +19,6 @@ import json
 import random
 import re
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -29,11 +27,10 @@ from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from bench.loadgen import free_port, process_status, server_process
+from training.cli import HelpFormatter
 
-from bench.loadgen import free_port, process_status, server_process  # noqa: E402
-from training.cli import HelpFormatter  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 Request = tuple[str, str, bytes, dict[str, str]]
 # 503s that are the API working as meant: a client's tiny `timeout`, a full queue
@@ -206,9 +203,9 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
     )
     parser.add_argument(
-        "--repository", type=Path, help="model repository (default: a generated one)"
+        "--repository", type=Path, default=Path("model_repository"), help="model repository"
     )
-    parser.add_argument("--model", default="classifier", help="model to target")
+    parser.add_argument("--model", default="mnist_cnn", help="model to target")
     parser.add_argument("--count", type=int, default=100_000, help="requests in all")
     parser.add_argument(
         "--threads", type=int, default=4, help="client threads (one connection each)"
@@ -218,35 +215,30 @@ def main(argv: list[str] | None = None) -> int:
         "--out", type=Path, default=ROOT / "bench/results/fuzz_http.json", help="JSON results"
     )
     args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory() as tmp:
-        repository = args.repository
-        if repository is None:
-            from tests.support.onnx_models import write_test_repository
-
-            repository = write_test_repository(Path(tmp) / "repository", broken=False)
-        port = free_port()
-        extra = ("--http-port", str(port), "--max-message-bytes", str(4 * 1024 * 1024))
-        with server_process(repository, *extra) as (_, process, _metrics):
-            before = process_status(process.pid)
-            results: Counter[str] = Counter()
-            lock = threading.Lock()
-            share = args.count // args.threads
-            started = time.perf_counter()
-            threads = [
-                threading.Thread(
-                    target=worker, args=(port, share, args.seed + i, args.model, results, lock)
-                )
-                for i in range(args.threads)
-            ]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
-            elapsed = time.perf_counter() - started
-            after = process_status(process.pid)
-            check = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-            check.request("GET", "/v2/health/ready")
-            alive = check.getresponse().status == 200 and process.poll() is None
+    repository = args.repository
+    port = free_port()
+    extra = ("--http-port", str(port), "--max-message-bytes", str(4 * 1024 * 1024))
+    with server_process(repository, *extra) as (_, process, _metrics):
+        before = process_status(process.pid)
+        results: Counter[str] = Counter()
+        lock = threading.Lock()
+        share = args.count // args.threads
+        started = time.perf_counter()
+        threads = [
+            threading.Thread(
+                target=worker, args=(port, share, args.seed + i, args.model, results, lock)
+            )
+            for i in range(args.threads)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        elapsed = time.perf_counter() - started
+        after = process_status(process.pid)
+        check = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        check.request("GET", "/v2/health/ready")
+        alive = check.getresponse().status == 200 and process.poll() is None
     failures = sum(
         n
         for status, n in results.items()

@@ -6,7 +6,7 @@ model, on a uvloop event loop that also runs an (idle) grpc.aio server, in a pro
 `wrk` drives it at concurrency 16; the server process's CPU time over the window (psutil) divided
 by the requests answered is the figure. Rounds alternate the candidates.
 
-    .venv/bin/python bench/http_candidates.py --rounds 3 --seconds 5
+    .venv/bin/python -m bench.http_candidates --rounds 3 --seconds 5
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from training.cli import HelpFormatter
 
 CANDIDATES = ("aiohttp", "uvicorn", "granian")
@@ -234,7 +233,7 @@ def measure(candidate: str, seconds: int, concurrency: int, workdir: Path) -> di
 
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, __file__, "--serve", candidate, "--port", str(port)],
+        [sys.executable, "-m", "bench.http_candidates", "--serve", candidate, "--port", str(port)],
         stdout=subprocess.DEVNULL,
     )
     try:

@@ -14,23 +14,27 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import unquote
 
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 from prometheus_client import CollectorRegistry, Counter
 
-from pb import grpc_service_pb2 as pb
-
 from .. import __version__
-from ..core.errors import InvalidInput, ModelNotReady, ServingError, Unsupported
+from ..core.errors import (
+    InvalidInput,
+    ModelNotReady,
+    ServingError,
+    Unauthenticated,
+    Unsupported,
+    outcome,
+)
 from ..core.model import ServedModel
 from ..core.model_control import ModelControl
 from ..core.repository import ModelRepository
+from ..core.statistics import Duration, VersionStatistics
 from ..observability.metrics import NAMESPACE
-from ..rpc.handlers import Rejections
-from ..security.auth import Authenticator, Refusal
 from .codec import HEADER_LENGTH, decode_infer, encode_infer, parse_json, split_body
 
 log = logging.getLogger(__name__)
@@ -57,9 +61,23 @@ HTTP_STATUS = {
     "UNAUTHENTICATED": 401,
     "PERMISSION_DENIED": 403,
 }
-PeerStatistics = Callable[
-    [pb.ModelStatisticsRequest, list[pb.ModelStatistics]], Awaitable[list[pb.ModelStatistics]]
-]
+
+
+class RejectionLog(Protocol):
+    """The server's rejections (rpc.handlers.Rejections): counts by reason, rate-limited log."""
+
+    def status(self, method: str, exc: BaseException) -> tuple[Any, str]: ...
+
+
+class TokenCheck(Protocol):
+    """The server's token check (security.auth.Authenticator), shared with the gRPC front."""
+
+    @property
+    def enabled(self) -> bool: ...
+
+    def check(self, method: str, metadata: Any) -> None: ...
+
+
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
@@ -130,6 +148,38 @@ def _json_value(fd: Any, value: Any) -> Any:
     return value
 
 
+def _duration(d: Duration) -> dict[str, int]:
+    return {"count": d.count, "ns": d.ns}
+
+
+def statistics_json(stats: VersionStatistics) -> dict[str, Any]:
+    """One version's counters as Triton's HTTP statistics extension writes them."""
+    return {
+        "name": stats.name,
+        "version": stats.version,
+        "last_inference": stats.last_inference_ms,
+        "inference_count": stats.inference_count,
+        "execution_count": stats.execution_count,
+        "inference_stats": {
+            "success": _duration(stats.success),
+            "fail": _duration(stats.fail),
+            "queue": _duration(stats.queue),
+            "compute_input": _duration(stats.compute_input),
+            "compute_infer": _duration(stats.compute_infer),
+            "compute_output": _duration(stats.compute_output),
+        },
+        "batch_stats": [
+            {
+                "batch_size": size,
+                "compute_input": {"count": b.count, "ns": b.input_ns},
+                "compute_infer": {"count": b.count, "ns": b.infer_ns},
+                "compute_output": {"count": b.count, "ns": b.output_ns},
+            }
+            for size, b in sorted(stats.batches.items())
+        ],
+    }
+
+
 class RestApi:
     """The ASGI app: routes KServe v2 REST calls onto the core."""
 
@@ -139,11 +189,10 @@ class RestApi:
         control: ModelControl,
         ready: Callable[[], bool],
         draining: Callable[[], bool],
-        rejections: Rejections,
-        authenticator: Authenticator,
+        rejections: RejectionLog,
+        authenticator: TokenCheck,
         registry: CollectorRegistry,
         max_body_bytes: int,
-        peer_statistics: PeerStatistics | None = None,
     ) -> None:
         self.repository = repository
         self.control = control
@@ -152,7 +201,6 @@ class RestApi:
         self.rejections = rejections
         self.authenticator = authenticator
         self.max_body_bytes = max_body_bytes
-        self.peer_statistics = peer_statistics
         self.responses = Counter(
             "http_responses", "HTTP API answers by route and status code",
             ("route", "code"), namespace=NAMESPACE, registry=registry,
@@ -167,22 +215,14 @@ class RestApi:
             self._check_token(method_name, scope)
             response = await handler(scope, receive, *args)
         except HttpError as exc:
-            self.rejections.count("invalid_argument" if exc.status < 500 else "unavailable")
-            self.rejections.log.log(logging.INFO, "HTTP %s: %d %s", route, exc.status, exc)
+            self.rejections.status(f"HTTP {route}", InvalidInput(str(exc)))
             response = json_response({"error": str(exc)}, exc.status)
             response.headers = exc.headers
-        except Refusal as refusal:
-            status = HTTP_STATUS[refusal.code.name]
-            self.rejections.count(refusal.code.name.lower())
-            self.rejections.log.log(
-                logging.INFO, "HTTP %s: %s %s", route, refusal.code.name, refusal.message
-            )
-            response = json_response({"error": refusal.message}, status)
-            if status == 401:
-                response.headers = ((b"www-authenticate", b"Bearer"),)
         except Exception as exc:
-            code, message = self.rejections.status(f"HTTP {route}", exc)
-            response = json_response({"error": message}, HTTP_STATUS.get(code.name, 400))
+            _, message = self.rejections.status(f"HTTP {route}", exc)
+            response = json_response({"error": message}, HTTP_STATUS.get(outcome(exc)[0], 400))
+            if isinstance(exc, Unauthenticated):
+                response.headers = ((b"www-authenticate", b"Bearer"),)
         self.responses.labels(route, str(response.status)).inc()
         await send(
             {
@@ -370,11 +410,7 @@ class RestApi:
 
     async def statistics(self, scope: Scope, receive: Receive, name: str, version: str) -> Response:
         models = self.repository.serving(name, version)
-        stats = [m.stats.to_proto() for m in models]
-        if self.peer_statistics is not None:
-            request = pb.ModelStatisticsRequest(name=name, version=version)
-            stats = await self.peer_statistics(request, stats)
-        return json_response({"model_stats": [message_to_json(s) for s in stats]})
+        return json_response({"model_stats": [statistics_json(m.stats) for m in models]})
 
     async def index(self, scope: Scope, receive: Receive) -> Response:
         body = await self._body(scope, receive)

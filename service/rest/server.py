@@ -13,6 +13,7 @@ import logging
 import socket
 import ssl
 import time
+from pathlib import Path
 from typing import Protocol
 
 import uvicorn
@@ -22,10 +23,7 @@ from ..core.model import ServedModel
 from ..core.model_control import ModelControl
 from ..core.repository import ModelRepository
 from ..observability.metrics import ServingMetrics
-from ..rpc.handlers import Rejections
-from ..security.exposure import ServerSecurity
-from ..security.tls import TlsFiles
-from .routes import PeerStatistics, RestApi
+from .routes import RejectionLog, RestApi, TokenCheck
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +76,7 @@ class HttpFront:
         host: str,
         port: int,
         *,
-        tls: TlsFiles | None = None,
+        tls: tuple[Path, Path, Path | None] | None = None,
         shared: bool = False,
         limit_concurrency: int | None = None,
     ) -> None:
@@ -95,10 +93,10 @@ class HttpFront:
             server_header=False,
             limit_concurrency=limit_concurrency,
             timeout_keep_alive=30,
-            ssl_certfile=str(tls.cert) if tls else None,
-            ssl_keyfile=str(tls.key) if tls else None,
-            ssl_ca_certs=str(tls.client_ca) if tls and tls.client_ca else None,
-            ssl_cert_reqs=ssl.CERT_REQUIRED if tls and tls.client_ca else ssl.CERT_NONE,
+            ssl_certfile=str(tls[0]) if tls else None,
+            ssl_keyfile=str(tls[1]) if tls else None,
+            ssl_ca_certs=str(tls[2]) if tls and tls[2] else None,
+            ssl_cert_reqs=ssl.CERT_REQUIRED if tls and tls[2] else ssl.CERT_NONE,
         )
         config.load()
         self._server = uvicorn.Server(config)
@@ -123,17 +121,25 @@ class HttpFront:
         self._socket.close()
 
 
+class _Security(Protocol):
+    @property
+    def authenticator(self) -> TokenCheck: ...
+
+
 class _Server(Protocol):
     """What the HTTP front needs of the server it belongs to (service.app.InferenceServer)."""
 
     settings: Settings
     repository: ModelRepository[ServedModel]
     control: ModelControl
-    rejections: Rejections
-    security: ServerSecurity
     metrics: ServingMetrics
-    peer_statistics: PeerStatistics | None
     draining: bool
+
+    @property
+    def security(self) -> _Security: ...
+
+    @property
+    def rejections(self) -> RejectionLog: ...
 
     @property
     def ready(self) -> bool: ...
@@ -151,13 +157,14 @@ async def start_http(server: _Server) -> HttpFront:
         server.security.authenticator,
         server.metrics.registry,
         settings.max_message_bytes,
-        server.peer_statistics,
     )
     front = HttpFront(
         api,
         settings.effective_http_host,
         settings.http_port,
-        tls=server.security.tls,
+        tls=(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+        if settings.tls_cert and settings.tls_key
+        else None,
         shared=settings.workers > 1,
         limit_concurrency=settings.max_concurrent_rpcs or None,
     )
