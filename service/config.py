@@ -192,6 +192,13 @@ class Settings:
         default="",
         metadata=_doc("address the HTTP API listens on (empty: the same as --host)"),
     )
+    http_ui: bool = field(
+        default=True,
+        metadata=_doc(
+            "serve the explanation page at / on the HTTP port (behind the token check when "
+            "tokens are on)"
+        ),
+    )
 
     def __post_init__(self) -> None:
         for name, low in (

@@ -14,12 +14,15 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import unquote
 
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 from prometheus_client import CollectorRegistry, Counter
+
+import modelrepo
 
 from .. import __version__
 from ..core.errors import (
@@ -34,8 +37,19 @@ from ..core.model import ServedModel
 from ..core.model_control import ModelControl
 from ..core.repository import ModelRepository
 from ..core.statistics import Duration, VersionStatistics
+from ..explain.pipeline import explain
 from ..observability.metrics import NAMESPACE
 from .codec import HEADER_LENGTH, decode_infer, encode_infer, parse_json, split_body
+from .explain import explain_json, explain_query
+
+# The page runs only its own files: no inline script, nothing from elsewhere.
+_PAGE_HEADERS = (
+    (
+        b"content-security-policy",
+        b"default-src 'self'; img-src 'self' data: blob:; style-src 'self'",
+    ),
+    (b"x-content-type-options", b"nosniff"),
+)
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +62,13 @@ EXTENSIONS = (
     "statistics",
 )
 _SERVICE = "/inference.GRPCInferenceService/"
+EXPLAIN_METHOD = "/cnnserve.explain.v1.Explainer/Explain"  # the token scope of explain
+UI_DIR = Path(__file__).resolve().parent / "ui"
+UI_FILES = {
+    "index.html": b"text/html; charset=utf-8",
+    "page.css": b"text/css; charset=utf-8",
+    "page.js": b"text/javascript; charset=utf-8",
+}
 # gRPC status name -> HTTP status, as Triton's HTTP front maps its error codes
 # (INVALID_ARG 400, NOT_FOUND 404, UNAVAILABLE 503, UNSUPPORTED 501, INTERNAL 500, others 400).
 HTTP_STATUS = {
@@ -193,6 +214,7 @@ class RestApi:
         authenticator: TokenCheck,
         registry: CollectorRegistry,
         max_body_bytes: int,
+        ui: bool = True,
     ) -> None:
         self.repository = repository
         self.control = control
@@ -201,6 +223,8 @@ class RestApi:
         self.rejections = rejections
         self.authenticator = authenticator
         self.max_body_bytes = max_body_bytes
+        self.ui = ui
+        self._ui_cache: dict[str, bytes] = {}
         self.responses = Counter(
             "http_responses", "HTTP API answers by route and status code",
             ("route", "code"), namespace=NAMESPACE, registry=registry,
@@ -245,10 +269,16 @@ class RestApi:
         path = raw.split(b"?", 1)[0].decode("latin-1")
         parts = [unquote(p) for p in path.strip("/").split("/")] if path.strip("/") else []
         method = scope["method"]
+        get, post = ("GET", "HEAD"), ("POST",)
+        if self.ui and (not parts or parts[0] == "ui"):
+            page = "index.html" if not parts else "/".join(parts[1:])
+            if page in UI_FILES:
+                return self._allow("ui", method, get, self.ui_file, "ModelMetadata", page)
+            if page == "models":
+                return self._allow("ui", method, get, self.ui_models, "ModelMetadata")
         if not parts or parts[0] != "v2":
             raise HttpError(404, f"no such endpoint: {method} {path[:100]}")
         rest = parts[1:]
-        get, post = ("GET", "HEAD"), ("POST",)
         if not rest:
             return self._allow(
                 "server_metadata", method, get, self.server_metadata, "ServerMetadata"
@@ -290,6 +320,7 @@ class RestApi:
                         "config": ("model_config", get, self.model_config, "ModelConfig"),
                         "stats": ("statistics", get, self.statistics, "ModelStatistics"),
                         "infer": ("infer", post, self.infer, "ModelInfer"),
+                        "explain": ("explain", post, self.explain, EXPLAIN_METHOD),
                     }
                     if tail[0] in routes:
                         route, allowed, handler, grpc_name = routes[tail[0]]
@@ -313,7 +344,8 @@ class RestApi:
                 f"method {method[:10]} not allowed here; use {allowed[0]}",
                 ((b"allow", ", ".join(allowed).encode()),),
             )
-        return route, handler, (_SERVICE + grpc_name) if grpc_name else None, args
+        full = grpc_name if grpc_name is None or grpc_name.startswith("/") else _SERVICE + grpc_name
+        return route, handler, full, args
 
     def _check_token(self, method_name: str | None, scope: Scope) -> None:
         if method_name is None or not self.authenticator.enabled:
@@ -456,6 +488,31 @@ class RestApi:
             raise InvalidInput("the only unload parameter is 'unload_dependents' (true or false)")
         await self.control.unload(name)
         return Response()
+
+    async def explain(self, scope: Scope, receive: Receive, name: str, version: str) -> Response:
+        body = await self._body(scope, receive)
+        content_type = self._header(scope, b"content-type") or ""
+        query = explain_query(name, version, body, content_type, scope.get("query_string", b""))
+        result = await explain(self.repository, query, None)
+        accept = (self._header(scope, b"accept") or "").lower()
+        if "image/png" in accept and "json" not in accept:
+            if not result.explanations:
+                raise InvalidInput("Accept: image/png needs an explanation (not predictions_only)")
+            return Response(result.explanations[0].overlay_png, content_type=b"image/png")
+        return json_response(explain_json(result))
+
+    async def ui_file(self, scope: Scope, receive: Receive, page: str) -> Response:
+        """The explanation viewer's files, shipped in the package."""
+        data = self._ui_cache.get(page)
+        if data is None:
+            data = self._ui_cache[page] = (UI_DIR / page).read_bytes()
+        return Response(data, content_type=UI_FILES[page], headers=_PAGE_HEADERS)
+
+    async def ui_models(self, scope: Scope, receive: Receive) -> Response:
+        """The models the viewer can explain: ready, with a ready explainer beside them."""
+        ready = {row.name for row in self.repository.index(ready_only=True)}
+        names = sorted(n for n in ready if modelrepo.explainer_name(n) in ready)
+        return json_response({"models": names})
 
     async def infer(self, scope: Scope, receive: Receive, name: str, version: str) -> Response:
         model = self._model(name, version)

@@ -157,6 +157,7 @@ async def start_http(server: _Server) -> HttpFront:
         server.security.authenticator,
         server.metrics.registry,
         settings.max_message_bytes,
+        ui=settings.http_ui,
     )
     front = HttpFront(
         api,
