@@ -330,3 +330,47 @@ def test_tokens_guard_the_http_api(repository: Path, tmp_path: Path) -> None:
         scrape = server.scrape()
     assert 'cnnserve_http_responses_total{code="401",route="model_metadata"} 2.0' in scrape
     assert 'cnnserve_rejected_requests_total{reason="unauthenticated"}' in scrape
+
+
+def test_stop_drains_http_requests_in_flight(repository: Path) -> None:
+    """A stop during HTTP load: every request the server accepted is answered; none gets a 5xx."""
+    import threading
+    import time
+
+    from tests.support.harness import ServerThread, test_settings
+
+    thread = ServerThread(test_settings(repository, http_port=0)).start()
+    assert thread.server is not None and thread.server.http is not None
+    port = thread.server.http.port
+    body = json.dumps({"inputs": [{**ONE_IMAGE, "data": [0.0] * 784}]}).encode()
+    outcomes: list[str] = []
+    stopping = threading.Event()
+
+    def client() -> None:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        while not stopping.is_set():
+            try:
+                connection.request("POST", INFER, body=body)
+                response = connection.getresponse()
+                response.read()
+                outcomes.append(str(response.status))
+            except (http.client.HTTPException, OSError) as exc:
+                outcomes.append(type(exc).__name__)
+                connection.close()
+                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+                time.sleep(0.05)
+        connection.close()
+
+    clients = [threading.Thread(target=client) for _ in range(4)]
+    for c in clients:
+        c.start()
+    time.sleep(1.0)
+    model = thread.server.repository.get(MODEL)[1]
+    thread.stop(grace=5.0)
+    stopping.set()
+    for c in clients:
+        c.join(30)
+    ok = outcomes.count("200")
+    assert ok > 0
+    assert not [o for o in outcomes if o.startswith("5")], outcomes
+    assert model.stats.success.count == ok  # accepted means answered and received
