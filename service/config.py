@@ -198,6 +198,24 @@ class Settings:
     uvloop: bool = field(
         default=True, metadata=_doc("run the event loop on uvloop when it is installed")
     )
+    http_port: int = field(
+        default=8000,
+        metadata=_doc(
+            "HTTP port of the KServe v2 REST API (Triton's default; 0 picks a free one, -1 "
+            "disables)"
+        ),
+    )
+    http_host: str = field(
+        default="",
+        metadata=_doc("address the HTTP API listens on (empty: the same as --host)"),
+    )
+    http_ui: bool = field(
+        default=True,
+        metadata=_doc(
+            "serve the explanation page at / on the HTTP port (behind the token check when "
+            "tokens are on)"
+        ),
+    )
 
     def __post_init__(self) -> None:
         for name, low in (
@@ -226,6 +244,11 @@ class Settings:
             choices = _choices(name)
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name}: expected one of {', '.join(choices)}")
+
+    @property
+    def effective_http_host(self) -> str:
+        """Where the HTTP API listens: --http-host, else --host."""
+        return self.http_host or self.host
 
     @property
     def effective_metrics_host(self) -> str:

@@ -132,6 +132,17 @@ class Supervisor:
             return 2
         port = reserved.getsockname()[1]
         self._worker_settings = replace(settings, grpc_port=port)
+        http_reserved: socket.socket | None = None
+        if settings.http_port >= 0:  # the HTTP port is shared by the workers as the gRPC one
+            try:
+                http_reserved = reserve_port(settings.effective_http_host, settings.http_port)
+            except OSError as exc:
+                log.error("cannot listen on HTTP port %d: %s", settings.http_port, exc)
+                reserved.close()
+                return 2
+            http_port = http_reserved.getsockname()[1]
+            self._worker_settings = replace(self._worker_settings, http_port=http_port)
+            log.info("workers share HTTP port %d", http_port)
         httpd: Any = None
         metrics_port: int | None = None
         if settings.metrics_port >= 0:
@@ -144,6 +155,8 @@ class Supervisor:
             except OSError as exc:
                 log.error("cannot serve metrics on port %d: %s", settings.metrics_port, exc)
                 reserved.close()
+                if http_reserved is not None:
+                    http_reserved.close()
                 return 2
             metrics_port = httpd.server_port
         wake_read, wake_write = socket.socketpair()
@@ -164,6 +177,8 @@ class Supervisor:
                 httpd.shutdown()
                 httpd.server_close()
             reserved.close()
+            if http_reserved is not None:
+                http_reserved.close()
             shutil.rmtree(self.run_dir, ignore_errors=True)
 
     def _supervise(self, port: int, metrics_port: int | None, wake: socket.socket) -> int:

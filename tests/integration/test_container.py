@@ -104,6 +104,7 @@ class Container:
         self.env = {
             "CNNSERVE_GRPC_PORT": str(self.grpc_port),
             "CNNSERVE_METRICS_PORT": str(self.metrics_port),
+            "CNNSERVE_HTTP_PORT": "0",
             "CNNSERVE_GRACE_PERIOD_S": str(GRACE_S),
             "CNNSERVE_LATENCY_THREADS": "1",
             "CONTAINER_TEST_ID": self.marker,

@@ -249,7 +249,7 @@ def test_the_explainer_is_served_with_torch_absent(
     code = (
         "import sys; sys.modules['torch'] = None; from service.__main__ import main; "
         f"sys.exit(main(['--model-repository', {str(mnist_repository)!r}, '--grpc-port', '{port}', "
-        "'--metrics-port', '-1', '--host', '127.0.0.1']))"
+        "'--metrics-port', '-1', '--http-port', '-1', '--host', '127.0.0.1']))"
     )
     proc = subprocess.Popen(
         [sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}

@@ -6,7 +6,7 @@ does (SKIPPED is consulted first); a command that neither table knows fails, so 
 slip in unseen. Commands run through bash in a sandbox directory that looks like a checkout:
 the repository's files are linked in (the README's example pictures are those of `data/samples/`),
 `model_repository/` and `checkpoints/` are copies of the session's short-trained model, and
-`127.0.0.1:8001` / `:8002` point at a server this module starts on free ports.
+`127.0.0.1:8000` / `:8001` / `:8002` point at a server this module starts on free ports.
 
 Adding a README section: a command that can run here needs a RUN rule only if it needs a quick
 form or runs in the background (a server); anything that cannot run here gets a line in SKIPPED.
@@ -86,7 +86,7 @@ class Plan:
 TRAIN_QUICKLY = "--epochs 1 --max-steps 3 --test-limit 200 --threads 1 --no-plot --quiet"
 
 # What runs, and how: the first matching rule wins; a command matching none of them (and no
-# SKIPPED pattern) fails. `{grpc_port}` and `{metrics_port}` in `quick` are fresh free ports.
+# SKIPPED pattern) fails. `{grpc_port}`, `{metrics_port}`, `{http_port}` in `quick` are free ports.
 RUN: list[tuple[str, Plan]] = [
     (r".* --help$", Plan()),
     (r"make help$", Plan()),
@@ -96,12 +96,15 @@ RUN: list[tuple[str, Plan]] = [
         r"python -m service\b",
         Plan(
             serve=True,
-            quick="--host 127.0.0.1 --grpc-port {grpc_port} --metrics-port {metrics_port}",
+            quick="--host 127.0.0.1 --grpc-port {grpc_port} --metrics-port {metrics_port} "
+            "--http-port {http_port}",
         ),
     ),
     (r"python -m training\.train\b", Plan(quick=TRAIN_QUICKLY)),
     (r"python -m export\b", Plan(quick="--verify-images 8")),
     (r"\S*grpcurl\b", Plan(needs=".venv-tools/bin/grpcurl")),
+    (r"curl\b", Plan()),
+    (r"printf .*\| curl\b", Plan()),
     (
         r"\S*perf_analyzer\b",
         # a check that the command works, not a measurement: any spread counts as stable, and
@@ -138,7 +141,9 @@ def plan_for(command: Command) -> Plan | str:
 
 @pytest.fixture(scope="module")
 def server(mnist_repository: Path) -> Iterator[ServerThread]:
-    with running_server(mnist_repository, reflection=True) as thread:  # as `make serve`
+    with running_server(
+        mnist_repository, reflection=True, http_port=0
+    ) as thread:  # as `make serve`
         yield thread
 
 
@@ -171,8 +176,9 @@ def environment(server: ServerThread) -> dict[str, str]:
 
 
 def localize(text: str, server: ServerThread) -> str:
-    """Point the README's addresses (Triton's ports 8001 and 8002) at the test server."""
+    """Point the README's addresses (Triton's ports 8000, 8001 and 8002) at the test server."""
     metrics = server.metrics_url.split("/")[2]
+    text = re.sub(r"\b(127\.0\.0\.1|localhost|0\.0\.0\.0):8000\b", server.http_url[7:], text)
     text = re.sub(r"\b(127\.0\.0\.1|localhost|0\.0\.0\.0):8001\b", server.address, text)
     return re.sub(r"\b(127\.0\.0\.1|localhost|0\.0\.0\.0):8002\b", metrics, text)
 
@@ -243,7 +249,7 @@ def test_readme_command(command: Command, sandbox: Path, server: ServerThread) -
         pytest.skip(f"{command}: {plan}")
     if plan.needs and not (ROOT / plan.needs).exists():
         missing(f"{command}: {plan.needs} is missing (make tools installs it)")
-    ports = {"grpc_port": free_port(), "metrics_port": free_port()}
+    ports = {"grpc_port": free_port(), "metrics_port": free_port(), "http_port": free_port()}
     ran = localize(command.text, server)
     if plan.quick:
         ran += " " + plan.quick.format(**ports)

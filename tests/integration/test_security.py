@@ -428,7 +428,7 @@ def test_sighup_reloads_the_token_files(tmp_path: Path, workers: int) -> None:
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "service", "--model-repository", str(repository),
-         "--grpc-port", str(port), "--metrics-port", "-1", "--auth-token-file", str(token_file),
+         "--grpc-port", str(port), "--metrics-port", "-1", "--http-port", "0", "--auth-token-file", str(token_file),
          "--no-uvloop", "--workers", str(workers)],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip

@@ -3,6 +3,7 @@ workers, statistics and metrics add up across them, a killed worker comes back, 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -61,7 +62,7 @@ def start_group(repository: Path, *extra: str, workers: int = 2) -> Group:
     process = subprocess.Popen(
         [
             sys.executable, "-m", "service", "--model-repository", str(repository),
-            "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0",
+            "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0", "--http-port", "0",
             "--workers", str(workers), "--no-uvloop", *extra,
         ],
         cwd=ROOT,
@@ -234,10 +235,39 @@ def test_ctrl_c_reaches_each_worker_once(group: Group) -> None:
 def test_a_worker_that_cannot_start_stops_the_group(tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "service", "--model-repository", str(tmp_path / "missing"),
-         "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0", "--workers", "2"],
+         "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0", "--http-port", "0",
+         "--workers", "2"],
         cwd=ROOT, capture_output=True, text=True, timeout=90,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )  # fmt: skip
     assert done.returncode == 2, done.stderr
     assert "is not a folder" in done.stderr
     assert "could not start" in done.stderr
+
+
+HTTP_LINE = re.compile(r"workers share HTTP port (\d+)")
+
+
+def test_workers_share_the_http_port(group: Group) -> None:
+    """Every worker listens on the one HTTP port: new connections spread over them."""
+    match = HTTP_LINE.search(group.text)
+    assert match, group.text
+    url = f"http://127.0.0.1:{int(match.group(1))}/v2/models/classifier/infer"
+    infer = json.dumps(
+        {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 1, 28, 28],
+                     "data": [0.0] * 784}]}
+    ).encode()  # fmt: skip
+    for _ in range(40):  # urllib opens a connection per request
+        with urllib.request.urlopen(urllib.request.Request(url, infer), timeout=10) as response:
+            assert response.status == 200
+    workers = set()
+    for family in text_string_to_metric_families(group.scrape()):
+        for sample in family.samples:
+            labels = sample.labels
+            if (
+                sample.name == "cnnserve_http_responses_total"
+                and sample.value > 0
+                and (labels.get("route"), labels.get("code")) == ("infer", "200")
+            ):
+                workers.add(labels.get("worker"))
+    assert len(workers) == 2, workers

@@ -27,6 +27,7 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 
+SIGNED_FIELDS = ("int_contents", "int64_contents")
 LABELS = tuple(f"c{i}" for i in range(10))
 PROBABILITIES = TensorSpec("probabilities", "FP32", (10,), (10,), labels=LABELS)
 SIGNATURES = {
@@ -173,7 +174,8 @@ def requests(draw: st.DrawFn, sig: Signature) -> pb.ModelInferRequest:
             field = CONTENTS_FIELDS.get(datatype) or draw(
                 st.sampled_from(sorted(set(CONTENTS_FIELDS.values())))
             )
-            if in_range and spec.value_range is not None:
+            # in-range class indices only fit a signed integer field (a wild datatype may not)
+            if in_range and spec.value_range is not None and field in SIGNED_FIELDS:
                 low, high = spec.value_range
                 values = draw(st.lists(st.integers(low, high - 1), min_size=count, max_size=count))
             else:

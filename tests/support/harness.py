@@ -72,6 +72,11 @@ class ServerThread:
         return f"127.0.0.1:{self.server.grpc_port}"
 
     @property
+    def http_url(self) -> str:
+        assert self.server is not None and self.server.http is not None
+        return f"http://127.0.0.1:{self.server.http.port}"
+
+    @property
     def metrics_url(self) -> str:
         assert self.server is not None
         return f"http://127.0.0.1:{self.server.metrics_port}/metrics"
@@ -97,6 +102,7 @@ def test_settings(repository: Path, **overrides: Any) -> Settings:
         host="127.0.0.1",
         grpc_port=0,
         metrics_port=0,
+        http_port=-1,  # tests of the HTTP front ask for it (http_port=0)
         grace_period_s=5.0,
         uvloop=False,
     )

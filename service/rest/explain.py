@@ -1,0 +1,130 @@
+"""Explain over HTTP: a picture (the raw body, or base64 in JSON) in; JSON or the overlay PNG out.
+
+`POST /v2/models/{m}[/versions/{v}]/explain` with the PNG or JPEG bytes as the body takes its
+options from the query string (`top_k`, `target_class` repeated, `feature_maps`, `polarity`,
+`predictions_only`); with `Content-Type: application/json` the body is `{"image": base64}` or
+`{"tensor": {"shape": [...], "data": base64 FP32}}` with the same options as fields. The answer
+is JSON (predictions, heatmaps as shape + flat values, overlays and feature maps as base64 PNG),
+or, with `Accept: image/png`, the first overlay itself. The same pipeline, limits and methods as
+the gRPC explain API.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Any
+from urllib.parse import parse_qsl
+
+from ..core.errors import InvalidInput, shorten
+from ..explain.pipeline import ExplainOptions, ExplainQuery, ExplainResult, RawTensor
+from .codec import parse_json
+
+POLARITIES = ("auto", "as_is", "invert")  # as the gRPC explain API
+_TRUE, _FALSE = ("1", "true", "yes"), ("0", "false", "no", "")
+
+
+def _flag(value: Any, name: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in _TRUE + _FALSE:
+        return value.lower() in _TRUE
+    raise InvalidInput(f"'{name}' must be true or false")
+
+
+def _integer(value: Any, name: str) -> int:
+    if isinstance(value, bool):
+        raise InvalidInput(f"'{name}' must be an integer")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.lstrip("-").isdigit() and len(value) < 20:
+        return int(value)
+    raise InvalidInput(f"'{name}' must be an integer")
+
+
+def _base64(value: Any, name: str) -> bytes:
+    if not isinstance(value, str):
+        raise InvalidInput(f"'{name}' must be a base64 string")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidInput(f"'{name}' is not valid base64") from None
+
+
+def explain_query(
+    model: str, version: str, body: bytes, content_type: str, query_string: bytes
+) -> ExplainQuery:
+    """The pipeline's query from an HTTP explain request (the pipeline checks the rest)."""
+    fields: dict[str, Any] = {}
+    targets: list[Any] = []
+    for key, value in parse_qsl(query_string.decode("latin-1"), keep_blank_values=True):
+        if key == "target_class":
+            targets.append(value)
+        else:
+            fields[key] = value
+    image: bytes | None = body
+    tensor = None
+    if content_type.split(";")[0].strip().lower() == "application/json":
+        document = parse_json(body)
+        if not isinstance(document, dict):
+            raise InvalidInput("the explain request must be a JSON object")
+        fields.update(document)
+        if "target_classes" in document:
+            if not isinstance(document["target_classes"], list):
+                raise InvalidInput("'target_classes' must be a JSON array of integers")
+            targets = document["target_classes"]
+        image = _base64(document["image"], "image") if "image" in document else None
+        if "tensor" in document:
+            spec = document["tensor"]
+            if not isinstance(spec, dict) or not isinstance(spec.get("shape"), list):
+                raise InvalidInput('\'tensor\' must be {"shape": [...], "data": base64}')
+            if len(spec["shape"]) > 8:
+                raise InvalidInput(f"'tensor.shape' has {len(spec['shape'])} dims")
+            shape = tuple(_integer(d, "tensor.shape") for d in spec["shape"])
+            tensor = RawTensor(shape, _base64(spec.get("data"), "tensor.data"))
+    polarity = str(fields.get("polarity", "auto"))
+    if polarity not in POLARITIES:
+        raise InvalidInput(
+            f"'polarity' must be one of {', '.join(POLARITIES)}, not '{shorten(polarity)}'"
+        )
+    if len(targets) > 1000:
+        raise InvalidInput(f"{len(targets)} target classes; at most 1000")
+    return ExplainQuery(
+        model=model,
+        version=version,
+        image=image if image else None,
+        tensor=tensor,
+        target_classes=tuple(_integer(t, "target_class") for t in targets),
+        top_k=_integer(fields.get("top_k", 0), "top_k"),
+        options=ExplainOptions(
+            predictions_only=_flag(fields.get("predictions_only", False), "predictions_only"),
+            feature_maps=_flag(fields.get("feature_maps", False), "feature_maps"),
+            polarity=polarity,
+        ),
+    )
+
+
+def explain_json(result: ExplainResult) -> dict[str, Any]:
+    """The JSON answer: predictions, explanations (heatmap and base64 overlay), feature maps."""
+
+    def prediction(p: Any) -> dict[str, Any]:
+        return {"class_index": p.class_index, "label": p.label, "probability": p.probability}
+
+    answer: dict[str, Any] = {
+        "model_name": result.model,
+        "model_version": result.version,
+        "predictions": [prediction(p) for p in result.predictions],
+        "explanations": [
+            {
+                "target": prediction(e.target),
+                "heatmap": {"shape": list(e.heatmap.shape), "data": e.heatmap.ravel().tolist()},
+                "overlay_png": base64.b64encode(e.overlay_png).decode(),
+            }
+            for e in result.explanations
+        ],
+    }
+    if result.feature_maps_png:
+        answer["feature_maps_png"] = base64.b64encode(result.feature_maps_png).decode()
+    if result.target_layer is not None:
+        answer["target_layer"] = result.target_layer
+    return answer
