@@ -61,6 +61,8 @@ SERVERS = ("project", "minimal", "triton", "project-workers2")
 VARIANTS = {
     "project-workers2": ["--workers", "2"],
     "project-nofastpath": ["--latency-threads", "0"],
+    "project-fastpath1": ["--latency-threads", "1"],
+    "project-fastpath2": ["--latency-threads", "2"],
     "project-before": [],  # needs --before: a checkout of an older commit (git worktree add)
 }
 STREAM = "/inference.GRPCInferenceService/ModelStreamInfer"

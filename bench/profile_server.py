@@ -26,7 +26,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.compare import server  # noqa: E402
+from bench.compare import executed, server  # noqa: E402
 from bench.loadgen import (  # noqa: E402
     grpc_frame,
     h2load,
@@ -136,12 +136,14 @@ def profile_point(name: str, args: argparse.Namespace, frame: Path, concurrency:
             loader.start()
             time.sleep(1.5)
             before, t0 = thread_cpu_seconds(pid), time.monotonic()
+            images0, batches0 = executed(address, args.model)
             cmd = [str(PY_SPY), "record", "--pid", str(pid), "--threads",
                    "--format", "raw", "--rate", str(args.rate), "--duration", str(int(args.seconds)),
                    "--output", out.name,
                    *(["--native"] if args.native else ["--nonblocking"])]  # fmt: skip
             spy = subprocess.run(cmd, capture_output=True, text=True)
             after, wall = thread_cpu_seconds(pid), time.monotonic() - t0
+            images1, batches1 = executed(address, args.model)
             loader.join()
             collapsed = Path(out.name).read_text()
         if spy.returncode != 0:
@@ -163,6 +165,7 @@ def profile_point(name: str, args: argparse.Namespace, frame: Path, concurrency:
         "concurrency": concurrency,
         "infer_per_s": infer_per_s,
         "server_cores": cores,
+        "avg_batch": (images1 - images0) / max(batches1 - batches0, 1),
         "cpu_us_per_infer": 1e6 * cores / infer_per_s if infer_per_s else None,
         "thread_cores": dict(sorted(threads.items(), key=lambda kv: -kv[1])),
         "samples": stacks["samples"],
@@ -176,7 +179,7 @@ def profile_point(name: str, args: argparse.Namespace, frame: Path, concurrency:
 def report(point: dict[str, Any], top: int) -> None:
     print(f"\n== {point['server']} at c={point['concurrency']}: {point['infer_per_s']:,.0f} infer/s, "
           f"{point['server_cores']:.2f} cores, {point['cpu_us_per_infer'] or 0:.0f} us CPU/infer, "
-          f"{point['samples']} samples")  # fmt: skip
+          f"{point['samples']} samples, executed batch {point['avg_batch']:.1f}")  # fmt: skip
     busy = [(t, c) for t, c in point["thread_cores"].items() if c >= 0.005]
     print("threads (cores): " + ", ".join(f"{t} {c:.2f}" for t, c in busy))
     for thread, info in sorted(
