@@ -3,11 +3,7 @@
 Requests queue with their own future. Each worker (one per model instance, with its own thread)
 takes everything queued, up to `max_batch_size` images, concatenates it, runs its function in its
 thread and splits the outputs back, one slice per request. By default an idle worker does not wait
-for more requests: under load, batches grow by themselves while the previous one runs. One
-exception: right after a batch of several requests, a worker that finds fewer queued waits for as
-many, at most as long as that batch ran (and HOLD_MAX_S). Under load the event loop is then still
-reading their successors; running the few already queued would pay ONNX Runtime's fixed cost per
-batch again and again, and keep batches small whenever the loop is the slower thread.
+for more requests: under load, batches grow by themselves while the previous one runs.
 
 Optionally, a request that finds the batcher idle (nothing queued, nothing running, no other
 request arriving in the same turn of the event loop, and the last batch not just finished) runs
@@ -42,8 +38,6 @@ IDLE_GAP_NS = 100_000
 # have found the model idle: at concurrency 1 all do, from about 4 in flight most do not.
 CALM_LEVEL = 0.9
 CALM_WEIGHT = 0.05
-# Longest wait for the successors of a batch of several requests (eager mode, one instance).
-HOLD_MAX_S = 0.002
 
 Arrays = Mapping[str, np.ndarray]
 BatchFunction = Callable[[dict[str, np.ndarray]], Arrays]
@@ -129,11 +123,6 @@ class _InstanceThread:
             del job, future, items, outcome  # hold no batch while waiting for the next
 
 
-def _settle(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
-
-
 def _deliver(future: asyncio.Future[Outcome], outcome: Outcome) -> None:
     if not future.done():  # a cancelled waiter has gone
         future.set_result(outcome)
@@ -182,11 +171,6 @@ class DynamicBatcher:
         self._idle.set()
         self._busy = 0
         self._closed = False
-        self._last_requests = 0  # requests in the last batch the worker ran
-        self._last_run_s = 0.0  # and how long it ran
-        self._gathers = len(functions) == 1 and not self._hold_below
-        self._want = 0  # while the worker holds: queued requests that end the hold
-        self._enough: asyncio.Future[None] | None = None
         loop = asyncio.get_running_loop()
         self._threads = [_InstanceThread(loop, f"{name}-{i}") for i in range(len(functions))]
         self._workers = [
@@ -244,8 +228,6 @@ class DynamicBatcher:
         if timeout_s is not None:
             item.timer = loop.call_later(timeout_s, self._expire, item)
         self._queue.append(item)
-        if self._enough is not None and len(self._queue) >= self._want:
-            _settle(self._enough)
         self._idle.clear()
         self._wake.set()
         try:
@@ -345,8 +327,6 @@ class DynamicBatcher:
                 await self._wake.wait()
             if self._hold_below and self._delay_s > 0:
                 await self._hold()
-            if self._gathers and self._last_requests > 1 and len(self._queue) < self._last_requests:
-                await self._gather(self._last_requests, min(self._last_run_s, HOLD_MAX_S))
             items = self._take()
             if not items:
                 self._check_idle()
@@ -361,19 +341,6 @@ class DynamicBatcher:
                     self._finish(items, start_ns, outcome)
                     raise
             self._finish(items, start_ns, outcome)
-            self._last_requests = len(items)
-            self._last_run_s = (time.perf_counter_ns() - start_ns) / 1e9
-
-    async def _gather(self, want: int, wait_s: float) -> None:
-        """Hold until `want` requests are queued or `wait_s` has passed (see the module doc)."""
-        loop = asyncio.get_running_loop()
-        self._want, self._enough = want, loop.create_future()
-        timer = loop.call_later(wait_s, _settle, self._enough)
-        try:
-            await self._enough
-        finally:
-            timer.cancel()
-            self._enough = None
 
     def _finish(
         self,

@@ -191,56 +191,6 @@ def test_outputs_without_waiting_when_idle() -> None:
     asyncio.run(scenario())
 
 
-class Slow:
-    """A batch function that takes `seconds` per batch, recording batch sizes."""
-
-    def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
-        self.sizes: list[int] = []
-
-    def __call__(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        self.sizes.append(len(inputs["x"]))
-        time.sleep(self.seconds)
-        return {"y": inputs["x"]}
-
-
-def test_after_a_batch_of_several_the_worker_waits_for_as_many(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr(batcher_module, "HOLD_MAX_S", 10.0)
-
-    async def scenario() -> None:
-        slow = Slow(1.0)  # the hold lasts at most as long as the last batch ran
-        batcher = DynamicBatcher([slow], max_batch_size=8)
-        await asyncio.gather(*(batcher.submit(rows(i, 1), 1) for i in range(3)))
-        first = asyncio.create_task(batcher.submit(rows(3, 1), 1))
-        await asyncio.sleep(0.05)  # eagerly, this one would now run alone
-        await asyncio.gather(first, *(batcher.submit(rows(i, 1), 1) for i in (4, 5)))
-        assert slow.sizes == [3, 3]
-        await batcher.close()
-
-    asyncio.run(scenario())
-
-
-def test_the_wait_after_a_batch_ends_when_that_batch_s_time_is_up(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr(batcher_module, "HOLD_MAX_S", 10.0)
-
-    async def scenario() -> None:
-        slow = Slow(0.3)
-        batcher = DynamicBatcher([slow], max_batch_size=8)
-        await asyncio.gather(*(batcher.submit(rows(i, 1), 1) for i in range(3)))
-        start = time.perf_counter()
-        await batcher.submit(rows(3, 1), 1)  # nobody follows: runs once the hold is over
-        elapsed = time.perf_counter() - start
-        assert slow.sizes == [3, 1]
-        assert 0.5 < elapsed < 5  # the hold (about 0.3 s) and the batch itself (0.3 s)
-        await batcher.close()
-
-    asyncio.run(scenario())
-
-
 def test_delay_mode_waits_for_a_preferred_batch() -> None:
     async def scenario() -> None:
         sizes: list[int] = []
