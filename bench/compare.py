@@ -1,14 +1,19 @@
 """The project's server beside its reference points, in one run: a minimal server of the same
 design (bench/minimal_server.py) and real NVIDIA Triton 2.51 (bench/triton_server.py).
 
-    .venv/bin/python -m bench.compare --repository model_repository [--repeat 3] [--quick]
+    .venv/bin/python -m bench.compare --repository model_repository [--repeat 6] [--seconds 6]
 
-Each server serves the same ONNX file; each is measured at concurrency 1, 16, 64 with h2load
-(one HTTP/2 connection replaying a pre-built batch-1 ModelInfer frame; the cheapest client) and
-with perf_analyzer (ModelInfer; on the project also ModelStreamInfer at 16 and 64). Server CPU
-(cores, the process and its children, from /proc) is read around every h2load and perf_analyzer
-run. Repeats interleave the servers so that drift on a shared machine hits them alike. Prints a
-table (median and min-max over repeats); writes bench/results/compare.json and compare.png.
+Each round starts every server afresh (in a rotating order) and measures it with h2load (the
+cheapest client: it replays a pre-built batch-1 ModelInfer frame) at concurrency 1, 16 and 64
+over one HTTP/2 connection. The project also gets the ModelStreamInfer lane (h2load replaying
+`--stream-messages` requests per stream, as many streams as make the concurrency) and, as
+`project-workers2`, `--workers 2` driven over several connections. For every point: infer/s,
+server CPU per inference (the process tree's CPU from /proc over the measured window, divided by
+the inferences), latency percentiles (h2load's per-request log), the executed batch
+(ModelStatistics), and how busy the host was meanwhile (all cores, from /proc/stat, less the
+server and the client). Many short rounds, alternating the servers, so that a busy moment of a
+shared host hits them alike; medians with ranges; the ratios between servers are taken within
+each round, then summarised. Prints tables; writes bench/results/compare.json and compare.png.
 """
 
 from __future__ import annotations
@@ -17,44 +22,50 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
 
-from bench import triton_server
+from bench import servers, triton_server
 from bench.loadgen import (
     PERF_ANALYZER,
     CpuMeter,
-    free_port,
     grpc_frame,
     h2load,
     infer_request,
     perf_analyzer,
     print_table,
-    project_command,
     response_frame_size,
-    running_process,
 )
+from bench.servers import SERVERS, VARIANTS, executed
 from pb import grpc_service_pb2 as pb
 from pb import grpc_service_pb2_grpc as pb_grpc
 from training.cli import HelpFormatter
 
 ROOT = Path(__file__).resolve().parent.parent
 
-SERVERS = ("minimal", "triton", "project")
-# Extra project configurations one can add to --servers, e.g. to test a hypothesis in the same run.
-VARIANTS = {
-    "project-nofastpath": ["--latency-threads", "0"],
-    "project-fastpath1": ["--latency-threads", "1"],
-    "project-before": [],  # needs --before: a checkout of an older commit (git worktree add)
-}
+STREAM = "/inference.GRPCInferenceService/ModelStreamInfer"
+
+
+@dataclass(frozen=True)
+class Lane:
+    """How a point is driven: unary or streamed, over how many connections."""
+
+    name: str
+    stream: bool = False
+    connections: int = 1
+
+
+UNARY = Lane("unary")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -66,19 +77,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", default="mnist_cnn", help="model (default: mnist_cnn)")
     parser.add_argument("--servers", default=",".join(SERVERS),
                         help=f"servers to measure (default: {','.join(SERVERS)}; also "
-                        f"{', '.join(VARIANTS)})")  # fmt: skip
+                        f"{', '.join(v for v in VARIANTS if v not in SERVERS)})")  # fmt: skip
     parser.add_argument("--concurrency", default="1,16,64",
-                        help="streams in flight (default: 1,16,64)")  # fmt: skip
-    parser.add_argument("--stream-concurrency", default="16,64",
-                        help="perf_analyzer --streaming levels on the project (default: 16,64)")  # fmt: skip
-    parser.add_argument(
-        "--repeat", type=int, default=3, help="rounds over all servers (default: 3)"
-    )
-    parser.add_argument("--seconds", type=float, default=5.0,
-                        help="h2load measurement seconds per point (default: 5)")  # fmt: skip
+                        help="requests in flight, unary, one connection (default: 1,16,64)")  # fmt: skip
+    parser.add_argument("--stream-concurrency", default="64",
+                        help="requests in flight on the project's ModelStreamInfer lane "
+                        "(default: 64; empty: none)")  # fmt: skip
+    parser.add_argument("--stream-messages", type=int, default=16,
+                        help="requests per stream on that lane (default: 16)")  # fmt: skip
+    parser.add_argument("--connections", type=int, default=4,
+                        help="client connections for project-workers2 above concurrency 1 "
+                        "(default: 4)")  # fmt: skip
+    parser.add_argument("--repeat", type=int, default=6,
+                        help="rounds over all servers (default: 6)")  # fmt: skip
+    parser.add_argument("--seconds", type=float, default=6.0,
+                        help="h2load measurement seconds per point (default: 6)")  # fmt: skip
+    parser.add_argument("--perf-analyzer", action="store_true",
+                        help="also perf_analyzer (ModelInfer) at each concurrency; it costs the "
+                        "shared cores ~0.3 core")  # fmt: skip
     parser.add_argument("--measurement-ms", type=int, default=2000,
                         help="perf_analyzer measurement window (default: 2000)")  # fmt: skip
-    parser.add_argument("--no-perf-analyzer", action="store_true", help="h2load only")
     parser.add_argument("--server-args", default="",
                         help="extra flags for python -m service, e.g. '--batching delay'")  # fmt: skip
     parser.add_argument(
@@ -89,7 +107,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(git worktree add DIR REV; generate its pb/ with proto/generate.py)",
     )
     parser.add_argument("--quick", action="store_true",
-                        help="one round, 2 s per h2load point, 1 s perf_analyzer windows")  # fmt: skip
+                        help="one round, 2 s per point (checks the harness; not a figure)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results",
                         help="output folder (default: bench/results)")  # fmt: skip
     args = parser.parse_args(argv)
@@ -98,141 +116,200 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def lanes(name: str, args: argparse.Namespace) -> list[tuple[Lane, int]]:
+    """The (lane, concurrency) points measured on one server."""
+    levels = [int(c) for c in args.concurrency.split(",") if c]
+    if name == "project-workers2":
+        spread = Lane(f"unary x{args.connections} conn", connections=args.connections)
+        return [(UNARY if c < args.connections else spread, c) for c in levels]
+    points = [(UNARY, c) for c in levels]
+    if name.startswith("project"):
+        stream = Lane("stream", stream=True)
+        points += [(stream, int(c)) for c in args.stream_concurrency.split(",") if c]
+    return points
+
+
 @contextmanager
 def server(name: str, args: argparse.Namespace) -> Iterator[tuple[str, int]]:
-    """Start one of SERVERS; yield (address, pid)."""
-    if name == "triton":
-        with triton_server.running_triton(args.repository, args.model) as (address, proc):
-            yield address, proc.pid
-        return
-    port = free_port()
-    address = f"127.0.0.1:{port}"
-    if name == "minimal":
-        cmd = [sys.executable, str(ROOT / "bench" / "minimal_server.py"), "--repository",
-               str(args.repository), "--model", args.model, "--port", str(port)]  # fmt: skip
-    else:
-        extra = [*VARIANTS.get(name, []), *args.server_args.split()]
-        cmd = project_command(args.repository, port, *extra)
-        if name == "project-before":  # the same command, run from an older checkout's code
-            start = f"import sys; sys.path.insert(0, {str(args.before)!r}); "
-            start += "from service.__main__ import main; sys.exit(main())"
-            cmd[1:3] = ["-c", start]
-    with running_process(cmd, address, args.model) as proc:
-        yield address, proc.pid
+    """Start one of SERVERS or VARIANTS with this run's arguments; yield (address, pid)."""
+    with servers.server(
+        name, args.repository, args.model, args.server_args, args.before
+    ) as started:
+        yield started
 
 
-def executed(address: str, model: str) -> tuple[int, int]:
-    """(images, batches) executed so far, from ModelStatistics (all three servers answer it)."""
+def stream_response_frame_size(address: str, request: pb.ModelInferRequest) -> int:
+    """Bytes of one successful ModelStreamInfer answer frame from this server (checks it)."""
     with grpc.insecure_channel(address) as channel:
-        stats = pb_grpc.GRPCInferenceServiceStub(channel).ModelStatistics(
-            pb.ModelStatisticsRequest(name=model), timeout=10).model_stats  # fmt: skip
-    return sum(s.inference_count for s in stats), sum(s.execution_count for s in stats)
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        answers = list(stub.ModelStreamInfer(iter([request]), timeout=30))
+    if len(answers) != 1 or answers[0].error_message:
+        raise RuntimeError(f"ModelStreamInfer failed: {answers}")
+    return len(grpc_frame(answers[0]))
 
 
-def measure(name: str, args: argparse.Namespace, frame: Path) -> dict[str, list[dict]]:
+def host_busy_seconds() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole host so far, from /proc/stat."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (sum(fields[:8]) - idle) / ticks, sum(fields[:8]) / ticks
+
+
+def children_cpu() -> float:
+    """CPU seconds of finished child processes (h2load) so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def measure(name: str, args: argparse.Namespace, frames: dict[str, Path]) -> list[dict[str, Any]]:
     """Every point for one server, started fresh."""
-    levels = [int(c) for c in args.concurrency.split(",")]
-    rows: dict[str, list[dict]] = {"h2load": [], "perf_analyzer": []}
+    rows: list[dict[str, Any]] = []
     with server(name, args) as (address, pid):
         request = infer_request(args.repository, args.model)
-        response_bytes = response_frame_size(address, request)
-        h2load(address, frame, response_bytes, 16, 1.0)  # warm the server up
-        for concurrency in levels:
+        unary_bytes = response_frame_size(address, request)
+        points = lanes(name, args)
+        stream_bytes = (
+            stream_response_frame_size(address, request) if any(p.stream for p, _ in points) else 0
+        )
+        h2load(address, frames["unary"], unary_bytes, 16, 1.0)  # warm the server up
+        for lane, concurrency in points:
             before = executed(address, args.model)
+            busy0, client0 = host_busy_seconds(), children_cpu()
             with CpuMeter(pid) as cpu:
-                row = h2load(address, frame, response_bytes, concurrency, args.seconds)
+                if lane.stream:
+                    row = h2load(address, frames["stream"], stream_bytes, concurrency,
+                                 args.seconds, method=STREAM,
+                                 messages=args.stream_messages)  # fmt: skip
+                else:
+                    connections = lane.connections if concurrency >= lane.connections else 1
+                    row = h2load(address, frames["unary"], unary_bytes, concurrency,
+                                 args.seconds, connections=connections)  # fmt: skip
+            busy1, client1 = host_busy_seconds(), children_cpu()
             images, batches = (
                 a - b for a, b in zip(executed(address, args.model), before, strict=True)
             )
-            row["avg_batch"] = images / batches if batches else float("nan")
-            rows["h2load"].append({**row, "server_cores": cpu.cores})
-        if not args.no_perf_analyzer:
-            for concurrency in levels:
+            wall = busy1[1] - busy0[1]
+            host_cores = (busy1[0] - busy0[0]) / wall * (os.cpu_count() or 1) if wall else 0.0
+            client_cores = (client1 - client0) / cpu.wall if cpu.wall else 0.0
+            row.update(
+                server=name, lane=lane.name, server_cores=cpu.cores,
+                cpu_ms_per_infer=1000 * cpu.cores / row["infer_per_s"]
+                if row.get("infer_per_s") else float("nan"),
+                avg_batch=images / batches if batches else float("nan"),
+                client_cores=client_cores, host_cores=host_cores,
+                other_cores=max(host_cores - cpu.cores - client_cores, 0.0),
+                load_average=os.getloadavg()[0],
+            )  # fmt: skip
+            rows.append(row)
+        if args.perf_analyzer:
+            for concurrency in [int(c) for c in args.concurrency.split(",") if c]:
                 with CpuMeter(pid) as cpu:
                     row = perf_analyzer(address, args.model, concurrency, args.measurement_ms)
-                rows["perf_analyzer"].append({**row, "server_cores": cpu.cores})
-            if name == "project":
-                rows["perf_analyzer_streaming"] = []
-                for concurrency in [int(c) for c in args.stream_concurrency.split(",") if c]:
-                    with CpuMeter(pid) as cpu:
-                        row = perf_analyzer(address, args.model, concurrency, args.measurement_ms,
-                                            streaming=True)  # fmt: skip
-                    rows["perf_analyzer_streaming"].append({**row, "server_cores": cpu.cores})
+                rows.append({**row, "server": name, "lane": "perf_analyzer",
+                             "server_cores": cpu.cores})  # fmt: skip
     return rows
 
 
-def summarise(rounds: list[dict[str, dict[str, list[dict]]]]) -> list[dict[str, Any]]:
-    """One row per (server, client, concurrency): median and range of throughput and CPU."""
-    table: dict[tuple[str, str, int], list[dict]] = {}
+def _spread(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+METRICS = ("infer_per_s", "cpu_ms_per_infer", "p50_ms", "p99_ms", "avg_batch", "server_cores",
+           "other_cores")  # fmt: skip
+
+
+def summarise(rounds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One entry per (server, lane, concurrency): median, min and max of each metric."""
+    table: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
     for measured in rounds:
-        for name, clients in measured.items():
-            for client, rows in clients.items():
-                for row in rows:
-                    table.setdefault((name, client, row["concurrency"]), []).append(row)
+        for row in measured:
+            table.setdefault((row["server"], row["lane"], row["concurrency"]), []).append(row)
     summary = []
-    for (name, client, concurrency), rows in table.items():
+    for (name, lane, concurrency), rows in table.items():
         good = [r for r in rows if "error" not in r]
-        entry: dict[str, Any] = {"server": name, "client": client, "concurrency": concurrency,
-                                 "runs": len(rows), "errors": len(rows) - len(good)}  # fmt: skip
-        if good:
-            rates = [r["infer_per_s"] for r in good]
-            cores = [r["server_cores"] for r in good]
-            entry.update(
-                infer_per_s=statistics.median(rates), infer_per_s_min=min(rates),
-                infer_per_s_max=max(rates), server_cores=statistics.median(cores),
-                server_cores_min=min(cores), server_cores_max=max(cores),
-                cpu_ms_per_infer=statistics.median(
-                    1000 * r["server_cores"] / r["infer_per_s"] for r in good if r["infer_per_s"]),
-                latency_ms=statistics.median(r.get("p50_ms", r.get("mean_ms", 0)) for r in good),
-                failed=sum(r.get("failed", 0) for r in good),
-                avg_batch=statistics.median(r.get("avg_batch", float("nan")) for r in good),
-            )  # fmt: skip
+        entry: dict[str, Any] = {"server": name, "lane": lane, "concurrency": concurrency,
+                                 "runs": len(rows), "errors": len(rows) - len(good),
+                                 "failed": sum(r.get("failed", 0) for r in good)}  # fmt: skip
+        for metric in METRICS:
+            values = [r[metric] for r in good if r.get(metric) == r.get(metric) and metric in r]
+            if values:
+                entry[metric] = _spread(values)
         summary.append(entry)
     return summary
 
 
-def print_summary(summary: list[dict[str, Any]]) -> None:
-    rows = []
-    for e in summary:
-        if "infer_per_s" not in e:
-            rows.append(
-                [e["server"], e["client"], str(e["concurrency"]), "error", "", "", "", "", ""]
-            )
+# (series, reference) pairs whose per-round ratios are the goals: (server, lane, concurrency).
+def comparisons(summary: list[dict[str, Any]]) -> list[tuple[tuple[str, str, int], ...]]:
+    have = {(e["server"], e["lane"], e["concurrency"]) for e in summary}
+    pairs = []
+    for name, lane, concurrency in sorted(have):
+        if not name.startswith("project"):
             continue
+        for ref in ("minimal", "triton"):
+            if lane == "unary" and (ref, "unary", concurrency) in have:
+                pairs.append(((name, lane, concurrency), (ref, "unary", concurrency)))
+        if lane != "unary" and ("triton", "unary", concurrency) in have:
+            pairs.append(((name, lane, concurrency), ("triton", "unary", concurrency)))
+    return pairs
+
+
+def ratios(rounds: list[list[dict[str, Any]]], summary: list[dict[str, Any]]) -> list[dict]:
+    """For each comparison: the ratio of each metric within each round, summarised."""
+    result = []
+    for series, reference in comparisons(summary):
+        per_metric: dict[str, list[float]] = {}
+        for measured in rounds:
+            by_key = {(r["server"], r["lane"], r["concurrency"]): r for r in measured}
+            a, b = by_key.get(series), by_key.get(reference)
+            if not a or not b or "error" in a or "error" in b:
+                continue
+            for metric in ("infer_per_s", "cpu_ms_per_infer", "p50_ms"):
+                if a.get(metric) and b.get(metric):
+                    per_metric.setdefault(metric, []).append(a[metric] / b[metric])
+        result.append({"series": list(series), "reference": list(reference),
+                       **{m: _spread(v) for m, v in per_metric.items()}})  # fmt: skip
+    return result
+
+
+def _fmt(entry: dict[str, Any], metric: str, spec: str) -> str:
+    value = entry.get(metric)
+    if not value:
+        return ""
+    return f"{value['median']:{spec}} ({value['min']:{spec}}-{value['max']:{spec}})"
+
+
+def print_summary(summary: list[dict[str, Any]], ratio_rows: list[dict[str, Any]]) -> None:
+    order = {name: i for i, name in enumerate((*SERVERS, *VARIANTS))}
+    rows = []
+    for e in sorted(summary, key=lambda e: (e["concurrency"], e["lane"] != "unary",
+                                            order.get(e["server"], 99), e["lane"])):  # fmt: skip
         rows.append([
-            e["server"], e["client"].replace("perf_analyzer", "perf_an."), str(e["concurrency"]),
-            f"{e['infer_per_s']:,.0f}", f"{e['infer_per_s_min']:,.0f}-{e['infer_per_s_max']:,.0f}",
-            f"{e['server_cores']:.2f}", f"{e['cpu_ms_per_infer']:.3f}", f"{e['latency_ms']:.2f}",
-            "" if e["avg_batch"] != e["avg_batch"] else f"{e['avg_batch']:.1f}",
+            str(e["concurrency"]), e["server"], e["lane"], _fmt(e, "cpu_ms_per_infer", ".3f"),
+            _fmt(e, "infer_per_s", ",.0f"), _fmt(e, "p50_ms", ".2f"),
+            _fmt(e, "avg_batch", ".1f"), _fmt(e, "other_cores", ".1f"),
             str(e["failed"] + e["errors"]),
         ])  # fmt: skip
     print_table(
-        "batch-1 mnist_cnn, one HTTP/2 connection (h2load latency: mean; perf_analyzer: p50)",
-        [
-            "server",
-            "client",
-            "conc",
-            "infer/s",
-            "range",
-            "cores",
-            "CPU ms/infer",
-            "lat ms",
-            "batch",
-            "fail",
-        ],
+        "batch-1 mnist_cnn; median (min-max) over rounds; CPU = the server's, per inference; "
+        "others = host cores busy with neither server nor client",
+        ["conc", "server", "lane", "CPU ms/infer", "infer/s", "p50 ms", "batch", "others",
+         "fail"],
+        rows,
+    )  # fmt: skip
+    rows = []
+    for r in ratio_rows:
+        s, ref = r["series"], r["reference"]
+        rows.append([
+            str(s[2]), f"{s[0]} {s[1]}", f"{ref[0]} {ref[1]}",
+            *(f"{r[m]['median']:.2f} ({r[m]['min']:.2f}-{r[m]['max']:.2f})" if m in r else ""
+              for m in ("cpu_ms_per_infer", "infer_per_s", "p50_ms")),
+        ])  # fmt: skip
+    print_table(
+        "ratios within each round, median (min-max)",
+        ["conc", "series", "vs", "CPU/infer", "infer/s", "p50"],
         rows,
     )
-    by_key = {(e["server"], e["client"], e["concurrency"]): e for e in summary}
-    print("\nproject / minimal, project / triton (median infer/s, h2load):")
-    for concurrency in sorted({e["concurrency"] for e in summary}):
-        project = by_key.get(("project", "h2load", concurrency), {}).get("infer_per_s")
-        parts = []
-        for other in ("minimal", "triton"):
-            ref = by_key.get((other, "h2load", concurrency), {}).get("infer_per_s")
-            if project and ref:
-                parts.append(f"{project / ref:.2f}x {other}")
-        if parts:
-            print(f"  c={concurrency}: {', '.join(parts)}")
 
 
 ORDER = (*SERVERS, *VARIANTS)
@@ -244,36 +321,33 @@ def plot(summary: list[dict[str, Any]], title: str, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    series = sorted({(e["server"], e["client"]) for e in summary if "infer_per_s" in e},
-                    key=lambda s: (ORDER.index(s[0]), s[1]))  # fmt: skip
+    series = sorted({(e["server"], e["lane"]) for e in summary if "infer_per_s" in e},
+                    key=lambda s: (ORDER.index(s[0]) if s[0] in ORDER else 99, s[1]))  # fmt: skip
     levels = sorted({e["concurrency"] for e in summary})
-    by_key = {(e["server"], e["client"], e["concurrency"]): e for e in summary}
+    by_key = {(e["server"], e["lane"], e["concurrency"]): e for e in summary}
     colours = {"minimal": "tab:blue", "triton": "tab:green", "project": "tab:orange",
-               "project-nofastpath": "tab:red", "project-fastpath1": "tab:purple",
+               "project-workers2": "tab:red", "project-nofastpath": "tab:purple",
                "project-before": "tab:gray"}  # fmt: skip
-    hatches = {"h2load": "", "perf_analyzer": "//", "perf_analyzer_streaming": "xx"}
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
     width = 0.8 / max(len(series), 1)
-    for i, (name, client) in enumerate(series):
-        xs, ys, lo, hi, cpu = [], [], [], [], []
-        for j, level in enumerate(levels):
-            e = by_key.get((name, client, level))
-            if e and "infer_per_s" in e:
-                xs.append(j + (i - (len(series) - 1) / 2) * width)
-                ys.append(e["infer_per_s"])
-                lo.append(e["infer_per_s"] - e["infer_per_s_min"])
-                hi.append(e["infer_per_s_max"] - e["infer_per_s"])
-                cpu.append(e["cpu_ms_per_infer"])
-        label = f"{name}, {client.replace('_', ' ')}"
-        style = {"color": colours[name], "hatch": hatches.get(client, ""), "edgecolor": "black",
-                 "linewidth": 0.4, "label": label}  # fmt: skip
-        left.bar(xs, ys, width, yerr=[lo, hi], capsize=2, **style)
-        right.bar(xs, cpu, width, **style)
+    for i, (name, lane) in enumerate(series):
+        for ax, metric in ((left, "infer_per_s"), (right, "cpu_ms_per_infer")):
+            xs, ys, lo, hi = [], [], [], []
+            for j, level in enumerate(levels):
+                e = by_key.get((name, lane, level))
+                if e and metric in e:
+                    xs.append(j + (i - (len(series) - 1) / 2) * width)
+                    ys.append(e[metric]["median"])
+                    lo.append(e[metric]["median"] - e[metric]["min"])
+                    hi.append(e[metric]["max"] - e[metric]["median"])
+            ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, color=colours.get(name, "black"),
+                   hatch="" if lane == "unary" else "//", edgecolor="black", linewidth=0.4,
+                   label=f"{name}, {lane}")  # fmt: skip
     for ax in (left, right):
         ax.set_xticks(range(len(levels)), [f"c={c}" for c in levels])
         ax.grid(True, axis="y", alpha=0.3)
-    left.set_ylabel("infer/s (median, bars: min-max over repeats)")
-    right.set_ylabel("server CPU ms per inference (median)")
+    left.set_ylabel("infer/s (median, bars: min-max over rounds)")
+    right.set_ylabel("server CPU ms per inference (median, min-max)")
     left.legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
@@ -287,38 +361,46 @@ def main(argv: list[str] | None = None) -> int:
     if "triton" in names and not triton_server.available():
         print("Triton is not installed (make triton): skipping it", file=sys.stderr)
         names.remove("triton")
-    if not args.no_perf_analyzer and not PERF_ANALYZER.exists():
+    if args.perf_analyzer and not PERF_ANALYZER.exists():
         print(f"{PERF_ANALYZER} is missing (make tools): h2load only", file=sys.stderr)
-        args.no_perf_analyzer = True
+        args.perf_analyzer = False
     args.out.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {
         "model": args.model,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                     "load_average_before": os.getloadavg()},
         "settings": {k: str(v) for k, v in vars(args).items()},
+        "command": " ".join(sys.argv),
         "rounds": [],
     }  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
-        frame = Path(tmp) / "infer.grpc"
-        frame.write_bytes(grpc_frame(infer_request(args.repository, args.model)))
+        request = infer_request(args.repository, args.model)
+        frames = {"unary": Path(tmp) / "infer.grpc", "stream": Path(tmp) / "stream.grpc"}
+        frames["unary"].write_bytes(grpc_frame(request))
+        frames["stream"].write_bytes(grpc_frame(request) * args.stream_messages)
         for round_index in range(args.repeat):
-            measured = {}
+            measured: list[dict[str, Any]] = []
             # rotate the order so that no server always runs first (or last) in a round
             order = names[round_index % len(names) :] + names[: round_index % len(names)]
             for name in order:
-                print(f"round {round_index + 1}/{args.repeat}: {name} ...", flush=True)
                 started = time.monotonic()
-                measured[name] = measure(name, args, frame)
-                print(f"  {time.monotonic() - started:.0f} s", flush=True)
+                rows = measure(name, args, frames)
+                measured.extend(rows)
+                print(f"round {round_index + 1}/{args.repeat}: {name} "
+                      f"({time.monotonic() - started:.0f} s): " + ", ".join(
+                          f"{r['lane']}@{r['concurrency']} {r.get('infer_per_s', 0):,.0f}/s "
+                          f"{r.get('cpu_ms_per_infer', float('nan')):.3f} ms"
+                          for r in rows), flush=True)  # fmt: skip
             result["rounds"].append(measured)
     result["machine"]["load_average_after"] = os.getloadavg()
     result["summary"] = summarise(result["rounds"])
-    print_summary(result["summary"])
+    result["ratios"] = ratios(result["rounds"], result["summary"])
+    print_summary(result["summary"], result["ratios"])
     load = result["machine"]["load_average_before"], result["machine"]["load_average_after"]
     print(f"\nload average before {load[0]}, after {load[1]}")
     json_path, png_path = args.out / "compare.json", args.out / "compare.png"
     json_path.write_text(json.dumps(result, indent=2) + "\n")
-    title = (f"{args.model}, batch-1 ModelInfer over one HTTP/2 connection, {args.repeat} round(s), "
+    title = (f"{args.model}, batch-1 requests, {args.repeat} round(s) x {args.seconds:g} s, "
              f"{os.cpu_count()} shared cores")  # fmt: skip
     plot(result["summary"], title, png_path)
     print(f"wrote {json_path} and {png_path}")

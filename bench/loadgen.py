@@ -166,14 +166,15 @@ class CpuMeter:
     def __init__(self, pid: int) -> None:
         self.pid = pid
         self.cores = float("nan")
+        self.wall = 0.0
 
     def __enter__(self) -> CpuMeter:
         self.start_wall, self.start_cpu = time.monotonic(), cpu_seconds(self.pid)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        wall = time.monotonic() - self.start_wall
-        self.cores = (cpu_seconds(self.pid) - self.start_cpu) / wall
+        self.wall = time.monotonic() - self.start_wall
+        self.cores = (cpu_seconds(self.pid) - self.start_cpu) / self.wall
 
 
 def infer_request(repository: Path, model: str) -> pb.ModelInferRequest:
@@ -219,18 +220,28 @@ def _seconds(text: str) -> float:
 
 def h2load(
     address: str, frame: Path, response_bytes: int, concurrency: int, seconds: float,
-    method: str = "/inference.GRPCInferenceService/ModelInfer",
+    method: str = "/inference.GRPCInferenceService/ModelInfer", connections: int = 1,
+    messages: int = 1,
 ) -> dict[str, Any]:  # fmt: skip
-    """h2load over one HTTP/2 connection with `concurrency` streams in flight, replaying `frame`.
+    """h2load with `concurrency` requests in flight over `connections` HTTP/2 connections,
+    replaying `frame` (`messages` gRPC messages per stream: one for ModelInfer, several on
+    ModelStreamInfer, where `concurrency` then counts messages and streams are fewer).
 
     gRPC errors come back as HTTP 200 with no message, so successes are counted from the response
-    DATA bytes (`response_bytes` per success), not from HTTP status. (h2load's --warm-up-time is
-    not used: its data byte count includes the warm-up; warm the server up with a separate run.)
+    DATA bytes (`response_bytes` per answered message), not from HTTP status. Latency
+    percentiles come from h2load's per-request log (per stream: with several messages, the time
+    until the last answer). (h2load's --warm-up-time is not used: its data byte count includes
+    the warm-up; warm the server up with a separate run.)
     """
-    cmd = ["h2load", "-c", "1", "-t", "1", "-m", str(concurrency), "-D", f"{int(seconds * 1000)}ms",
-           "-H", "content-type: application/grpc", "-H", "te: trailers", "-d", str(frame),
-           f"http://{address}{method}"]  # fmt: skip
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
+    streams = max(1, concurrency // (connections * messages))
+    with tempfile.NamedTemporaryFile("w+", suffix=".log") as log:
+        cmd = ["h2load", "-c", str(connections), "-t", "1", "-m", str(streams),
+               "-D", f"{int(seconds * 1000)}ms", "--log-file", log.name,
+               "-H", "content-type: application/grpc", "-H", "te: trailers", "-d", str(frame),
+               f"http://{address}{method}"]  # fmt: skip
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
+        times = [int(line.split("\t")[2]) for line in Path(log.name).read_text().splitlines()
+                 if line.count("\t") >= 2 and not line.split("\t")[1].startswith("-")]  # fmt: skip
     out = done.stdout
     finished = re.search(r"finished in ([\d.]+\w+), ([\d.]+) req/s", out)
     requests = re.search(r"requests: (\d+) total, (\d+) started, (\d+) done", out)
@@ -239,16 +250,22 @@ def h2load(
     if not (finished and requests and data and latency):
         return {"concurrency": concurrency, "error": (out + done.stderr)[-500:]}
     wall = _seconds(finished.group(1))
-    completed = int(requests.group(3))
+    completed = int(requests.group(3)) * messages
     successes = min(int(data.group(1)) // response_bytes, completed)
-    return {
+    row = {
         "concurrency": concurrency,
+        "connections": connections,
+        "messages_per_stream": messages,
         "infer_per_s": successes / wall,
         "requests": completed,
         "failed": completed - successes,
         "mean_ms": _seconds(latency.group(3)) * 1000,
         "max_ms": _seconds(latency.group(2)) * 1000,
     }
+    if times:
+        p50, p90, p99 = np.percentile(np.array(times) / 1000, [50, 90, 99])
+        row.update(p50_ms=float(p50), p90_ms=float(p90), p99_ms=float(p99))
+    return row
 
 
 TOOLS = ROOT / ".venv-tools"

@@ -3,7 +3,7 @@
     .venv/bin/python bench/minimal_server.py --repository model_repository --port 8001
 
 grpc.aio on uvloop; a batcher that never waits (whatever is queued runs as soon as ONNX Runtime
-is free); one ONNX Runtime session with one intra-op thread, run in a one-thread executor;
+is free), up to 32 images; one ONNX Runtime session with one intra-op thread, run in a one-thread executor;
 np.frombuffer in, raw_output_contents out. It answers just enough of the Open Inference Protocol
 for h2load and perf_analyzer (ModelInfer, readiness, metadata, config; ModelStatistics
 counts only images and batches) for one FP32 model.
@@ -79,13 +79,15 @@ class EagerBatcher:
 
 
 class Servicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, config: model_config_pb2.ModelConfig, model_file: Path) -> None:
+    def __init__(
+        self, config: model_config_pb2.ModelConfig, model_file: Path, max_batch: int
+    ) -> None:
         options = ort.SessionOptions()
         options.intra_op_num_threads = 1
         options.inter_op_num_threads = 1
         session = ort.InferenceSession(str(model_file), options, providers=["CPUExecutionProvider"])
         self.config = config
-        self.batcher = EagerBatcher(session, config.max_batch_size or 64)
+        self.batcher = EagerBatcher(session, min(max_batch, config.max_batch_size or max_batch))
         self.output_names = [t.name for t in session.get_outputs()]
 
     async def ServerLive(self, request, context):
@@ -142,7 +144,7 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
         )
 
 
-async def serve(repository: Path, model: str, port: int) -> None:
+async def serve(repository: Path, model: str, port: int, max_batch: int) -> None:
     config = text_format.Parse(
         (repository / model / "config.pbtxt").read_text(), model_config_pb2.ModelConfig()
     )
@@ -152,7 +154,9 @@ async def serve(repository: Path, model: str, port: int) -> None:
     )
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20),
                                       ("grpc.max_send_message_length", 64 << 20)])  # fmt: skip
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(Servicer(config, versions[-1]), server)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(
+        Servicer(config, versions[-1], max_batch), server
+    )
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     print(f"minimal server on 127.0.0.1:{port} serving {model}", flush=True)
@@ -165,8 +169,10 @@ def main() -> None:
                         help="model repository (default: model_repository)")  # fmt: skip
     parser.add_argument("--model", default="mnist_cnn", help="model (default: mnist_cnn)")
     parser.add_argument("--port", type=int, default=8001, help="gRPC port (default: 8001)")
+    parser.add_argument("--max-batch", type=int, default=32,
+                        help="largest executed batch (default: 32)")  # fmt: skip
     args = parser.parse_args()
-    uvloop.run(serve(args.repository, args.model, args.port))
+    uvloop.run(serve(args.repository, args.model, args.port, args.max_batch))
 
 
 if __name__ == "__main__":

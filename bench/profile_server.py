@@ -31,7 +31,7 @@ from bench.loadgen import (
     response_frame_size,
     thread_cpu_seconds,
 )
-from bench.servers import server
+from bench.servers import executed, server
 from training.cli import HelpFormatter
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -112,8 +112,9 @@ def aggregate(collapsed: str, thread_cores: dict[str, float], infer_per_s: float
                 thread_own[frames[-1]] += count * us_per_sample
             for name in set(frames):
                 inclusive[name] += count * us_per_sample
+        runs_onnx = any(f.startswith("Session.run") for frames, _ in stacks for f in frames)
         threads[f"{names.get(tid, tid)}/{tid}"] = {
-            "samples": samples, "us_per_infer": us_per_sample * samples,
+            "samples": samples, "us_per_infer": us_per_sample * samples, "onnx": runs_onnx,
             "self": [{"function": f, "us_per_infer": us} for f, us in thread_own.most_common(12)],
         }  # fmt: skip
     return {"samples": sum(t["samples"] for t in threads.values()), "threads": threads,
@@ -135,12 +136,16 @@ def profile_point(name: str, args: argparse.Namespace, frame: Path, concurrency:
             loader.start()
             time.sleep(1.5)
             before, t0 = thread_cpu_seconds(pid), time.monotonic()
+            images0, batches0 = executed(address, args.model)
+            compute0 = compute_infer(address, args.model)
             cmd = [str(PY_SPY), "record", "--pid", str(pid), "--threads",
                    "--format", "raw", "--rate", str(args.rate), "--duration", str(int(args.seconds)),
                    "--output", out.name,
                    *(["--native"] if args.native else ["--nonblocking"])]  # fmt: skip
             spy = subprocess.run(cmd, capture_output=True, text=True)
             after, wall = thread_cpu_seconds(pid), time.monotonic() - t0
+            images1, batches1 = executed(address, args.model)
+            compute1 = compute_infer(address, args.model)
             loader.join()
             collapsed = Path(out.name).read_text()
         if spy.returncode != 0:
@@ -151,6 +156,7 @@ def profile_point(name: str, args: argparse.Namespace, frame: Path, concurrency:
     infer_per_s = holder.get("infer_per_s", float("nan"))
     cores = sum(threads.values())
     stacks = aggregate(collapsed, threads, infer_per_s)
+    by_tid = {key.rsplit("/", 1)[1]: cores for key, cores in threads.items()}
     total_us = 1e6 * cores / infer_per_s
 
     def top(counter: Counter[str]) -> list[dict[str, Any]]:
@@ -162,6 +168,24 @@ def profile_point(name: str, args: argparse.Namespace, frame: Path, concurrency:
         "concurrency": concurrency,
         "infer_per_s": infer_per_s,
         "server_cores": cores,
+        "avg_batch": (images1 - images0) / max(batches1 - batches0, 1),
+        # the ONNX Runtime thread's CPU per image (/proc) beside the wall time the server's
+        # statistics give its runs (compute_infer): on a busy host the wall time includes waits
+        # for a core
+        "onnx_thread_cpu_us_per_image": 1e6
+        * sum(
+            by_tid.get(key.rsplit("/", 1)[1], 0.0)
+            for key, info in stacks["threads"].items()
+            if info["onnx"]
+        )
+        / infer_per_s
+        if infer_per_s
+        else None,
+        "compute_infer_wall_us_per_image": (compute1[0] - compute0[0])
+        / 1e3
+        / max(compute1[1] - compute0[1], 1)
+        if compute1[1]
+        else None,
         "cpu_us_per_infer": 1e6 * cores / infer_per_s if infer_per_s else None,
         "thread_cores": dict(sorted(threads.items(), key=lambda kv: -kv[1])),
         "samples": stacks["samples"],
@@ -172,10 +196,30 @@ def profile_point(name: str, args: argparse.Namespace, frame: Path, concurrency:
     }
 
 
+def compute_infer(address: str, model: str) -> tuple[int, int]:
+    """(compute_infer ns, images) summed over the batch sizes of ModelStatistics (0 where a
+    server keeps no per-batch statistics)."""
+    import grpc
+
+    from pb import grpc_service_pb2 as pb
+    from pb import grpc_service_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        stats = pb_grpc.GRPCInferenceServiceStub(channel).ModelStatistics(
+            pb.ModelStatisticsRequest(name=model), timeout=10).model_stats  # fmt: skip
+    ns = sum(b.compute_infer.ns for s in stats for b in s.batch_stats)
+    images = sum(b.compute_infer.count * b.batch_size for s in stats for b in s.batch_stats)
+    return ns, images
+
+
 def report(point: dict[str, Any], top: int) -> None:
     print(f"\n== {point['server']} at c={point['concurrency']}: {point['infer_per_s']:,.0f} infer/s, "
           f"{point['server_cores']:.2f} cores, {point['cpu_us_per_infer'] or 0:.0f} us CPU/infer, "
-          f"{point['samples']} samples")  # fmt: skip
+          f"{point['samples']} samples, executed batch {point['avg_batch']:.1f}")  # fmt: skip
+    if point.get("onnx_thread_cpu_us_per_image"):
+        wall = point.get("compute_infer_wall_us_per_image")
+        print(f"ONNX Runtime thread: {point['onnx_thread_cpu_us_per_image']:.0f} us CPU per image"
+              + (f"; its runs' wall time (statistics): {wall:.0f} us per image" if wall else ""))  # fmt: skip
     busy = [(t, c) for t, c in point["thread_cores"].items() if c >= 0.005]
     print("threads (cores): " + ", ".join(f"{t} {c:.2f}" for t, c in busy))
     for thread, info in sorted(

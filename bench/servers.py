@@ -10,14 +10,20 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import grpc
+
 from bench import triton_server
 from bench.loadgen import ROOT, free_port, project_command, running_process
+from pb import grpc_service_pb2 as pb
+from pb import grpc_service_pb2_grpc as pb_grpc
 
-SERVERS = ("minimal", "triton", "project")
-# Extra project configurations one can add to --servers, e.g. to test a hypothesis in the same run.
+SERVERS = ("project", "minimal", "triton", "project-workers2")
+# Project configurations one can add to --servers, e.g. to test a hypothesis in the same run.
 VARIANTS = {
+    "project-workers2": ["--workers", "2"],
     "project-nofastpath": ["--latency-threads", "0"],
     "project-fastpath1": ["--latency-threads", "1"],
+    "project-fastpath2": ["--latency-threads", "2"],
     "project-before": [],  # needs --before: a checkout of an older commit (git worktree add)
 }
 
@@ -48,3 +54,11 @@ def server(
             cmd[1:3] = ["-c", start]
     with running_process(cmd, address, model) as proc:
         yield address, proc.pid
+
+
+def executed(address: str, model: str) -> tuple[int, int]:
+    """(images, batches) executed so far, from ModelStatistics (every server answers it)."""
+    with grpc.insecure_channel(address) as channel:
+        stats = pb_grpc.GRPCInferenceServiceStub(channel).ModelStatistics(
+            pb.ModelStatisticsRequest(name=model), timeout=10).model_stats  # fmt: skip
+    return sum(s.inference_count for s in stats), sum(s.execution_count for s in stats)

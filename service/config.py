@@ -132,7 +132,7 @@ class Settings:
         metadata=_doc("ONNX Runtime intra-op threads per session (1 is best on a shared CPU)"),
     )
     latency_threads: int = field(
-        default=min(2, os.cpu_count() or 1),
+        default=1,
         metadata=_doc(
             "intra-op threads of the extra CPU session that runs a request arriving at an idle "
             "model at once, on the event loop (0 turns this fast path off)"

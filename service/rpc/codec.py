@@ -8,8 +8,11 @@ Outputs leave as `raw_output_contents`, which is what tritonclient's `as_numpy()
 
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -45,6 +48,9 @@ CONTENTS_FIELDS: dict[str, str] = {
 
 def decode_request(request: pb.ModelInferRequest, sig: Signature) -> DecodedRequest:
     """Validate a ModelInferRequest against the model signature and turn it into arrays."""
+    fast = _decode_plain(request, sig)
+    if fast is not None:
+        return fast
     tensors = request.inputs
     raw = request.raw_input_contents
     if raw and len(raw) != len(tensors):
@@ -91,6 +97,79 @@ def decode_request(request: pb.ModelInferRequest, sig: Signature) -> DecodedRequ
         )
     arrays, batch = decode_inputs(plain, sig)
     return DecodedRequest(arrays, batch, requested_outputs(request, sig))
+
+
+@dataclass(frozen=True)
+class _Plain:
+    """What the common request of a signature looks like, to check it in a few comparisons."""
+
+    name: str
+    datatype: str
+    dims: tuple[int, ...]
+    item_bytes: int
+    dtype: np.dtype[Any]
+    max_batch_size: int
+    outputs: tuple[RequestedOutput, ...]
+
+
+_PLAIN: dict[int, tuple[Signature, _Plain | None]] = {}
+
+
+def _plain_form(sig: Signature) -> _Plain | None:
+    """The signature's plain form (cached): one batched input of fixed dims, no reshape and no
+    value range; None when the model has no such form."""
+    cached = _PLAIN.get(id(sig))
+    if cached is not None and cached[0] is sig:
+        return cached[1]
+    plain = None
+    if sig.batching and len(sig.inputs) == 1:
+        spec = sig.inputs[0]
+        if (
+            spec.value_range is None
+            and spec.model_dims == spec.dims
+            and min(spec.dims, default=1) > 0
+        ):
+            item_bytes = math.prod(spec.dims) * spec.dtype.itemsize
+            outputs = tuple(RequestedOutput(out) for out in sig.outputs)
+            plain = _Plain(
+                spec.name,
+                spec.datatype,
+                spec.dims,
+                item_bytes,
+                spec.dtype,
+                sig.max_batch_size,
+                outputs,
+            )
+    if len(_PLAIN) >= 256:  # signatures of unloaded versions: drop them all now and then
+        _PLAIN.clear()
+    _PLAIN[id(sig)] = (sig, plain)
+    return plain
+
+
+def _decode_plain(request: pb.ModelInferRequest, sig: Signature) -> DecodedRequest | None:
+    """The common request (one raw input of the model's item shape, every output wanted),
+    decoded without the general checks; None for anything else, which the general path checks
+    and, when wrong, explains. Gives what the general path would give."""
+    plain = _plain_form(sig)
+    if plain is None or request.outputs:
+        return None
+    tensors, raw = request.inputs, request.raw_input_contents
+    if len(tensors) != 1 or len(raw) != 1:
+        return None
+    tensor, data = tensors[0], raw[0]
+    shape = tuple(tensor.shape)
+    if (
+        len(shape) != len(plain.dims) + 1
+        or tensor.name != plain.name
+        or tensor.datatype != plain.datatype
+        or shape[1:] != plain.dims
+        or not 1 <= shape[0] <= plain.max_batch_size
+        or len(data) != shape[0] * plain.item_bytes
+        or tensor.HasField("contents")
+    ):
+        return None
+    array = np.frombuffer(data, dtype=plain.dtype).reshape(shape)
+    return DecodedRequest({plain.name: array}, shape[0], list(plain.outputs))
 
 
 def requested_outputs(request: pb.ModelInferRequest, sig: Signature) -> list[RequestedOutput]:

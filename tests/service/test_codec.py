@@ -11,6 +11,7 @@ from pb import grpc_service_pb2 as pb
 from pb import model_config_pb2 as mc
 from service.core.errors import InvalidInput
 from service.core.signature import CONFIG_DATATYPES, Signature, TensorSpec
+from service.rpc import codec
 from service.rpc.codec import decode_bytes_tensor, decode_request, encode_response
 
 IMAGE = TensorSpec("input", "FP32", (1, 28, 28), (1, 28, 28))
@@ -164,3 +165,67 @@ def test_classification_needs_a_positive_count() -> None:
     request.outputs.add(name="logits").parameters["classification"].int64_param = 0
     with pytest.raises(InvalidInput, match="classification"):
         decode_request(request, CLASSIFIER)
+
+
+def _general(request: pb.ModelInferRequest, sig: Signature, monkeypatch: pytest.MonkeyPatch):
+    """decode_request with its shortcut for the common request turned off."""
+    with monkeypatch.context() as patch:
+        patch.setattr(codec, "_decode_plain", lambda request, sig: None)
+        try:
+            return decode_request(request, sig)
+        except InvalidInput as exc:
+            return exc
+
+
+@pytest.mark.parametrize(
+    "tensors",
+    [
+        [("input", "FP32", [1, 1, 28, 28], image_bytes(1))],
+        [("input", "FP32", [8, 1, 28, 28], image_bytes(8))],
+        [("input", "FP32", [9, 1, 28, 28], image_bytes(9))],  # over max_batch_size
+        [("input", "FP32", [0, 1, 28, 28], b"")],
+        [("input", "FP32", [2, 1, 28, 28], image_bytes(1))],  # too few bytes
+        [("input", "FP64", [1, 1, 28, 28], image_bytes(2))],
+        [("image", "FP32", [1, 1, 28, 28], image_bytes(1))],
+        [("input", "FP32", [1, 28, 28], image_bytes(1))],
+        [("input", "FP32", [1, 1, 28, 28, 1], image_bytes(1))],
+        [("input", "FP32", [], b"")],
+        [("input", "FP32", [1, 1, 28, 28], image_bytes(1))] * 2,
+    ],
+)
+def test_the_shortcut_decodes_exactly_as_the_general_path(
+    tensors: list[tuple[str, str, list[int], bytes]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    request = request_with(*tensors)
+    general = _general(request, CLASSIFIER, monkeypatch)
+    try:
+        decoded = decode_request(request, CLASSIFIER)
+    except InvalidInput as exc:  # anything unusual goes the general way and fails as it did
+        assert isinstance(general, InvalidInput) and str(exc) == str(general)
+        assert codec._decode_plain(request, CLASSIFIER) is None
+        return
+    assert not isinstance(general, InvalidInput)
+    assert decoded.batch_size == general.batch_size
+    assert decoded.outputs == general.outputs
+    assert decoded.inputs.keys() == general.inputs.keys()
+    for name, array in general.inputs.items():
+        assert decoded.inputs[name].shape == array.shape
+        assert decoded.inputs[name].dtype == array.dtype
+        np.testing.assert_array_equal(decoded.inputs[name], array)
+
+
+def test_the_shortcut_takes_the_common_request_and_leaves_the_rest() -> None:
+    plain = request_with(("input", "FP32", [2, 1, 28, 28], image_bytes(2)))
+    assert codec._decode_plain(plain, CLASSIFIER) is not None
+    assert codec._decode_plain(plain, EXPLAINER) is None  # two inputs, one with a value range
+    named = request_with(("input", "FP32", [2, 1, 28, 28], image_bytes(2)), outputs=("logits",))
+    assert codec._decode_plain(named, CLASSIFIER) is None
+    both = request_with(("input", "FP32", [1, 1, 28, 28], image_bytes(1)))
+    both.inputs[0].contents.fp32_contents.append(1.0)
+    assert codec._decode_plain(both, CLASSIFIER) is None
+    with pytest.raises(InvalidInput, match="both in contents and raw_input_contents"):
+        decode_request(both, CLASSIFIER)
+    reshaped = Signature((TensorSpec("input", "FP32", (784,), (1, 28, 28)),), (LOGITS,), 8)
+    flat = request_with(("input", "FP32", [1, 784], image_bytes(1)))
+    assert codec._decode_plain(flat, reshaped) is None
+    assert decode_request(flat, reshaped).inputs["input"].shape == (1, 1, 28, 28)
