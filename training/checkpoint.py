@@ -27,6 +27,7 @@ class CheckpointConfig:
     gradcam_layer: str
     num_classes: int
     build_kwargs: dict[str, Any] = field(default_factory=dict)
+    recipe: dict[str, Any] = field(default_factory=dict)  # how it was trained (training.recipe)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data only (str, int, list, dict), as `torch.load(weights_only=True)` accepts."""
@@ -36,6 +37,7 @@ class CheckpointConfig:
             "input_shape": list(self.input_shape),
             "gradcam_layer": self.gradcam_layer,
             "num_classes": self.num_classes,
+            "recipe": dict(self.recipe),
         }
 
     @classmethod
@@ -47,6 +49,7 @@ class CheckpointConfig:
             gradcam_layer=str(data["gradcam_layer"]),
             num_classes=int(data["num_classes"]),
             build_kwargs=dict(data.get("build_kwargs", {})),
+            recipe=dict(data.get("recipe", {})),
         )
 
 

@@ -30,6 +30,9 @@ from training.data import load_dataset
 from training.mnist import MEAN, STD
 from training.models import MODELS, ModelSpec, get_spec
 from training.models.layers import ACTIVATIONS
+from training.recipe import RECIPES, Recipe, make_optimizer, random_affine, resolve_recipe
+
+BACKGROUND = -MEAN / STD  # a black pixel, normalised: what augmentation shifts in at the borders
 
 
 def to_tensor(pixels: np.ndarray) -> torch.Tensor:
@@ -165,18 +168,6 @@ def load_splits(dataset: str, test_limit: int) -> Splits:
     )
 
 
-def make_optimizer(
-    spec: ModelSpec, net: nn.Module, lr: float, gamma: float
-) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    """The spec's optimizer (Adadelta or AdamW) with a learning rate decaying by `gamma` an epoch."""
-    optimizer: torch.optim.Optimizer
-    if spec.optimizer == "adamw":
-        optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=spec.weight_decay)
-    else:
-        optimizer = torch.optim.Adadelta(net.parameters(), lr=lr, weight_decay=spec.weight_decay)
-    return optimizer, torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=gamma)
-
-
 def epoch_order(count: int, seed: int, ddp: Distributed) -> torch.Tensor:
     """This process's share of an epoch: every rank draws the same permutation, takes its stride."""
     order = torch.randperm(count, generator=torch.Generator().manual_seed(seed))
@@ -195,9 +186,27 @@ def progress_bar(steps: int, desc: str, show: bool) -> tqdm:
     )
 
 
+@dataclass
+class Step:
+    """What one training step needs besides the batch: the recipe, its optimiser and schedule."""
+
+    recipe: Recipe
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    augment: torch.Generator  # draws the augmentation's shifts and angles, seeded
+
+    def after_batch(self) -> None:
+        if self.recipe.schedule == "onecycle":
+            self.scheduler.step()
+
+    def after_epoch(self) -> None:
+        if self.recipe.schedule == "step":
+            self.scheduler.step()
+
+
 def train_epoch(
     net: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    step: Step,
     data: Splits,
     order: torch.Tensor,
     batch_size: int,
@@ -207,14 +216,18 @@ def train_epoch(
 ) -> None:
     """One pass over this process's share (`order`) of the training set, a batch per bar step."""
     net.train()
+    recipe = step.recipe
     last = len(bar) - 1
     for i in bar:
         idx = order[i * batch_size : (i + 1) * batch_size]
         xb, yb = data.x_train[idx].to(device), data.y_train[idx].to(device)
-        optimizer.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(net(xb), yb)
+        if recipe.augments:
+            xb = random_affine(xb, step.augment, recipe.max_shift, recipe.max_rotation, BACKGROUND)
+        step.optimizer.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(net(xb), yb, label_smoothing=recipe.label_smoothing)
         loss.backward()
-        optimizer.step()
+        step.optimizer.step()
+        step.after_batch()
         if curve.add(loss.item(), epoch_end=i == last):
             bar.set_postfix(loss=f"{curve.running:.4f}")
 
@@ -277,7 +290,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     """Run the training loop; returns the metrics (rank 0 also writes the checkpoint)."""
     spec: ModelSpec = get_spec(args.model)
     epochs = args.epochs if args.epochs is not None else spec.epochs
-    lr = args.lr if args.lr is not None else spec.lr
+    recipe = resolve_recipe(spec, args.recipe, args.lr, args.gamma)
     device, ddp = choose_device(args)
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
@@ -291,24 +304,28 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     model: nn.Module = spec.build(num_classes=len(data.labels), **build_kwargs).to(device)
     params = sum(p.numel() for p in model.parameters())
     net = nn.parallel.DistributedDataParallel(model) if ddp.world_size > 1 else model
-    optimizer, scheduler = make_optimizer(spec, net, lr, args.gamma)
 
     steps_per_epoch = math.ceil(len(data.x_train) / (args.batch_size * ddp.world_size))
     if args.max_steps:
         steps_per_epoch = min(steps_per_epoch, args.max_steps)
+    optimizer, scheduler = make_optimizer(recipe, net, epochs * steps_per_epoch)
+    # Each rank its own augmentation draws, all of them fixed by the seed.
+    augment = torch.Generator().manual_seed(args.seed * 1000 + ddp.rank)
+    step = Step(recipe, optimizer, scheduler, augment)
     curve = LossCurve()
     metrics: dict[str, Any] = {"epochs": [], "train_loss_curve": curve.points, "params": params}
     if ddp.is_main:
         print(
             f"{spec.name}: {params:,} parameters, {epochs} epoch(s) x {steps_per_epoch} steps, "
-            f"batch {args.batch_size} x {ddp.world_size} process(es), {spec.optimizer} lr {lr}, device {device}"
+            f"batch {args.batch_size} x {ddp.world_size} process(es), {recipe.name} recipe "
+            f"({recipe.optimizer} lr {recipe.lr}, {recipe.schedule} schedule), device {device}"
         )
     started = time.perf_counter()
     for epoch in range(1, epochs + 1):
         epoch_started = time.perf_counter()
         train_epoch(
             net,
-            optimizer,
+            step,
             data,
             epoch_order(len(data.x_train), args.seed + epoch, ddp),
             args.batch_size,
@@ -318,7 +335,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                 steps_per_epoch, f"epoch {epoch}/{epochs}", ddp.is_main and not args.quiet
             ),
         )
-        scheduler.step()
+        step.after_epoch()
         if ddp.is_main:
             result = evaluate_epoch(model, data, device, args.test_batch_size, curve, epoch_started)
             metrics["epochs"].append({"epoch": epoch, **result})
@@ -340,6 +357,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             gradcam_layer=spec.gradcam_layer,
             num_classes=len(data.labels),
             build_kwargs=build_kwargs,
+            recipe=recipe.to_dict(),
         )
         save_outputs(args, model, config, data.labels, metrics)
     if ddp.world_size > 1:
@@ -385,7 +403,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="learning rate (default: the model's own: " + _learning_rates() + ")",
     )
-    parser.add_argument("--gamma", type=float, default=0.7, help="learning-rate decay per epoch")
+    parser.add_argument(
+        "--recipe",
+        choices=RECIPES,
+        default=None,
+        help="training recipe (default: the model's: "
+        + ", ".join(f"{name} {spec.recipe}" for name, spec in sorted(MODELS.items()))
+        + "); classic: Adadelta (convnext AdamW), lr x gamma every epoch; modern: AdamW "
+        "one-cycle, label smoothing 0.1, random shifts <= 2 px and rotations <= 10 degrees",
+    )
+    parser.add_argument(
+        "--gamma", type=float, default=0.7, help="learning-rate decay per epoch (classic recipe)"
+    )
     parser.add_argument(
         "--activation", choices=ACTIVATIONS, default=None, help="activation (default: the model's)"
     )

@@ -14,6 +14,7 @@ import torch
 from tests.conftest import ROOT
 from training.checkpoint import FORMAT_VERSION, CheckpointConfig, load_checkpoint
 from training.models import MODELS
+from training.recipe import resolve_recipe
 from training.train import build_parser, train, weights_digest
 
 TINY = [
@@ -55,7 +56,11 @@ def test_checkpoint_carries_weights_config_normalisation_labels_metrics(
 def test_checkpoint_config_is_typed_and_saved_as_plain_data(mnist_checkpoint: Path) -> None:
     config = load_checkpoint(mnist_checkpoint).config
     assert config == CheckpointConfig(
-        model="mnist_cnn", input_shape=(1, 28, 28), gradcam_layer="act2", num_classes=10
+        model="mnist_cnn",
+        input_shape=(1, 28, 28),
+        gradcam_layer="act2",
+        num_classes=10,
+        recipe=resolve_recipe(MODELS["mnist_cnn"]).to_dict(),
     )
     payload = torch.load(mnist_checkpoint, weights_only=True)
     assert payload["config"] == config.to_dict()

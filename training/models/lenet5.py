@@ -51,4 +51,5 @@ SPEC = ModelSpec(
     gradcam_layer="act2",
     description="LeNet-5 (1998): 5x5 conv, avg-pool, 5x5 conv, avg-pool, three fc layers, tanh",
     epochs=6,
+    recipe="modern",
 )

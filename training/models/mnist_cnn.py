@@ -38,4 +38,5 @@ SPEC = ModelSpec(
     gradcam_layer="act2",
     description="the classic MNIST CNN (two 3x3 convs, max-pool, dropout, two fc layers)",
     epochs=8,
+    recipe="modern",
 )

@@ -23,4 +23,7 @@ class ModelSpec:
     lr: float = 1.0  # learning rate of the optimizer below
     optimizer: str = "adadelta"  # adadelta (the classic recipe) or adamw
     weight_decay: float = 0.0
+    recipe: str = "classic"  # the default recipe (training.recipe): classic or modern
+    modern_lr: float = 3e-3  # the modern recipe's peak AdamW learning rate
+    modern_weight_decay: float = 0.01  # and its AdamW weight decay
     build_kwargs: dict[str, Any] = field(default_factory=dict)
