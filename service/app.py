@@ -27,6 +27,7 @@ from .core.model import ServedModel
 from .core.model_control import ModelControl
 from .core.repository import READY, STATES, ModelEntry, ModelRepository, ModelSpec
 from .observability.metrics import ServingMetrics
+from .rpc.extensions import ServerExtensions
 from .rpc.handlers import RateLimitedLog, Rejections, service_handler
 from .rpc.servicers import ExplainServicer, InferenceServicer, PeerStatistics
 from .security.auth import Refusal
@@ -76,6 +77,9 @@ class InferenceServer:
                 ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),
             ],
         )
+        self.extensions = ServerExtensions.create(
+            settings.shared_memory_regions, settings.trace_otlp_url
+        )
         self.health = health.aio.HealthServicer()
         self.grpc_port = 0
         self.metrics_port: int | None = None
@@ -121,6 +125,7 @@ class InferenceServer:
             stream_max_in_flight=self.settings.stream_max_in_flight,
             peer_statistics=self.peer_statistics,
             control=self.control,
+            extensions=self.extensions,
         )
         self.grpc.add_generic_rpc_handlers(
             (
@@ -195,6 +200,7 @@ class InferenceServer:
             await asyncio.wait_for(self.repository.close(), CLOSE_MARGIN_S)
         except TimeoutError:
             log.warning("models did not close within %.0f s after the grace period", CLOSE_MARGIN_S)
+        self.extensions.close()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()

@@ -70,6 +70,7 @@ REJECT_REASONS = (
     "deadline_exceeded",
     "unimplemented",
     "failed_precondition",
+    "already_exists",
     "unauthenticated",
     "permission_denied",
     "unauthenticated",

@@ -18,6 +18,7 @@ from pb import model_config_pb2 as mc
 
 from ..config import Settings
 from ..observability.metrics import ServingMetrics
+from ..observability.tracing import Trace
 from .batcher import BatchFunction, BatchRecord, BatchResult, DynamicBatcher
 from .errors import ServingError
 from .repository import ModelSpec
@@ -79,6 +80,7 @@ class ServedModel:
         batch_size: int,
         timeout_s: float | None = None,
         started_ns: int | None = None,
+        trace: Trace | None = None,
     ) -> dict[str, np.ndarray]:
         """Queue one request (batch-first arrays of `batch_size` items) and return its outputs.
 
@@ -87,6 +89,8 @@ class ServedModel:
         """
         start = time.perf_counter_ns() if started_ns is None else started_ns
         self.in_flight += 1
+        if trace is not None:
+            trace.mark("QUEUE_START")
         try:
             result: BatchResult = await self.batcher.submit(inputs, batch_size, timeout_s)
         except asyncio.CancelledError:
@@ -97,6 +101,9 @@ class ServedModel:
             raise
         finally:
             self.in_flight -= 1
+        if trace is not None:
+            b = result.batch
+            trace.batch(b.start_ns, b.input_ns, b.infer_ns, b.output_ns)
         elapsed = time.perf_counter_ns() - start
         self.stats.request_succeeded(elapsed, result, batch_size)
         self.metrics.request_done("success", elapsed / 1e9)

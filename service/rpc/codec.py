@@ -16,12 +16,14 @@ import numpy as np
 from pb import grpc_service_pb2 as pb
 
 from ..core.errors import InvalidInput, shorten
+from ..core.shared_memory import SharedMemoryRegistry
 from ..core.signature import (
     DecodedRequest,
     RequestedOutput,
     Signature,
     TensorSpec,
 )
+from .shared_memory_io import input_buffers
 
 # Which typed `contents` field carries each datatype (narrow integers travel widened).
 CONTENTS_FIELDS: dict[str, str] = {
@@ -42,10 +44,12 @@ CONTENTS_FIELDS: dict[str, str] = {
 CLASSIFICATION = "classification"
 
 
-def decode_request(request: pb.ModelInferRequest, sig: Signature) -> DecodedRequest:
+def decode_request(
+    request: pb.ModelInferRequest, sig: Signature, shm: SharedMemoryRegistry | None = None
+) -> DecodedRequest:
     """Validate a ModelInferRequest against the model signature and turn it into arrays."""
     tensors = request.inputs
-    raw = request.raw_input_contents
+    raw = input_buffers(request, shm)  # inputs in shared-memory regions are read from there
     if raw and len(raw) != len(tensors):
         raise InvalidInput(
             f"raw_input_contents has {len(raw)} entries but inputs has {len(tensors)}; "
@@ -91,12 +95,13 @@ def decode_request(request: pb.ModelInferRequest, sig: Signature) -> DecodedRequ
         if any(d < 0 for d in shape):
             raise InvalidInput(f"input '{spec.name}': shape {list(shape)} has a negative dim")
         count = math.prod(shape)
-        if raw:
+        if raw and raw[index] is not None:
             if tensor.HasField("contents"):
                 raise InvalidInput(
                     f"input '{spec.name}': data given both in contents and raw_input_contents"
                 )
             data = raw[index]
+            assert data is not None
             expected = count * spec.dtype.itemsize
             if len(data) != expected:
                 raise InvalidInput(
