@@ -21,6 +21,7 @@ from ..observability.metrics import ServingMetrics
 from ..observability.tracing import Trace
 from .batcher import BatchFunction, BatchRecord, BatchResult, DynamicBatcher
 from .errors import ServingError
+from .ort_options import APPLIED
 from .repository import ModelSpec
 from .runtime import CUDA, OnnxModel
 from .signature import Signature
@@ -138,6 +139,7 @@ class ServedModel:
                 kind=kind if kind is not None else mc.ModelInstanceGroup.KIND_CPU,
             )
         config.parameters[modelrepo.EXECUTION_PROVIDER].string_value = self.provider
+        config.parameters[APPLIED].string_value = self.sessions[0].applied
         return config
 
     def _batch_done(self, record: BatchRecord) -> None:

@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from .ort_options import OrtOptions
+
 log = logging.getLogger(__name__)
 
 CUDA = "CUDAExecutionProvider"
@@ -72,6 +74,7 @@ class OnnxModel:
         device: str = "auto",
         spinning: bool = True,
         batched: bool = True,
+        config_options: OrtOptions | None = None,
     ) -> None:
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
@@ -83,10 +86,16 @@ class OnnxModel:
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
+        config_options = config_options or OrtOptions()  # config.pbtxt's, over the defaults
+        config_options.apply(options)
+        self.applied = config_options.describe(options)
+        self._run_options = config_options.run_options()
         self.path = path
         self.batched = batched
         self.session = ort.InferenceSession(
-            str(path), sess_options=options, providers=requested_providers(device)
+            str(path),
+            sess_options=options,
+            providers=config_options.providers(requested_providers(device)),
         )
         # What a session really got: asking for CUDA silently falls back to the CPU.
         self.provider: str = self.session.get_providers()[0]
@@ -102,9 +111,9 @@ class OnnxModel:
         """Run one batch; returns every output (or those named) by name."""
         names = list(output_names) if output_names is not None else self._output_names
         if self.batched:
-            values = self.session.run(names, dict(inputs))
+            values = self.session.run(names, dict(inputs), self._run_options)
             return dict(zip(names, values, strict=True))
-        values = self.session.run(names, {k: v[0] for k, v in inputs.items()})
+        values = self.session.run(names, {k: v[0] for k, v in inputs.items()}, self._run_options)
         return {name: value[np.newaxis] for name, value in zip(names, values, strict=True)}
 
 
