@@ -105,6 +105,7 @@ class SharedMemoryRegistry:
         self._directory = directory
         self._regions: dict[str, _Region] = {}
         self._lock = threading.Lock()
+        self.reads = self.writes = 0  # tensors read from and written into regions
 
     def __len__(self) -> int:
         return len(self._regions)
@@ -195,6 +196,7 @@ class SharedMemoryRegistry:
         with self._lock:
             region = self._region(name, what)
             start = region.check(offset, size, what)
+            self.reads += 1
             return region.mapping[start : start + size]
 
     def write(self, name: str, offset: int, data: bytes | memoryview, what: str) -> None:
@@ -203,6 +205,7 @@ class SharedMemoryRegistry:
             region = self._region(name, what)
             start = region.check(offset, len(data), what)
             region.mapping[start : start + len(data)] = data
+            self.writes += 1
 
     def close(self) -> None:
         """Unregister everything (server shutdown)."""

@@ -39,6 +39,7 @@ _TEXT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # Log formats: ours (text, json) and Triton's (default = text, ISO8601 = text with ISO times).
 LOG_FORMATS = ("text", "json", "default", "ISO8601")
 _current_format = "text"
+_handler: logging.Handler | None = None  # the handler configure_logging installed
 
 
 def _formatter(fmt: str) -> logging.Formatter:
@@ -53,10 +54,10 @@ def _formatter(fmt: str) -> logging.Formatter:
 
 def configure_logging(level: str, fmt: str) -> None:
     """Send logs to stderr in the chosen format (text or json) at the chosen level."""
-    global _current_format
+    global _current_format, _handler
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_formatter(fmt))
-    _current_format = fmt
+    _current_format, _handler = fmt, handler
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
@@ -109,7 +110,7 @@ def update_log_settings(changes: Mapping[str, LogValue]) -> dict[str, LogValue]:
     root = logging.getLogger()
     root.setLevel(level)
     if fmt != _current_format:
-        for handler in root.handlers:
-            handler.setFormatter(_formatter(str(fmt)))
+        if _handler is not None:
+            _handler.setFormatter(_formatter(str(fmt)))
         _current_format = str(fmt)
     return log_settings()

@@ -22,6 +22,7 @@ import pytest
 
 from pb import grpc_service_pb2 as pb
 from tests.support.harness import ServerThread, infer_request, running_server, stub
+from tests.support.onnx_models import write_test_repository
 from tests.support.tools_venv.paths import (
     PERF_ANALYZER,
     SCRIPTS,
@@ -29,7 +30,7 @@ from tests.support.tools_venv.paths import (
     require_tools_python,
 )
 
-MODEL = "mnist_cnn"
+MODEL = "classifier"  # the test repository's stand-in for mnist_cnn (same tensors)
 COMPUTE = ("COMPUTE_START", "COMPUTE_INPUT_END", "COMPUTE_OUTPUT_START", "COMPUTE_END")
 TIMESTAMPS = ("GRPC_WAITREAD_END", "REQUEST_START", "QUEUE_START", *COMPUTE, "REQUEST_END")
 CUDA_METHODS = (
@@ -40,10 +41,13 @@ CUDA_METHODS = (
 
 
 @pytest.fixture(scope="module")
-def server(mnist_repository: Path) -> Iterator[ServerThread]:
-    with running_server(
-        mnist_repository, model_control_mode="explicit", load_model=("*",)
-    ) as thread:
+def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_test_repository(tmp_path_factory.mktemp("repository"), broken=False)
+
+
+@pytest.fixture(scope="module")
+def server(repository: Path) -> Iterator[ServerThread]:
+    with running_server(repository, model_control_mode="explicit", load_model=("*",)) as thread:
         yield thread
 
 
@@ -106,9 +110,18 @@ def test_tritonclient_walks_every_method(server: ServerThread, tmp_path: Path) -
     assert report["trace_settings"]["trace_rate"]["value"] == ["1"]  # global unchanged
 
     # logs: changed at run time and read back
-    assert report["log_settings"]["settings"]["log_info"]["bool_param"] is True
+    assert set(report["log_settings"]["settings"]) == {
+        "log_file",
+        "log_info",
+        "log_warning",
+        "log_error",
+        "log_verbose_level",
+        "log_format",
+    }
+    assert report["log_after"]["log_info"]["bool_param"] is True
     assert report["log_after"]["log_verbose_level"]["uint32_param"] == 1
     assert report["log_after"]["log_format"]["string_param"] == "json"
+    assert report["log_restored"] == report["log_settings"]["settings"]
 
 
 def _perf_analyzer(server: ServerThread, *extra: str) -> str:
@@ -142,8 +155,12 @@ def _perf_analyzer(server: ServerThread, *extra: str) -> str:
 
 def test_perf_analyzer_with_system_shared_memory(server: ServerThread) -> None:
     require_tools_python()
+    assert server.server is not None
+    regions = server.server.extensions.shared_memory
+    reads, writes = regions.reads, regions.writes
     out = _perf_analyzer(server, "--shared-memory", "system", "--concurrency-range", "1:16:15")
     assert "Concurrency: 1, throughput:" in out and "Concurrency: 16, throughput:" in out
+    assert regions.reads - reads > 100 and regions.writes - writes > 100  # through the regions
     with server.channel() as channel:  # perf_analyzer unregisters its regions at exit
         status = stub(channel).SystemSharedMemoryStatus(pb.SystemSharedMemoryStatusRequest())
     assert not status.regions
@@ -152,6 +169,10 @@ def test_perf_analyzer_with_system_shared_memory(server: ServerThread) -> None:
 def test_perf_analyzer_trace_file(server: ServerThread, tmp_path: Path) -> None:
     require_tools_python()
     trace_file = tmp_path / "perf_trace.json"
+    with server.channel() as channel:  # perf_analyzer 2.51 sets level, rate, count, not the file
+        request = pb.TraceSettingRequest()
+        request.settings["trace_file"].value.append(str(trace_file))
+        stub(channel).TraceSetting(request)
     _perf_analyzer(
         server,
         "--concurrency-range",
@@ -162,14 +183,11 @@ def test_perf_analyzer_trace_file(server: ServerThread, tmp_path: Path) -> None:
         "10",
         "--log-frequency",
         "0",
-        "--trace-file",
-        str(trace_file),
     )
     with server.channel() as channel:  # turning tracing off writes the file
-        client = stub(channel)
         request = pb.TraceSettingRequest()
         request.settings["trace_level"].value.append("OFF")
-        client.TraceSetting(request)
+        stub(channel).TraceSetting(request)
     entries = json.loads(trace_file.read_text())
     stamps = [e["timestamps"] for e in entries if "timestamps" in e]
     assert len(stamps) >= 2
@@ -193,7 +211,7 @@ class _OtlpReceiver(BaseHTTPRequestHandler):
         pass
 
 
-def test_opentelemetry_spans_reach_an_otlp_receiver(mnist_repository: Path) -> None:
+def test_opentelemetry_spans_reach_an_otlp_receiver(repository: Path) -> None:
     from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
         ExportTraceServiceRequest,
     )
@@ -204,7 +222,7 @@ def test_opentelemetry_spans_reach_an_otlp_receiver(mnist_repository: Path) -> N
     thread.start()
     url = f"http://127.0.0.1:{receiver.server_port}/v1/traces"
     try:
-        with running_server(mnist_repository, trace_otlp_url=url) as server:
+        with running_server(repository, trace_otlp_url=url) as server:
             with server.channel() as channel:
                 client = stub(channel)
                 request = pb.TraceSettingRequest()
@@ -243,16 +261,37 @@ def test_opentelemetry_spans_reach_an_otlp_receiver(mnist_repository: Path) -> N
 
 
 def test_cuda_shared_memory_says_why_and_tokens_guard_the_admin_calls(
-    mnist_repository: Path,
+    repository: Path, tmp_path: Path
 ) -> None:
-    with running_server(mnist_repository) as server, server.channel() as channel:
+    (tmp_path / "infer").write_text("inference-token-0123456789\n")
+    (tmp_path / "admin").write_text("admin-token-0123456789abc\n")
+    with (
+        running_server(
+            repository, auth_token_file=tmp_path / "infer", admin_token_file=tmp_path / "admin"
+        ) as server,
+        server.channel() as channel,
+    ):
         client = stub(channel)
+        infer = (("authorization", "Bearer inference-token-0123456789"),)
+        admin = (("authorization", "Bearer admin-token-0123456789abc"),)
         with pytest.raises(grpc.RpcError) as info:
-            client.CudaSharedMemoryRegister(pb.CudaSharedMemoryRegisterRequest(name="g"))
+            client.CudaSharedMemoryRegister(
+                pb.CudaSharedMemoryRegisterRequest(name="g"), metadata=admin
+            )
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
         assert "runs its models on the CPU" in (info.value.details() or "")
         with pytest.raises(grpc.RpcError) as info:
             client.SystemSharedMemoryRegister(
-                pb.SystemSharedMemoryRegisterRequest(name="x", key="../../etc/passwd", byte_size=8)
+                pb.SystemSharedMemoryRegisterRequest(name="x", key="../../etc/passwd", byte_size=8),
+                metadata=admin,
             )
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        for call, request in (
+            (client.SystemSharedMemoryStatus, pb.SystemSharedMemoryStatusRequest()),
+            (client.TraceSetting, pb.TraceSettingRequest()),
+            (client.LogSettings, pb.LogSettingsRequest()),
+        ):
+            with pytest.raises(grpc.RpcError) as info:
+                call(request, metadata=infer)
+            assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            call(request, metadata=admin)

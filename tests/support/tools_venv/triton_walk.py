@@ -79,13 +79,18 @@ def main(address: str, model: str, outdir: Path) -> dict[str, Any]:
     done: queue.Queue[Any] = queue.Queue()
     row(
         "async_infer",
-        lambda: client.async_infer(model, [_input(images)], lambda r, e: done.put((r, e))),
+        lambda: client.async_infer(
+            model, [_input(images)], lambda result, error: done.put((result, error))
+        ),
     )
     result, error = done.get(timeout=30)
     report["async_ok"] = error is None and np.allclose(result.as_numpy("logits"), reference)
 
     streamed: queue.Queue[Any] = queue.Queue()
-    row("start_stream", lambda: client.start_stream(lambda r, e: streamed.put((r, e))))
+    row(
+        "start_stream",
+        lambda: client.start_stream(lambda result, error: streamed.put((result, error))),
+    )
     row("async_stream_infer", lambda: client.async_stream_infer(model, [_input(images)]))
     result, error = streamed.get(timeout=30)
     report["stream_ok"] = error is None and np.allclose(result.as_numpy("logits"), reference)
@@ -167,14 +172,22 @@ def main(address: str, model: str, outdir: Path) -> dict[str, Any]:
 
     # logs
     report["log_settings"] = row("get_log_settings", lambda: client.get_log_settings(as_json=True))
+    before = report["log_settings"]["settings"]
     report["log_updated"] = row(
         "update_log_settings",
         lambda: client.update_log_settings(
-            {"log_verbose_level": 1, "log_format": "json"}, as_json=True
+            {"log_info": True, "log_verbose_level": 1, "log_format": "json"}, as_json=True
         ),
     )
     report["log_after"] = client.get_log_settings(as_json=True)["settings"]
-    client.update_log_settings({"log_verbose_level": 0, "log_format": "text"})
+    client.update_log_settings(
+        {
+            "log_info": before["log_info"]["bool_param"],
+            "log_verbose_level": 0,
+            "log_format": before["log_format"]["string_param"],
+        }
+    )
+    report["log_restored"] = client.get_log_settings(as_json=True)["settings"]
 
     # statistics last: every request above counted
     row(
