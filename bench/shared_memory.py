@@ -63,7 +63,7 @@ def perf_analyzer(
             "--concurrency-range", f"{concurrency}:{concurrency}",
             "--shared-memory", mode, "--output-shared-memory-size", str(1 << 20),
             "--measurement-interval", str(int(seconds * 1000)),
-            "--stability-percentage", "1000", "--max-trials", "3", "-f", report.name,
+            "--stability-percentage", "1000", "--max-trials", "6", "-f", report.name,
         ]  # fmt: skip
         done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
         if done.returncode != 0:
