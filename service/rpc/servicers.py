@@ -27,7 +27,7 @@ from ..explain.pipeline import explain
 from .codec import decode_request, encode_response
 from .extensions import ExtensionServicer, ServerExtensions
 from .handlers import Rejections
-from .shared_memory_io import check_outputs, place_outputs
+from .shared_memory_io import output_placements, place_outputs
 
 SERVER_NAME = "cnnserve"
 EXTENSIONS = (
@@ -143,7 +143,7 @@ class InferenceServicer(ExtensionServicer, pb_grpc.GRPCInferenceServiceServicer)
         trace = self.extensions.tracing.start(model.name, model.version, request.id, start)
         try:
             decoded = decode_request(request, model.signature, shm)
-            check_outputs(request)
+            placements = output_placements(request)
         except Exception as exc:
             model.request_failed(start, exc)
             raise
@@ -153,7 +153,7 @@ class InferenceServicer(ExtensionServicer, pb_grpc.GRPCInferenceServiceServicer)
         response = encode_response(
             request, model.version, outputs, decoded.outputs, model.signature.batching
         )
-        place_outputs(request, response, shm)
+        place_outputs(response, placements, shm)
         if trace is not None:
             trace.mark("REQUEST_END")
             self.extensions.tracing.finish(trace)

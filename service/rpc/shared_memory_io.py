@@ -20,33 +20,35 @@ def _location(
     parameters: Mapping[str, pb.InferParameter], what: str
 ) -> tuple[str, int, int] | None:
     """(region, byte size, offset) from a tensor's parameters, or None when it names no region."""
-    if REGION not in parameters:
-        if BYTE_SIZE in parameters or OFFSET in parameters:
+    region = parameters.get(REGION)
+    size = parameters.get(BYTE_SIZE)
+    offset = parameters.get(OFFSET)
+    if region is None:
+        if size is not None or offset is not None:
             raise InvalidInput(f"{what}: {BYTE_SIZE}/{OFFSET} given without {REGION}")
         return None
-    region = parameters[REGION]
     if region.WhichOneof("parameter_choice") != "string_param":
         raise InvalidInput(f"{what}: parameter {REGION} must be a string")
-    if BYTE_SIZE not in parameters:
+    if size is None:
         raise InvalidInput(f"{what}: {REGION} needs {BYTE_SIZE}")
     return (
         region.string_param,
-        _integer(parameters, BYTE_SIZE, what),
-        _integer(parameters, OFFSET, what),
+        _integer(size, BYTE_SIZE, what),
+        0 if offset is None else _integer(offset, OFFSET, what),
     )
 
 
-def _integer(parameters: Mapping[str, pb.InferParameter], key: str, what: str) -> int:
-    if key not in parameters:
-        return 0
-    param = parameters[key]
+def _integer(param: pb.InferParameter, key: str, what: str) -> int:
     kind = param.WhichOneof("parameter_choice")
-    if kind not in ("int64_param", "uint64_param"):
+    if kind == "int64_param":
+        value = param.int64_param
+    elif kind == "uint64_param":
+        value = param.uint64_param
+    else:
         raise InvalidInput(f"{what}: parameter {key} must be an integer")
-    value = int(getattr(param, kind))
     if value < 0:
         raise InvalidInput(f"{what}: parameter {key} must not be negative")
-    return value
+    return int(value)
 
 
 def uses_shared_memory(request: pb.ModelInferRequest) -> bool:
@@ -63,14 +65,14 @@ def input_buffers(
 
     raw_input_contents then holds entries only for the inputs that are not in shared memory.
     """
-    if registry is None or not any(REGION in t.parameters for t in request.inputs):
+    if registry is None or not any(t.parameters and REGION in t.parameters for t in request.inputs):
         return request.raw_input_contents
     raw = list(request.raw_input_contents)
     in_regions = 0
     buffers: list[bytes | None] = []
     for tensor in request.inputs:
         what = f"input '{tensor.name}'"
-        place = _location(tensor.parameters, what)
+        place = _location(tensor.parameters, what) if tensor.parameters else None
         if place is None:
             buffers.append(None)
             continue
@@ -88,25 +90,34 @@ def input_buffers(
     return [b if b is not None else next(entries, None) for b in buffers]
 
 
+Placements = dict[str, tuple[str, int, int]]  # output name -> (region, byte size, offset)
+
+
+def output_placements(request: pb.ModelInferRequest) -> Placements:
+    """The outputs wanted in shared memory, parsed (and refused when malformed) before the run."""
+    placements: Placements = {}
+    for out in request.outputs:
+        if out.parameters:
+            place = _location(out.parameters, f"output '{out.name}'")
+            if place is not None:
+                placements[out.name] = place
+    return placements
+
+
 def place_outputs(
-    request: pb.ModelInferRequest,
     response: pb.ModelInferResponse,
+    placements: Placements,
     registry: SharedMemoryRegistry | None,
 ) -> None:
-    """Move the outputs the request wants in shared memory from the response into their regions."""
-    if registry is None:
-        return
-    wanted = {o.name: o.parameters for o in request.outputs if REGION in o.parameters}
-    if not wanted:
+    """Move the outputs wanted in shared memory from the response into their regions."""
+    if not placements or registry is None:
         return
     for index, tensor in enumerate(response.outputs):
-        parameters = wanted.get(tensor.name)
-        if parameters is None:
+        place = placements.get(tensor.name)
+        if place is None:
             continue
-        what = f"output '{tensor.name}'"
-        place = _location(parameters, what)
-        assert place is not None
         region, size, offset = place
+        what = f"output '{tensor.name}'"
         data = response.raw_output_contents[index]
         if len(data) > size:
             raise InvalidInput(
@@ -114,13 +125,3 @@ def place_outputs(
             )
         registry.write(region, offset, data, what)
         response.raw_output_contents[index] = b""
-        tensor.parameters[REGION].string_param = region
-        tensor.parameters[BYTE_SIZE].int64_param = len(data)
-        if offset:
-            tensor.parameters[OFFSET].int64_param = offset
-
-
-def check_outputs(request: pb.ModelInferRequest) -> None:
-    """Refuse malformed output region parameters before the request runs."""
-    for out in request.outputs:
-        _location(out.parameters, f"output '{out.name}'")

@@ -18,7 +18,7 @@ from service.core.shared_memory import (
     SharedMemoryRegistry,
     TooManyRegions,
 )
-from service.rpc.shared_memory_io import input_buffers, place_outputs
+from service.rpc.shared_memory_io import input_buffers, output_placements, place_outputs
 
 SIZE = 4096
 
@@ -179,9 +179,9 @@ def test_protocol_inputs_and_outputs(
     response = pb.ModelInferResponse()
     response.outputs.add(name="y", datatype="FP32", shape=[2])
     response.raw_output_contents.append(b"12345678")
-    place_outputs(request, response, registry)
+    place_outputs(response, output_placements(request), registry)
     assert bytes(block.buf[2052:2060]) == b"12345678"
     assert response.raw_output_contents[0] == b""  # entries keep the outputs' order
     response.raw_output_contents[0] = b"123456789"
     with pytest.raises(InvalidInput, match="9 bytes do not fit the 8 bytes"):
-        place_outputs(request, response, registry)
+        place_outputs(response, output_placements(request), registry)
