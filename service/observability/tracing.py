@@ -170,6 +170,7 @@ class TraceControl:
         self._ids = itertools.count(1)
         self._pending: dict[str, list[Trace]] = {}  # trace file -> traces not yet written
         self._file_index: dict[str, int] = {}
+        self._written: set[str] = set()  # files written whole, extended by later writes
         self._dropped = 0
         self._lock = threading.Lock()
         self._otlp_url = otlp_url
@@ -194,6 +195,7 @@ class TraceControl:
             )
         with self._lock:
             before = self._all_settings()
+            saved = self.global_settings, dict(self.model_settings)
             if not model:
                 settings = self.global_settings
                 for name, values in changes.items():
@@ -212,10 +214,16 @@ class TraceControl:
                 self.model_settings[model] = own
             self._recompute()
             after = self._all_settings()
+        if any(s.on and s.mode == OPENTELEMETRY for s in after):
+            try:
+                self._otel_exporter()
+            except InvalidInput:  # no OpenTelemetry SDK: keep the settings as they were
+                with self._lock:
+                    self.global_settings, self.model_settings = saved
+                    self._recompute()
+                raise
         if before != after:
             self.flush()  # a change of file, level or mode writes what was collected so far
-        if any(s.on and s.mode == OPENTELEMETRY for s in after):
-            self._otel_exporter()
         return self.settings_for(model)
 
     def _recompute(self) -> None:
@@ -302,8 +310,12 @@ class TraceControl:
                 target = f"{path}.{index}"
         entries = [entry for trace in traces for entry in trace.to_json()]
         try:
+            if not indexed and target in self._written:  # one file for the whole run
+                entries = json.loads(Path(target).read_text()) + entries
             Path(target).write_text(json.dumps(entries, indent=1))
-        except OSError as exc:
+            if not indexed:
+                self._written.add(target)
+        except (OSError, ValueError) as exc:
             log.warning("cannot write trace file %s: %s", target, exc)
 
     def _otel_exporter(self) -> Any:

@@ -75,6 +75,8 @@ def test_rate_count_and_the_file_written_on_a_settings_change(tmp_path: Path) ->
     control.update("", {"trace_level": ["TIMESTAMPS"], "trace_rate": ["1"], "trace_count": ["2"]})
     assert len(traced(control, n=5)) == 2  # the count runs out
     assert control.settings_for("").count == 0 and not control.active
+    control.flush()  # the same file grows: the first three traces are kept
+    assert len([e for e in json.loads(path.read_text()) if "model_name" in e]) == 5
 
 
 def test_log_frequency_writes_numbered_files(tmp_path: Path) -> None:
