@@ -20,7 +20,7 @@ help:  ## List the targets
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install $(PIP_FLAGS) --upgrade pip
-	$(VENV)/bin/pip install $(PIP_FLAGS) -e '.[$(ORT_EXTRA),train,dev]'
+	$(VENV)/bin/pip install $(PIP_FLAGS) -e '.[$(ORT_EXTRA),train,dev,otel]'
 	touch $@
 
 venv: $(VENV)/.installed  ## Create the virtual environment (.venv)

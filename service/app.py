@@ -29,6 +29,7 @@ from .core.model_control import ModelControl
 from .core.repository import READY, STATES, ModelEntry, ModelFolder, ModelRepository
 from .observability.metrics import ServingMetrics
 from .rest.server import HttpFront, start_http, stop_http
+from .rpc.extensions import ServerExtensions
 from .rpc.handlers import RateLimitedLog, Rejections, service_handler
 from .rpc.servicers import ExplainServicer, InferenceServicer, PeerStatistics
 from .security.exposure import ServerSecurity, start_health_server
@@ -75,6 +76,9 @@ class InferenceServer:
                 ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),
             ],
         )
+        self.extensions = ServerExtensions.create(
+            settings.shared_memory_regions, settings.trace_otlp_url
+        )
         self.health = health.aio.HealthServicer()
         self.grpc_port = 0
         self.metrics_port: int | None = None
@@ -118,6 +122,7 @@ class InferenceServer:
             stream_max_in_flight=self.settings.stream_max_in_flight,
             peer_statistics=self.peer_statistics,
             control=self.control,
+            extensions=self.extensions,
         )
         self.grpc.add_generic_rpc_handlers(
             (
@@ -204,6 +209,7 @@ class InferenceServer:
             await asyncio.wait_for(self.repository.close(), CLOSE_MARGIN_S)
         except TimeoutError:
             log.warning("models did not close within %.0f s after the grace period", CLOSE_MARGIN_S)
+        self.extensions.close()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()

@@ -216,6 +216,14 @@ class Settings:
             "tokens are on)"
         ),
     )
+    shared_memory_regions: int = field(
+        default=256,
+        metadata=_doc("system shared-memory regions clients may register at once (0: none)"),
+    )
+    trace_otlp_url: str = field(
+        default="http://localhost:4318/v1/traces",
+        metadata=_doc("OTLP/HTTP endpoint that receives spans under trace_mode opentelemetry"),
+    )
 
     def __post_init__(self) -> None:
         for name, low in (
@@ -225,6 +233,7 @@ class Settings:
             ("max_queue_bytes", 0),
             ("max_concurrent_rpcs", 0),
             ("workers", 1),
+            ("shared_memory_regions", 0),
         ):
             if getattr(self, name) < low:
                 raise ValueError(f"{name} must be at least {low}")

@@ -57,6 +57,7 @@ class BatchRecord:
     infer_ns: int
     output_ns: int
     error: BaseException | None = None
+    start_ns: int = 0  # when the batch began (perf_counter_ns), for request traces
 
 
 @dataclass(frozen=True)
@@ -417,7 +418,7 @@ def _execute(fn: BatchFunction, items: list[_Pending]) -> Outcome:
             results.append({name: array[offset:end] for name, array in outputs.items()})
             offset = end
         t3 = time.perf_counter_ns()
-        return results, BatchRecord(size, len(items), t1 - t0, t2 - t1, t3 - t2)
+        return results, BatchRecord(size, len(items), t1 - t0, t2 - t1, t3 - t2, start_ns=t0)
     except Exception as exc:
         now = time.perf_counter_ns()
         return [], BatchRecord(size, len(items), t1 - t0, max(now - t1, 0), 0, exc)

@@ -115,6 +115,7 @@ REJECT_REASONS = (
     *REQUEST_FAILURES,
     "unimplemented",
     "failed_precondition",
+    "already_exists",
     "unauthenticated",
     "permission_denied",
 )

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import numpy as np
 
@@ -21,6 +22,7 @@ from ..config import Settings
 from ..observability.metrics import ServingMetrics
 from .errors import ModelLoadError
 from .model import ServedModel
+from .ort_options import ort_options, warmup_samples
 from .repository import ModelFolder
 from .runtime import CUDA, GraphTensor, OnnxSession
 from .signature import Signature, TensorSpec
@@ -142,9 +144,15 @@ def _open_sessions(
     """
     path = spec.versions[version]
     batching = signature.batching
+    options = ort_options(spec.config)  # the config's ONNX Runtime options, over the defaults
+    warmup = warmup_samples(spec.config, signature, spec.directory)
     sessions = [
         OnnxSession(
-            path, intra_op_threads=settings.intra_op_threads, device=device, batched=batching
+            path,
+            intra_op_threads=settings.intra_op_threads,
+            device=device,
+            batched=batching,
+            config_options=options,
         )
         for device in instance_devices(spec.config, settings.device)
     ]
@@ -157,10 +165,13 @@ def _open_sessions(
             device="cpu",
             spinning=False,
             batched=batching,
+            config_options=replace(options, intra_op_threads=None, inter_op_threads=None),
         )
-    warm = _warmup_inputs(signature)
     for session in [*sessions, *([latency] if latency else [])]:
-        session.run(warm)
+        for sample in warmup:
+            for _ in range(sample.count):
+                session.run(sample.inputs)
+    warm = _warmup_inputs(signature)
     per_image = 0.0
     if latency is not None:
         per_image = min(_seconds(latency.run, warm) for _ in range(5))

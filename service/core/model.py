@@ -17,8 +17,10 @@ import modelrepo
 from pb import model_config_pb2 as mc
 
 from ..observability.metrics import ServingMetrics
+from ..observability.tracing import Trace
 from .batcher import BatchFunction, BatchRecord, BatchResult, DynamicBatcher
 from .errors import InvalidInput, outcome
+from .ort_options import APPLIED
 from .repository import ModelFolder
 from .runtime import CUDA, OnnxSession
 from .signature import Signature
@@ -81,6 +83,7 @@ class ServedModel:
         batch_size: int,
         timeout_s: float | None = None,
         started_ns: int | None = None,
+        trace: Trace | None = None,
     ) -> dict[str, np.ndarray]:
         """Queue one request (batch-first arrays of `batch_size` items) and return its outputs.
 
@@ -89,6 +92,8 @@ class ServedModel:
         """
         start = time.perf_counter_ns() if started_ns is None else started_ns
         self.in_flight += 1
+        if trace is not None:
+            trace.mark("QUEUE_START")
         try:
             # Every caller, not only the wire codec: ONNX Runtime's own error would be INTERNAL.
             missing = [n for n in self.signature.inputs_by_name if n not in inputs]
@@ -100,6 +105,9 @@ class ServedModel:
             raise
         finally:
             self.in_flight -= 1
+        if trace is not None:
+            b = result.batch
+            trace.batch(b.start_ns, b.input_ns, b.infer_ns, b.output_ns)
         elapsed = time.perf_counter_ns() - start
         self.stats.request_succeeded(elapsed, result, batch_size)
         self.metrics.request_done("success", elapsed / 1e9)
@@ -131,6 +139,7 @@ class ServedModel:
                 kind=kind if kind is not None else mc.ModelInstanceGroup.KIND_CPU,
             )
         config.parameters[modelrepo.EXECUTION_PROVIDER].string_value = self.provider
+        config.parameters[APPLIED].string_value = self.sessions[0].applied
         return config
 
     def _batch_done(self, record: BatchRecord) -> None:

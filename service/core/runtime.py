@@ -14,6 +14,7 @@ import numpy as np
 import onnxruntime as ort
 
 from modelrepo.datatypes import ORT_DATATYPES
+from .ort_options import OrtOptions
 
 log = logging.getLogger(__name__)
 
@@ -69,12 +70,19 @@ class OnnxSession:
         device: str = "auto",
         spinning: bool = True,
         batched: bool = True,
+        config_options: OrtOptions | None = None,
     ) -> None:
         options = session_options(intra_op_threads, spinning=spinning)
+        config_options = config_options or OrtOptions()  # config.pbtxt's, over the defaults
+        config_options.apply(options)
+        self.applied = config_options.describe(options)
+        self._run_options = config_options.run_options()
         self.path = path
         self.batched = batched
         self.session = ort.InferenceSession(
-            str(path), sess_options=options, providers=requested_providers(device)
+            str(path),
+            sess_options=options,
+            providers=config_options.providers(requested_providers(device)),
         )
         # What a session really got: asking for CUDA silently falls back to the CPU.
         self.provider: str = self.session.get_providers()[0]
@@ -90,9 +98,9 @@ class OnnxSession:
         """Run one batch; returns every output (or those named) by name."""
         names = list(output_names) if output_names is not None else self._output_names
         if self.batched:
-            values = self.session.run(names, dict(inputs))
+            values = self.session.run(names, dict(inputs), self._run_options)
             return dict(zip(names, values, strict=True))
-        values = self.session.run(names, {k: v[0] for k, v in inputs.items()})
+        values = self.session.run(names, {k: v[0] for k, v in inputs.items()}, self._run_options)
         return {name: value[np.newaxis] for name, value in zip(names, values, strict=True)}
 
 

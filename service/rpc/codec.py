@@ -19,6 +19,7 @@ import numpy as np
 from pb import grpc_service_pb2 as pb
 
 from ..core.errors import InvalidInput, shorten
+from ..core.shared_memory import SharedMemoryRegistry
 from ..core.signature import DecodedRequest, RequestedOutput, Signature
 from ..core.tensors import (
     CLASSIFICATION,
@@ -28,6 +29,7 @@ from ..core.tensors import (
     prepare_outputs,
     select_outputs,
 )
+from .shared_memory_io import input_buffers
 
 # Which typed `contents` field carries each datatype (narrow integers travel widened).
 CONTENTS_FIELDS: dict[str, str] = {
@@ -46,13 +48,15 @@ CONTENTS_FIELDS: dict[str, str] = {
 }
 
 
-def decode_request(request: pb.ModelInferRequest, sig: Signature) -> DecodedRequest:
+def decode_request(
+    request: pb.ModelInferRequest, sig: Signature, shm: SharedMemoryRegistry | None = None
+) -> DecodedRequest:
     """Validate a ModelInferRequest against the model signature and turn it into arrays."""
-    fast = _decode_plain(request, sig)
+    fast = _decode_plain(request, sig)  # the common request; never one with shared memory
     if fast is not None:
         return fast
     tensors = request.inputs
-    raw = request.raw_input_contents
+    raw = input_buffers(request, shm)  # inputs in shared-memory regions are read from there
     if raw and len(raw) != len(tensors):
         raise InvalidInput(
             f"raw_input_contents has {len(raw)} entries but inputs has {len(tensors)}; "
@@ -61,7 +65,8 @@ def decode_request(request: pb.ModelInferRequest, sig: Signature) -> DecodedRequ
     plain: list[InputTensor] = []
     for index, tensor in enumerate(tensors):
         shape = tuple(tensor.shape)
-        if raw:
+        data = raw[index] if raw else None
+        if data is not None:
             if tensor.HasField("contents"):
                 raise InvalidInput(
                     f"input '{shorten(tensor.name)}': data given both in contents and "
@@ -72,7 +77,7 @@ def decode_request(request: pb.ModelInferRequest, sig: Signature) -> DecodedRequ
                     tensor.name,
                     tensor.datatype,
                     shape,
-                    raw=raw[index],
+                    raw=data,
                     where=f"raw_input_contents[{index}]",
                 )
             )
@@ -166,6 +171,7 @@ def _decode_plain(request: pb.ModelInferRequest, sig: Signature) -> DecodedReque
         or not 1 <= shape[0] <= plain.max_batch_size
         or len(data) != shape[0] * plain.item_bytes
         or tensor.HasField("contents")
+        or tensor.parameters  # e.g. a shared-memory region: the general path reads it
     ):
         return None
     array = np.frombuffer(data, dtype=plain.dtype).reshape(shape)

@@ -28,18 +28,28 @@ from ..explain.pipeline import explain
 from ..observability.metrics import ServingMetrics
 from .codec import decode_request, encode_response
 from .explain import explain_query, explain_response
+from .extensions import ExtensionServicer, ServerExtensions
 from .handlers import Rejections
+from .shared_memory_io import output_placements, place_outputs
 from .statistics import statistics_message
 
 SERVER_NAME = "cnnserve"
-EXTENSIONS = ("classification", "model_repository", "model_configuration", "statistics")
+EXTENSIONS = (
+    "classification",
+    "model_repository",
+    "model_configuration",
+    "system_shared_memory",
+    "statistics",
+    "trace",
+    "logging",
+)
 # Worker processes: given the request and this process's statistics, return the whole group's.
 PeerStatistics = Callable[
     [pb.ModelStatisticsRequest, list[pb.ModelStatistics]], Awaitable[list[pb.ModelStatistics]]
 ]
 
 
-class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+class InferenceServicer(ExtensionServicer, pb_grpc.GRPCInferenceServiceServicer):
     """The Open Inference Protocol over the model repository."""
 
     def __init__(
@@ -51,8 +61,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         stream_max_in_flight: int = 128,
         peer_statistics: PeerStatistics | None = None,
         control: ModelControl | None = None,
+        extensions: ServerExtensions | None = None,
     ) -> None:
         self._repository = repository
+        self.extensions = extensions or ServerExtensions()
         self._peer_statistics = peer_statistics
         # load and unload go through model control: without one, they are refused (mode none)
         self._control = control or ModelControl(repository)
@@ -63,6 +75,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     def _model(self, name: str, version: str) -> ServedModel:
         return self._repository.get(name, version)[1]
+
+    def _check_model(self, name: str) -> None:
+        self._repository.entry(name)
 
     async def ServerLive(
         self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
@@ -126,17 +141,27 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ModelInferRequest, timeout_s: float | None
     ) -> pb.ModelInferResponse:
         """decode -> model.infer -> encode: the whole protocol work of one request."""
-        model = self._model(request.model_name, request.model_version)
         start = time.perf_counter_ns()
+        model = self._model(request.model_name, request.model_version)
+        shm = self.extensions.shared_memory
+        trace = self.extensions.tracing.start(model.name, model.version, request.id, start)
         try:
-            decoded = decode_request(request, model.signature)
+            decoded = decode_request(request, model.signature, shm)
+            placements = output_placements(request)
         except Exception as exc:
             model.request_failed(start, exc)
             raise
-        outputs = await model.infer(decoded.inputs, decoded.batch_size, timeout_s, start)
-        return encode_response(
+        if trace is not None:
+            trace.mark("REQUEST_START", start)
+        outputs = await model.infer(decoded.inputs, decoded.batch_size, timeout_s, start, trace)
+        response = encode_response(
             request, model.version, outputs, decoded.outputs, model.signature.batching
         )
+        place_outputs(response, placements, shm)
+        if trace is not None:
+            trace.mark("REQUEST_END")
+            self.extensions.tracing.finish(trace)
+        return response
 
     async def ModelStreamInfer(
         self,

@@ -3,8 +3,8 @@
 Clients send `authorization: Bearer <token>` in the call's metadata. Tokens come from files, one a
 line (blank lines and `#` comments skipped), re-read on SIGHUP (`reload`) or when a file changes.
 Two scopes: `inference` (infer, stream, metadata, config, readiness, explain, reflection) and
-`admin` (the repository API, and statistics when the operator says so); an admin token passes
-every inference check. grpc.health.v1 is exempt so that probes work. A missing or unknown token is
+`admin` (the repository API, shared-memory regions, trace and log settings, and statistics when
+the operator says so); an admin token passes every inference check. grpc.health.v1 is exempt so that probes work. A missing or unknown token is
 UNAUTHENTICATED, a valid token of the wrong scope PERMISSION_DENIED. Tokens are never logged: files
 and refusals are reported by path, line number and method only.
 """
@@ -53,7 +53,19 @@ def method_scopes(statistics_scope: str = INFERENCE) -> dict[str, str | None]:
         "ModelInfer",
         "ModelStreamInfer",
     )
-    admin = ("RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload")
+    admin = (
+        "RepositoryIndex",
+        "RepositoryModelLoad",
+        "RepositoryModelUnload",
+        "SystemSharedMemoryStatus",
+        "SystemSharedMemoryRegister",
+        "SystemSharedMemoryUnregister",
+        "CudaSharedMemoryStatus",
+        "CudaSharedMemoryRegister",
+        "CudaSharedMemoryUnregister",
+        "TraceSetting",
+        "LogSettings",
+    )
     scopes: dict[str, str | None] = {f"/{_INFERENCE_SERVICE}/{m}": INFERENCE for m in inference}
     scopes.update({f"/{_INFERENCE_SERVICE}/{m}": ADMIN for m in admin})
     scopes[f"/{_INFERENCE_SERVICE}/ModelStatistics"] = statistics_scope

@@ -61,6 +61,6 @@ def test_service_messages_match_field_by_field(
 
 def test_service_methods_match(ours: dict[str, Any], theirs: dict[str, Any]) -> None:
     methods = ours["grpc_service"]["services"][SERVICE]
-    assert len(methods) == 12
+    assert len(methods) == 20
     for method, signature in methods.items():
         assert signature == theirs["grpc_service"]["services"][SERVICE][method], method

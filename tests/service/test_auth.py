@@ -12,6 +12,7 @@ import grpc
 import pytest
 
 from service.core.errors import Refused
+from pb import grpc_service_pb2
 from service.security.auth import (
     ADMIN,
     INFERENCE,
@@ -109,6 +110,15 @@ def test_scopes_map() -> None:
     assert scopes["/cnnserve.explain.v1.Explainer/Explain"] == INFERENCE
     for method in ("RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload"):
         assert scopes[f"{SERVICE}/{method}"] == ADMIN
+    # shared memory, trace and log settings: every one of Triton's extension RPCs is admin
+    extensions = [
+        m.name
+        for m in grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods
+        if "SharedMemory" in m.name or m.name in ("TraceSetting", "LogSettings")
+    ]
+    assert len(extensions) == 8
+    for method in extensions:
+        assert scopes[f"{SERVICE}/{method}"] == ADMIN, method
     assert scopes[f"{SERVICE}/ModelStatistics"] == INFERENCE
     assert method_scopes(ADMIN)[f"{SERVICE}/ModelStatistics"] == ADMIN
     assert scopes["/grpc.health.v1.Health/Check"] is None
