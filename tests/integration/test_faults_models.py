@@ -46,8 +46,9 @@ def test_a_model_broken_under_poll_keeps_serving_and_says_why(tmp_path: Path) ->
     served = model / "1" / MODEL_FILE
     request = infer_request("classifier", images(1))
     with (
-        server(tmp_path, "--model-control-mode", "poll", "--repository-poll-secs", str(POLL_S))
-        as srv,
+        server(
+            tmp_path, "--model-control-mode", "poll", "--repository-poll-secs", str(POLL_S)
+        ) as srv,
         load(srv.address, request, clients=3, in_flight=2) as traffic,
     ):
         address = srv.address
@@ -78,9 +79,10 @@ def test_a_model_broken_under_poll_keeps_serving_and_says_why(tmp_path: Path) ->
         step(
             "1/model.onnx truncated",
             lambda: served.write_bytes(b""),
-            lambda: reason("1", "keeps serving", "1/model.onnx") and "Protobuf" not in rows(
-                address
-            )["1"][1],
+            lambda: (
+                reason("1", "keeps serving", "1/model.onnx")
+                and "Protobuf" not in rows(address)["1"][1]
+            ),
         )
         step(
             "folder 1/ deleted",
@@ -92,9 +94,11 @@ def test_a_model_broken_under_poll_keeps_serving_and_says_why(tmp_path: Path) ->
             lambda: write_model(
                 tmp_path, classifier_config("classifier"), mismatched_graph(), versions=(2,)
             ),
-            lambda: rows(address).get("2", ("", ""))[0] == "UNAVAILABLE"
-            and "does not fit" in rows(address)["2"][1]
-            and reason("1", "keeps serving", "version 2"),
+            lambda: (
+                rows(address).get("2", ("", ""))[0] == "UNAVAILABLE"
+                and "does not fit" in rows(address)["2"][1]
+                and reason("1", "keeps serving", "version 2")
+            ),
         )
 
         def stray() -> None:

@@ -66,8 +66,10 @@ class ServerProcess:
 
 
 def start_server(
-    repository: Path, *extra: str, env: dict[str, str] | None = None, ready_line: re.Pattern[str]
-    = PORT_LINE
+    repository: Path,
+    *extra: str,
+    env: dict[str, str] | None = None,
+    ready_line: re.Pattern[str] = PORT_LINE,
 ) -> ServerProcess:
     """Start `python -m service` on free ports (metrics off unless `extra` asks); wait for it."""
     process = subprocess.Popen(
@@ -102,9 +104,9 @@ def start_server(
 
 
 @contextmanager
-def server(repository: Path, *extra: str, env: dict[str, str] | None = None) -> Iterator[
-    ServerProcess
-]:
+def server(
+    repository: Path, *extra: str, env: dict[str, str] | None = None
+) -> Iterator[ServerProcess]:
     """A `start_server` for the length of a with-block."""
     running = start_server(repository, *extra, env=env)
     try:
