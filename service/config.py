@@ -215,6 +215,13 @@ class Settings:
             "within this long is closed (gRPC's own default: 120 s)"
         ),
     )
+    worker_liveness_timeout_s: float = field(
+        default=10.0,
+        metadata=_doc(
+            "with --workers above 1: a worker that has not answered the supervisor's liveness "
+            "RPC for this long (hung, stopped, deadlocked) is killed and restarted (0: never)"
+        ),
+    )
 
     def __post_init__(self) -> None:
         for name, low in (
@@ -237,6 +244,7 @@ class Settings:
             "max_connection_age_s",
             "max_connection_age_grace_s",
             "handshake_timeout_s",
+            "worker_liveness_timeout_s",
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")
