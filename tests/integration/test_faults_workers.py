@@ -5,6 +5,7 @@ lost, and how long the group took to serve on both workers again."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -114,8 +115,6 @@ def test_a_killed_and_a_hung_worker_are_replaced_under_load(tmp_path: Path) -> N
         assert set(traffic.failures()) <= {"UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED"}
     finally:
         for pid in pids(group.text).values():
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGCONT)
-            except ProcessLookupError:
-                pass
         assert group.stop(40) == 0, group.text[-3000:]
