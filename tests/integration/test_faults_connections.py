@@ -26,6 +26,7 @@ from typing import Any
 
 import pytest
 
+from bench.hostile import H2Client
 from tests.support.faults import (
     ROOT,
     ServerProcess,
@@ -35,7 +36,6 @@ from tests.support.faults import (
     wait_for,
 )
 from tests.support.harness import infer_request
-from tests.support.hostile import H2Client
 from tests.support.onnx_models import classifier_config, classifier_graph, images, write_model
 
 IDLE_CONNECTIONS = 5000
@@ -113,11 +113,11 @@ def check_bounds(name: str, base: dict[str, int], peak: dict[str, int], hostile:
 
 
 class Attacker:
-    """`python -m tests.support.hostile MODE`: the attack runs in a process of its own."""
+    """`python -m bench.hostile MODE`: the attack runs in a process of its own."""
 
     def __init__(self, mode: str, address: str, amount: float) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "tests.support.hostile", mode, address, str(amount)],
+            [sys.executable, "-m", "bench.hostile", mode, address, str(amount)],
             cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
         )  # fmt: skip
         assert self.process.stdout is not None

@@ -1,4 +1,4 @@
-"""Hostile HTTP/2 clients for the connection tests: idle sockets that never send the preface,
+"""Hostile HTTP/2 clients for the connection tests and bench/faults.py: idle sockets that never send the preface,
 streams that never send their body (slowloris), and a rapid-reset flood (CVE-2023-44487).
 
 Written on the `h2` package (a pure-Python HTTP/2 state machine) over plain sockets, so each
@@ -231,7 +231,7 @@ def rapid_reset(address: str, seconds: float, stop: threading.Event | None = Non
 def main(argv: list[str] | None = None) -> int:
     """Run one attack in a process of its own (so it does not share the measuring client's GIL):
 
-    `python -m tests.support.hostile idle|slowloris|reset ADDRESS COUNT_OR_SECONDS`
+    `python -m bench.hostile idle|slowloris|reset ADDRESS COUNT_OR_SECONDS`
 
     idle and slowloris print `ready` once their connections are open, then every 0.25 s a JSON
     line (seconds since opening, connections the server has closed, GOAWAYs seen) until stdin
