@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -113,14 +114,18 @@ def test_a_bad_message_on_a_stream_gets_an_answer_and_the_stream_goes_on(
 
 
 def test_client_triggered_errors_are_rate_limited_in_the_log(
-    server: ServerThread, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)  # the server logs at INFO by default
-    with server.channel() as channel:
+    # A server of its own: the shared one may have spent this interval's log budget already.
+    repository = write_test_repository(tmp_path, broken=False)
+    with running_server(repository) as server, server.channel() as channel:
         client = stub(channel)
         for i in range(300):
             request = infer_request("classifier", images(1), version="9" * (i % 7 + 1))
             with pytest.raises(grpc.RpcError) as err:
                 client.ModelInfer(request)
             assert err.value.code() == grpc.StatusCode.NOT_FOUND
-    assert len(caplog.records) <= 20, f"{len(caplog.records)} log records for 300 bad versions"
+    refused = [r for r in caplog.records if "NOT_FOUND" in r.getMessage()]
+    # Some are logged (the first burst of the interval), most are not.
+    assert 1 <= len(refused) <= 20, f"{len(refused)} log records for 300 bad versions"
