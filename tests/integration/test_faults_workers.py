@@ -12,6 +12,8 @@ import signal
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.support.faults import Traffic, load, start_server, wait_for
 from tests.support.harness import infer_request
 from tests.support.onnx_models import classifier_config, classifier_graph, images, write_model
@@ -19,7 +21,11 @@ from tests.support.onnx_models import classifier_config, classifier_graph, image
 GROUP_LINE = re.compile(r"(\d+) workers serving on gRPC port (\d+)")
 STARTED = re.compile(r"started worker (\d+) \(pid (\d+)\)")
 LIVENESS_S = 2.0
-CONNECTIONS = 8
+# Connections stick to the worker that accepted them: after worker 0 dies, every client is on
+# worker 1. A short connection age spreads them over both workers again (GOAWAY, reconnect, the
+# kernel picks a worker), so that some are on worker 0 when worker 1 hangs.
+AGE_S = 3.0
+CONNECTIONS = 12  # all on one worker after a spread: 2**-11
 
 
 def pids(text: str) -> dict[int, int]:
@@ -32,16 +38,30 @@ def rate(traffic: Traffic, start: float, end: float) -> float:
     return sum(o.code == "OK" for o in traffic.since(start, end)) / (end - start)
 
 
-def test_a_killed_and_a_hung_worker_are_replaced_under_load(tmp_path: Path) -> None:
+@pytest.mark.parametrize("wait_for_ready", [True, False], ids=["wait_for_ready", "fail_fast"])
+def test_a_killed_and_a_hung_worker_are_replaced_under_load(
+    tmp_path: Path, wait_for_ready: bool
+) -> None:
+    """With wait_for_ready, a client loses only the calls in flight on the worker that died or
+    hung; failing fast (gRPC's default), it also gets UNAVAILABLE for each call it makes while its
+    channel reconnects."""
     write_model(tmp_path, classifier_config("classifier"), classifier_graph())
     group = start_server(
         tmp_path, "--workers", "2", "--worker-liveness-timeout-s", str(LIVENESS_S),
+        "--max-connection-age-s", str(AGE_S), "--max-connection-age-grace-s", "1",
         ready_line=GROUP_LINE,
     )  # fmt: skip
     request = infer_request("classifier", images(1))
     lines: list[str] = []
     try:
-        with load(group.address, request, clients=CONNECTIONS, in_flight=2, timeout_s=5) as traffic:
+        with load(
+            group.address,
+            request,
+            clients=CONNECTIONS,
+            in_flight=1,
+            timeout_s=5,
+            wait_for_ready=wait_for_ready,
+        ) as traffic:
             wait_for(lambda: traffic.answered > 200, 30, "the first answers")
             time.sleep(1.0)
             steady = time.monotonic()
@@ -61,7 +81,7 @@ def test_a_killed_and_a_hung_worker_are_replaced_under_load(tmp_path: Path) -> N
                 60,
                 "worker 0 to serve again",
             )
-            time.sleep(2.0)
+            time.sleep(AGE_S * 1.1 + 2)  # every connection re-made at least once
             lost_kill = traffic.failures()
             lines.append(
                 f"SIGKILL worker 0 (pid {victim}): serving again after {back:.1f} s; "
@@ -108,10 +128,11 @@ def test_a_killed_and_a_hung_worker_are_replaced_under_load(tmp_path: Path) -> N
         print()
         for line in lines:
             print("  " + line)
-        print("  " + traffic.summary(f"ModelInfer over {CONNECTIONS} connections"))
+        mode = "wait_for_ready" if wait_for_ready else "fail fast"
+        print("  " + traffic.summary(f"ModelInfer over {CONNECTIONS} connections, {mode}"))
         assert total_stop < LIVENESS_S + 30
-        # Lost: only what was in flight on the dying or hung worker's connections.
-        assert sum(traffic.failures().values()) <= CONNECTIONS * 2 * 3
+        if wait_for_ready:  # lost: only what was in flight on the dead or hung worker
+            assert sum(traffic.failures().values()) <= CONNECTIONS * 2
         assert set(traffic.failures()) <= {"UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED"}
     finally:
         for pid in pids(group.text).values():

@@ -204,9 +204,13 @@ def load(
     pause_s: float = 0.0,
     timeout_s: float = 10.0,
     keep_going: Callable[[], bool] = lambda: True,
+    wait_for_ready: bool = False,
 ) -> Iterator[Traffic]:
     """`clients` threads, each on a connection of its own with `in_flight` requests at a time,
-    send `request` until the block ends; every request's outcome goes into the Traffic."""
+    send `request` until the block ends; every request's outcome goes into the Traffic.
+
+    `wait_for_ready`: a call made while the channel reconnects waits for it instead of failing
+    at once with UNAVAILABLE (gRPC's default, fail fast)."""
     traffic = Traffic()
     stop = threading.Event()
 
@@ -214,10 +218,12 @@ def load(
         with channel(address) as ch:
             infer = pb_grpc.GRPCInferenceServiceStub(ch).ModelInfer
             while not stop.is_set() and keep_going():
-                started = [(time.monotonic(), infer.future(request, timeout=timeout_s))]
-                started += [
-                    (time.monotonic(), infer.future(request, timeout=timeout_s))
-                    for _ in range(in_flight - 1)
+                started = [
+                    (
+                        time.monotonic(),
+                        infer.future(request, timeout=timeout_s, wait_for_ready=wait_for_ready),
+                    )
+                    for _ in range(in_flight)
                 ]
                 for sent, future in started:
                     try:
