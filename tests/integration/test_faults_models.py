@@ -137,7 +137,7 @@ def test_a_batch_that_fails_at_run_time_fails_alone(tmp_path: Path) -> None:
     """One poisoned image makes ONNX Runtime fail its whole batch: the requests of that batch
     get INTERNAL with a generic message (no exception text), the others and the next succeed."""
     config = classifier_config(
-        "poisoned", max_batch_size=8, max_queue_delay_us=50_000, preferred=(8,)
+        "poisoned", max_batch_size=8, max_queue_delay_us=100_000, preferred=(8,)
     )
     write_model(tmp_path, config, poisoned_graph())
     clean = infer_request("poisoned", images(1))
@@ -146,8 +146,12 @@ def test_a_batch_that_fails_at_run_time_fails_alone(tmp_path: Path) -> None:
     poisoned = infer_request("poisoned", bad)
     outcomes: dict[str, list[str]] = {"clean": [], "poisoned": []}
     lock = threading.Lock()
-    # `--batching delay`: the batcher waits for the preferred 8, so a wave is one batch
-    with server(tmp_path, "--batching", "delay") as srv, channel(srv.address) as ch:
+    # `--batching delay`: the batcher waits for the preferred 8, so a wave is one batch (and no
+    # idle fast path runs a first request alone: --latency-threads 0)
+    with (
+        server(tmp_path, "--batching", "delay", "--latency-threads", "0") as srv,
+        channel(srv.address) as ch,
+    ):
         infer = pb_grpc.GRPCInferenceServiceStub(ch).ModelInfer
         assert infer(clean, timeout=10).outputs
         for wave in range(30):
