@@ -38,16 +38,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
     )
-    parser.add_argument("--repository", type=Path, default=Path("model_repository"))
+    parser.add_argument(
+        "--repository", type=Path, default=Path("model_repository"), help="model repository"
+    )
     parser.add_argument("--model", default="mnist_cnn", help="model the normal client calls")
     parser.add_argument("--idle", type=int, default=20000, help="idle connections (no preface)")
     parser.add_argument("--slow", type=int, default=5000, help="slowloris connections")
     parser.add_argument("--flood-s", type=float, default=60.0, help="rapid-reset seconds")
     parser.add_argument("--flood-clients", type=int, default=2, help="rapid-reset processes")
-    parser.add_argument("--handshake-timeout-s", type=float, default=10.0)
-    parser.add_argument("--max-connection-age-s", type=float, default=20.0)
+    parser.add_argument(
+        "--handshake-timeout-s", type=float, default=10.0, help="the server's handshake timeout"
+    )
+    parser.add_argument(
+        "--max-connection-age-s", type=float, default=20.0, help="the server's connection age"
+    )
     parser.add_argument("--probes", type=int, default=500, help="normal requests per p99")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "faults.json")
+    parser.add_argument(
+        "--out", type=Path, default=ROOT / "bench" / "results" / "faults.json", help="JSON results"
+    )
     return parser.parse_args(argv)
 
 

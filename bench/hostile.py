@@ -229,20 +229,26 @@ def rapid_reset(address: str, seconds: float, stop: threading.Event | None = Non
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one attack in a process of its own (so it does not share the measuring client's GIL):
+    """Run one attack in a process of its own (so it does not share the measuring client's GIL).
 
-    `python -m bench.hostile idle|slowloris|reset ADDRESS COUNT_OR_SECONDS`
-
+    `python -m bench.hostile idle|slowloris|reset ADDRESS COUNT_OR_SECONDS`:
     idle and slowloris print `ready` once their connections are open, then every 0.25 s a JSON
     line (seconds since opening, connections the server has closed, GOAWAYs seen) until stdin
     closes; reset floods for the seconds given and prints one JSON line of what it did.
     """
+    import argparse
     import json
     import select
     import sys
 
-    args = sys.argv[1:] if argv is None else argv
-    mode, address, amount = args[0], args[1], float(args[2])
+    parser = argparse.ArgumentParser(description=main.__doc__.split("\n\n")[0])
+    parser.add_argument("mode", choices=("idle", "slowloris", "reset"), help="the attack")
+    parser.add_argument("address", help="the server's host:port")
+    parser.add_argument(
+        "amount", type=float, help="connections (idle, slowloris) or seconds (reset)"
+    )
+    args = parser.parse_args(argv)
+    mode, address, amount = args.mode, args.address, args.amount
     if mode == "reset":
         print("ready", flush=True)
         print(json.dumps(rapid_reset(address, amount).__dict__), flush=True)
