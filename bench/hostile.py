@@ -74,6 +74,7 @@ class H2Client:
     authority: str
     closed: bool = False
     goaway: h2.events.ConnectionTerminated | None = None
+    goaway_at: float | None = None  # when the server began to end the connection (GOAWAY)
     closed_at: float | None = None
 
     @classmethod
@@ -97,13 +98,20 @@ class H2Client:
                 if not data:
                     self._close()
                     return
-                for event in self.conn.receive_data(data):
-                    if isinstance(event, h2.events.ConnectionTerminated):
-                        self.goaway = event
-                self.flush()
+                if self.goaway_at is not None:
+                    continue  # the server is ending the connection: wait for it to close
+                try:
+                    for event in self.conn.receive_data(data):
+                        if isinstance(event, h2.events.ConnectionTerminated):
+                            self.goaway, self.goaway_at = event, time.monotonic()
+                    self.flush()
+                except h2.exceptions.ProtocolError:
+                    # h2 refuses frames that follow a GOAWAY in the same read (and loses the
+                    # event): the connection is ending either way
+                    self.goaway_at = time.monotonic()
         except BlockingIOError:
             return
-        except (OSError, h2.exceptions.ProtocolError):
+        except OSError:
             self._close()
 
     def flush(self) -> None:
@@ -265,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     while not select.select([sys.stdin], [], [], 0.25)[0]:
         if crowd is not None:
             report = {"closed": len(crowd.clients) - crowd.open_count,
-                      "goaways": sum(c.goaway is not None for c in crowd.clients)}  # fmt: skip
+                      "goaways": sum(c.goaway_at is not None for c in crowd.clients)}  # fmt: skip
         else:
             closed.update(i for i, s in enumerate(sockets) if i not in closed and is_closed(s))
             report = {"closed": len(closed), "goaways": 0}

@@ -165,7 +165,7 @@ def held_connections(srv: ServerProcess, mode: str, count: int, limit_s: float, 
         last = attacker.last
         print(
             f"  all {count} closed by the server {last['t']:.1f} s after opening "
-            f"(limit {limit_s:g} s)"
+            f"({last['goaways']} after a GOAWAY; limit {limit_s:g} s)"
         )
         assert last["t"] >= limit_s * 0.8
         wait_for(lambda: srv.status()["fds"] <= base["fds"] + FD_SLACK, 10, "descriptors back")
@@ -219,5 +219,5 @@ def test_an_idle_connection_is_closed_at_the_idle_limit(srv: ServerProcess) -> N
     finally:
         client.close()
     print(f"\n  an idle HTTP/2 connection: GOAWAY {client.goaway} after {gone:.1f} s")
-    assert client.goaway is not None
+    assert client.goaway is not None and client.goaway_at is not None
     assert IDLE_S * 0.8 <= time.monotonic() - opened < AGE_S
