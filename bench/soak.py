@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import io
 import json
+import os
 import platform
 import random
 import statistics
@@ -68,6 +69,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sample-s", type=float, default=5.0, help="seconds between samples")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument(
+        "--checkpoints",
+        default="5,10,20,30",
+        help="minutes at which to report RSS, threads and descriptors (those within the run)",
+    )
+    parser.add_argument(
+        "--malloc-arena-max",
+        type=int,
+        help="start the server with MALLOC_ARENA_MAX set to this (glibc malloc arenas)",
+    )
+    parser.add_argument(
         "--out", type=Path, default=ROOT / "bench" / "results" / "soak.json", help="JSON results"
     )
     args = parser.parse_args(argv)
@@ -75,7 +86,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--url needs --pid (the server's memory is read from /proc/PID)")
     if args.warmup_minutes is None:
         args.warmup_minutes = min(5.0, args.minutes / 5)
+    if args.url and args.malloc_arena_max is not None:
+        parser.error("--malloc-arena-max applies to a server this script starts (not --url)")
+    args.checkpoints = [float(m) for m in args.checkpoints.split(",") if m.strip()]
     return args
+
+
+def at_checkpoints(samples: list[dict[str, Any]], minutes: list[float]) -> list[dict[str, Any]]:
+    """The sample nearest each checkpoint minute that the run reached."""
+    rows = []
+    end = samples[-1]["t"] if samples else 0.0
+    for minute in minutes:
+        if minute * 60 > end + 1:
+            continue
+        nearest = min(samples, key=lambda s: abs(s["t"] - minute * 60))
+        rows.append({"minute": minute, **nearest})
+    return rows
 
 
 def _infer(model: str, images: np.ndarray) -> pb.ModelInferRequest:
@@ -238,10 +264,13 @@ def target(args: argparse.Namespace) -> Iterator[tuple[str, int, Any]]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.malloc_arena_max is not None:  # the server started below inherits it
+        os.environ["MALLOC_ARENA_MAX"] = str(args.malloc_arena_max)
+    arenas = os.environ.get("MALLOC_ARENA_MAX", "glibc default")
     with target(args) as (address, pid, proc):
         print(
             f"soak: {address} (pid {pid}), {args.concurrency} clients for {args.minutes:g} min "
-            f"(warm-up {args.warmup_minutes:g} min)"
+            f"(warm-up {args.warmup_minutes:g} min, MALLOC_ARENA_MAX {arenas})"
         )
         started = time.perf_counter()
         load, samples = asyncio.run(soak(address, pid, args))
@@ -265,6 +294,23 @@ def main(argv: list[str] | None = None) -> int:
     print_table(
         f"after warm-up ({len(steady)} samples)", ["", "start", "end", "max", "drift"], rows
     )
+    marks = at_checkpoints(samples, args.checkpoints)
+    if marks:
+        print_table(
+            "at the checkpoints",
+            ["minute", "RSS", "threads", "fds", "requests", "errors"],
+            [
+                [
+                    f"{m['minute']:g}",
+                    f"{m['rss'] / 2**20:.1f} MiB",
+                    str(m["threads"]),
+                    str(m["fds"]),
+                    f"{m['done']:,}",
+                    str(m["errors"]),
+                ]
+                for m in marks
+            ],
+        )
     total = sum(load.done.values())
     print(
         f"\nrequests: {total:,} in {seconds / 60:.1f} min ({total / seconds:,.0f}/s): "
@@ -283,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
         "requests": dict(load.done),
         "errors": dict(load.errors),
         "drift": figures,
+        "malloc_arena_max": arenas,
+        "checkpoints": marks,
         "rss_drift_target_percent": RSS_DRIFT_TARGET,
         "alive": alive,
         "passed": ok,

@@ -74,6 +74,7 @@ class InferenceServer:
                 ("grpc.max_send_message_length", settings.max_message_bytes),
                 # Workers share the port; a single server refuses a port already taken.
                 ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),
+                *settings.connection_options(),
             ],
         )
         self.extensions = ServerExtensions.create(

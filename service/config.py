@@ -224,6 +224,50 @@ class Settings:
         default="http://localhost:4318/v1/traces",
         metadata=_doc("OTLP/HTTP endpoint that receives spans under trace_mode opentelemetry"),
     )
+    max_connection_idle_s: float = field(
+        default=300.0,
+        metadata=_doc(
+            "a connection with no RPC in progress for this long is closed with GOAWAY (clients "
+            "reconnect on their next call; 0: never)"
+        ),
+    )
+    max_connection_age_s: float = field(
+        default=1800.0,
+        metadata=_doc(
+            "a connection is sent GOAWAY after this long, however busy (bounds connections that "
+            "hold streams open without sending, and spreads clients over workers; 0: never)"
+        ),
+    )
+    max_connection_age_grace_s: float = field(
+        default=30.0,
+        metadata=_doc(
+            "after --max-connection-age-s, how long RPCs in progress may finish before the "
+            "connection is closed"
+        ),
+    )
+    max_streams_per_connection: int = field(
+        default=0,
+        metadata=_doc(
+            "HTTP/2 streams one connection may have open at once (SETTINGS_MAX_CONCURRENT_STREAMS; "
+            "clients queue beyond it); bounds what one connection, a rapid-reset flood "
+            "(CVE-2023-44487) included, can make the server do; 100 is a good value facing "
+            "untrusted clients (0: gRPC's default, no limit)"
+        ),
+    )
+    handshake_timeout_s: float = field(
+        default=20.0,
+        metadata=_doc(
+            "a connection that has not sent its HTTP/2 preface and settings (and finished TLS) "
+            "within this long is closed (gRPC's own default: 120 s)"
+        ),
+    )
+    worker_liveness_timeout_s: float = field(
+        default=10.0,
+        metadata=_doc(
+            "with --workers above 1: a worker that has not answered the supervisor's liveness "
+            "RPC for this long (hung, stopped, deadlocked) is killed and restarted (0: never)"
+        ),
+    )
 
     def __post_init__(self) -> None:
         for name, low in (
@@ -234,6 +278,7 @@ class Settings:
             ("max_concurrent_rpcs", 0),
             ("workers", 1),
             ("shared_memory_regions", 0),
+            ("max_streams_per_connection", 0),
         ):
             if getattr(self, name) < low:
                 raise ValueError(f"{name} must be at least {low}")
@@ -241,6 +286,15 @@ class Settings:
             raise ValueError("latency_threads must not be negative")
         if self.grace_period_s < 0:
             raise ValueError("grace_period_s must not be negative")
+        for name in (
+            "max_connection_idle_s",
+            "max_connection_age_s",
+            "max_connection_age_grace_s",
+            "handshake_timeout_s",
+            "worker_liveness_timeout_s",
+        ):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key go together: give both or neither")
         if self.tls_client_ca is not None and self.tls_cert is None:
@@ -253,6 +307,19 @@ class Settings:
             choices = _choices(name)
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name}: expected one of {', '.join(choices)}")
+
+    def connection_options(self) -> list[tuple[str, int]]:
+        """gRPC server options for the connection limits (a limit of 0 is left out: none)."""
+        limits = (
+            ("grpc.max_connection_idle_ms", self.max_connection_idle_s),
+            ("grpc.max_connection_age_ms", self.max_connection_age_s),
+            ("grpc.max_connection_age_grace_ms", self.max_connection_age_grace_s),
+            ("grpc.server_handshake_timeout_ms", self.handshake_timeout_s),
+        )
+        options = [(name, max(1, round(s * 1000))) for name, s in limits if s > 0]
+        if self.max_streams_per_connection:
+            options.append(("grpc.max_concurrent_streams", self.max_streams_per_connection))
+        return options
 
     @property
     def effective_http_host(self) -> str:

@@ -33,6 +33,8 @@ UNAVAILABLE = "UNAVAILABLE"
 LOADING = "LOADING"
 UNLOADING = "UNLOADING"
 STATES = (READY, UNAVAILABLE, LOADING, UNLOADING)
+# The reason a READY version shows when its folder changed and the change failed to load.
+KEEPS_SERVING = "the version loaded before keeps serving; the change failed to load"
 _VERSION = re.compile(r"[0-9]{1,18}")  # ASCII digits only ("²".isdigit() is true), int64-sized
 
 
@@ -205,6 +207,7 @@ class ModelRepository(Generic[V]):
             if not previous:
                 self._set(entry, LOADING, "")
             loaded: dict[int, V] = {}
+            failed: dict[int, str] = {}
             try:
                 spec = await asyncio.to_thread(read_model, self.root / name)
                 failed = {v: "version folder or model file missing" for v in spec.missing_versions}
@@ -214,6 +217,7 @@ class ModelRepository(Generic[V]):
                     except Exception as exc:
                         if version in previous:  # a changed file that fails: the old one stays
                             loaded[version] = previous[version]
+                            failed[version] = f"{KEEPS_SERVING}: {self._reason(exc)}"
                             log.warning(
                                 "model %s version %d failed to reload, the loaded one keeps "
                                 "serving: %s", name, version, self._reason(exc),
@@ -235,6 +239,8 @@ class ModelRepository(Generic[V]):
                 if not previous:
                     entry.failed = {}
                     self._set(entry, UNAVAILABLE, reason)
+                elif not cancelled:  # the versions loaded before serve on; the index says why
+                    entry.failed = {**failed, **{v: f"{KEEPS_SERVING}: {reason}" for v in previous}}
                 if cancelled:
                     raise
                 raise ModelLoadError(f"failed to load '{name}': {reason}") from exc
@@ -316,12 +322,16 @@ class ModelRepository(Generic[V]):
         """Every model and version with its state; folders never loaded show as UNAVAILABLE."""
         rows: list[IndexRow] = []
         for entry in self.entries():
-            rows.extend(IndexRow(entry.name, str(v), READY) for v in sorted(entry.versions))
+            rows.extend(
+                IndexRow(entry.name, str(v), READY, entry.failed.get(v, ""))
+                for v in sorted(entry.versions)
+            )
             if ready_only:
                 continue
             rows.extend(
                 IndexRow(entry.name, str(v), UNAVAILABLE, reason)
                 for v, reason in sorted(entry.failed.items())
+                if v not in entry.versions
             )
             if not entry.versions and not entry.failed:
                 rows.append(IndexRow(entry.name, "", entry.state, entry.reason))

@@ -14,6 +14,7 @@ import numpy as np
 import onnxruntime as ort
 
 from modelrepo.datatypes import ORT_DATATYPES
+
 from .ort_options import OrtOptions
 
 log = logging.getLogger(__name__)

@@ -6,7 +6,7 @@ streams all land on one worker. The supervisor serves no requests. It
 
 - reserves the port (port 0 becomes a concrete free port every worker then binds),
 - starts the workers (multiprocessing, spawn; `worker.py`) and restarts one that dies, with a
-  backoff,
+  backoff, or that stops answering its liveness RPC (`liveness.py`: killed, then restarted),
 - owns the public metrics port (`federation.py` merges the workers' metrics at scrape time),
 - forwards SIGTERM / Ctrl-C to every worker (each drains as a single server does: health
   NOT_SERVING, accepted requests finish within the grace period) and exits 0 when all exit 0;
@@ -38,6 +38,8 @@ from prometheus_client import CollectorRegistry, start_http_server
 from ..app import CLOSE_MARGIN_S
 from ..config import Settings
 from .federation import GroupMetrics
+from .liveness import Liveness
+from .peers import STATISTICS_METHOD
 from .rundir import WorkerInfo, info_path, read_info
 from .worker import worker_main
 
@@ -89,6 +91,7 @@ class Supervisor:
         self._context = multiprocessing.get_context("spawn")
         self._signals: list[int] = []
         self._worker_settings = settings
+        self.liveness = Liveness(settings.worker_liveness_timeout_s, STATISTICS_METHOD)
 
     def _spawn(self, slot: Slot) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -165,9 +168,11 @@ class Supervisor:
         previous_fd = signal.set_wakeup_fd(wake_write.fileno())
         handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         handlers[signal.SIGHUP] = signal.signal(signal.SIGHUP, self._forward_hangup)
+        self.liveness.start()
         try:
             return self._supervise(port, metrics_port, wake_read)
         finally:
+            self.liveness.close()
             for signum, old in handlers.items():
                 signal.signal(signum, old)
             signal.set_wakeup_fd(previous_fd)
@@ -216,9 +221,12 @@ class Supervisor:
                         slot.info = info
                         if not starting:
                             log.info("worker %d (pid %d) is serving again", slot.index, info.pid)
+                if slot.info is not None and stop_deadline is None:
+                    self._check_liveness(slot)
                 if process.is_alive():
                     continue
                 process.join()
+                self.liveness.forget(slot.index)
                 code = process.exitcode
                 slot.process, slot.info = None, None
                 with contextlib.suppress(FileNotFoundError):
@@ -265,6 +273,20 @@ class Supervisor:
             return max(2 if c == 2 else 1 for c in failed.values())
         log.info("all %d workers stopped", len(self.slots))
         return 0
+
+    def _check_liveness(self, slot: Slot) -> None:
+        """Watch a serving worker; one that stopped answering is killed, then restarted below."""
+        info = slot.info
+        assert info is not None
+        self.liveness.watch(slot.index, info.pid, info.statistics_port)
+        if self.liveness.unresponsive(slot.index, info.pid):
+            log.warning(
+                "worker %d (pid %d) has not answered for %.1f s: killing it",
+                slot.index, info.pid, self.liveness.silent_for(slot.index, info.pid),
+            )  # fmt: skip
+            self.liveness.forget(slot.index)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(info.pid, signal.SIGKILL)
 
     def _signal_all(self, signum: int) -> None:
         for slot in self.slots:

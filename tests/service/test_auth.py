@@ -11,8 +11,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from service.core.errors import Refused
 from pb import grpc_service_pb2
+from service.core.errors import Refused
 from service.security.auth import (
     ADMIN,
     INFERENCE,

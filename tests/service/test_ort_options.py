@@ -150,13 +150,13 @@ def test_loaded_model_reports_its_options_and_runs_its_warmup(
     item.random_data = True
     write_model(tmp_path, config, classifier_graph())
     runs: list[int] = []
-    original = loading_module.OnnxModel.run
+    original = loading_module.OnnxSession.run
 
-    def counting(self: loading_module.OnnxModel, inputs: dict[str, np.ndarray]) -> object:
+    def counting(self: loading_module.OnnxSession, inputs: dict[str, np.ndarray]) -> object:
         runs.append(next(iter(inputs.values())).shape[0])
         return original(self, inputs)
 
-    monkeypatch.setattr(loading_module.OnnxModel, "run", counting)
+    monkeypatch.setattr(loading_module.OnnxSession, "run", counting)
     settings = Settings(model_repository=tmp_path, latency_threads=0)
 
     async def run() -> mc.ModelConfig:

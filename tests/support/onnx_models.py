@@ -204,3 +204,45 @@ def fragile_graph(seed: int = 0) -> onnx.ModelProto:
     graph.initializer.append(numpy_helper.from_array(np.array([1, 784], np.int64), "one_row"))
     onnx.checker.check_model(model)
     return model
+
+
+def mismatched_graph(seed: int = 0) -> onnx.ModelProto:
+    """The classifier taking flat images ([-1,784]): it does not fit `classifier_config`."""
+    model = classifier_graph(seed)
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    del dims[1:]
+    dims.add().dim_value = 784
+    onnx.checker.check_model(model)
+    return model
+
+
+POISON = 2.0  # a pixel at or above this value makes `poisoned_graph` fail for its whole batch
+
+
+def poisoned_graph(seed: int = 0) -> onnx.ModelProto:
+    """Like the classifier, but fails inside ONNX Runtime for a batch holding a pixel >= POISON.
+
+    The flattening Reshape's target is [-1, 784 + poisoned], poisoned being 1 when the batch's
+    largest pixel reaches POISON: a batch of n images (n < 785) cannot take that shape, so ONNX
+    Runtime fails the whole batch, and only that batch.
+    """
+    model = classifier_graph(seed)
+    graph = model.graph
+    graph.node.remove(graph.node[0])
+    graph.node.insert(0, helper.make_node("ReduceMax", [INPUT], ["peak"], keepdims=0))
+    graph.node.insert(1, helper.make_node("GreaterOrEqual", ["peak", "poison"], ["is_poisoned"]))
+    graph.node.insert(2, helper.make_node("Cast", ["is_poisoned"], ["extra"], to=TensorProto.INT64))
+    graph.node.insert(3, helper.make_node("Unsqueeze", ["extra", "axis0"], ["extra1"]))
+    graph.node.insert(4, helper.make_node("Add", ["row", "extra1"], ["width"]))
+    graph.node.insert(5, helper.make_node("Concat", ["minus_one", "width"], ["shape"], axis=0))
+    graph.node.insert(6, helper.make_node("Reshape", [INPUT, "shape"], ["flat"]))
+    graph.initializer.extend(
+        [
+            numpy_helper.from_array(np.array(POISON, np.float32), "poison"),
+            numpy_helper.from_array(np.array([0], np.int64), "axis0"),
+            numpy_helper.from_array(np.array([784], np.int64), "row"),
+            numpy_helper.from_array(np.array([-1], np.int64), "minus_one"),
+        ]
+    )
+    onnx.checker.check_model(model)
+    return model
