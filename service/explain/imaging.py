@@ -77,11 +77,6 @@ class Box:
     height: int
     width: int
 
-    @staticmethod
-    def whole(shape: tuple[int, ...]) -> Box:
-        """The box of a canvas the picture fills: the last two dims of `shape`."""
-        return Box(0, 0, int(shape[-2]), int(shape[-1]))
-
     def crop(self, values: np.ndarray) -> np.ndarray:
         """The part of [..., H, W] values over the picture."""
         return values[..., self.top : self.top + self.height, self.left : self.left + self.width]

@@ -51,13 +51,6 @@ def _integer(param: pb.InferParameter, key: str, what: str) -> int:
     return int(value)
 
 
-def uses_shared_memory(request: pb.ModelInferRequest) -> bool:
-    """Whether any input or requested output names a shared-memory region."""
-    return any(REGION in t.parameters for t in request.inputs) or any(
-        REGION in o.parameters for o in request.outputs
-    )
-
-
 def input_buffers(
     request: pb.ModelInferRequest, registry: SharedMemoryRegistry | None
 ) -> Sequence[bytes | None]:
