@@ -108,6 +108,9 @@ MAX_IG_STEPS = 128
 # before upsampling and normalisation; the attribution itself for the input methods) and CAM
 # ([N, *input spatial], in [0, 1]).
 MASKED = "masked"
+# EigenCAM and EigenGradCAM also return PROJECTION: the signed projection on the first principal
+# component, [N, *S], before the ReLU (its sign fixed so its largest-magnitude entry is positive).
+PROJECTION = "projection"
 MASKED_LOGITS = "masked_logits"
 ABLATED_INPUT = "ablated_input"
 ABLATED_LOGITS = "ablated_logits"

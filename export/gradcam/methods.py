@@ -37,6 +37,7 @@ from modelrepo import (
     MASKED_LOGITS,
     MASKS_FILE,
     MAX_IG_STEPS,
+    PROJECTION,
     SCALED,
     SCALED_FILE,
 )
@@ -250,10 +251,12 @@ def gradient_cam(method: str, shapes: Shapes) -> onnx.ModelProto:
         cam = _weighted_map(g, weights, a)
     elif method == "layercam":
         cam = g.op("Relu", _sum(g, g.op("Mul", g.op("Relu", grad), a), [1], 0))
-    elif method == "eigengradcam":
-        cam = g.op("Relu", _first_component(g, g.op("Mul", grad, a), shapes))
-    elif method == "eigencam":
-        cam = g.op("Relu", _first_component(g, a, shapes))
+    elif method in ("eigencam", "eigengradcam"):
+        projection = _first_component(
+            g, a if method == "eigencam" else g.op("Mul", grad, a), shapes
+        )
+        g.output(projection, PROJECTION, TensorProto.FLOAT, ["batch", *shapes.layer])
+        cam = g.op("Relu", projection)
     else:
         raise ValueError(f"not a gradient CAM: {method!r}")
     _finish(g, cam, shapes.layer, shapes, upsample=True)
@@ -437,15 +440,19 @@ def integrated_gradients(shapes: Shapes) -> onnx.ModelProto:
 
 
 def method_graphs(shapes: Shapes) -> dict[str, onnx.ModelProto]:
-    """Every method graph (and the helpers ScoreCAM, AblationCAM and IG need) by file name."""
+    """Every method graph (and the helpers ScoreCAM, AblationCAM and IG need) by file name.
+
+    ScoreCAM and AblationCAM only for 2-D inputs: pytorch-grad-cam's classes fail on 3-D ones
+    (a bilinear upsampler; a 4-D repeat), so there is no reference to hold them to.
+    """
     from modelrepo import ACTIVATION_CAMS, GRADIENT_CAMS
 
     graphs = {f"{m}.onnx": gradient_cam(m, shapes) for m in GRADIENT_CAMS + ACTIVATION_CAMS}
     if len(shapes.layer) == 2:
         graphs[MASKS_FILE] = score_masks(shapes)
         graphs["scorecam.onnx"] = scorecam(shapes)
-    graphs[ABLATE_FILE] = ablate(shapes)
-    graphs["ablationcam.onnx"] = ablationcam(shapes)
+        graphs[ABLATE_FILE] = ablate(shapes)
+        graphs["ablationcam.onnx"] = ablationcam(shapes)
     graphs["saliency.onnx"] = saliency(shapes)
     graphs[SCALED_FILE] = ig_scale(shapes)
     graphs["integrated_gradients.onnx"] = integrated_gradients(shapes)

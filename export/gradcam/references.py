@@ -11,7 +11,6 @@ computes it, before its post-processing (pytorch-grad-cam's `scale_cam_image`: a
 
 from __future__ import annotations
 
-import os
 import sys
 import types
 from collections.abc import Callable, Iterator
@@ -66,8 +65,7 @@ def _stub_torchvision() -> None:
 
 
 def pytorch_grad_cam() -> types.ModuleType:
-    """The pytorch_grad_cam package (torchvision stubbed, progress bars off)."""
-    os.environ.setdefault("TQDM_DISABLE", "1")
+    """The pytorch_grad_cam package (torchvision stubbed)."""
     _stub_torchvision()
     import pytorch_grad_cam as package
 
@@ -97,23 +95,41 @@ def explained_classes(
 
 
 @contextmanager
-def _raw_maps() -> Iterator[list[np.ndarray]]:
-    """Capture the raw per-layer maps that BaseCAM hands to scale_cam_image (with a size)."""
-    from pytorch_grad_cam import base_cam
+def _captured() -> Iterator[dict[str, list[np.ndarray]]]:
+    """What BaseCAM hands to scale_cam_image (the raw map, with a size) and, for the Eigen
+    methods, what get_2d_projection returns (the signed projection); progress bars silenced."""
+    from pytorch_grad_cam import ablation_cam, base_cam, eigen_cam, eigen_grad_cam, score_cam
 
-    captured: list[np.ndarray] = []
-    original: Callable[..., np.ndarray] = base_cam.scale_cam_image
+    captured: dict[str, list[np.ndarray]] = {"cam_raw": [], "projection": []}
+    scale: Callable[..., np.ndarray] = base_cam.scale_cam_image
+    project: Callable[..., np.ndarray] = eigen_cam.get_2d_projection
 
-    def capture(cam: np.ndarray, target_size: Any = None) -> np.ndarray:
+    def capture_scale(cam: np.ndarray, target_size: Any = None) -> np.ndarray:
         if target_size is not None:
-            captured.append(np.array(cam, dtype=np.float32, copy=True))
-        return original(cam, target_size)
+            captured["cam_raw"].append(np.array(cam, dtype=np.float32, copy=True))
+        return scale(cam, target_size)
 
-    base_cam.scale_cam_image = capture
+    def capture_projection(activations: np.ndarray) -> np.ndarray:
+        result = project(activations)
+        captured["projection"].append(np.array(result, dtype=np.float32, copy=True))
+        return result
+
+    quiet = types.SimpleNamespace(tqdm=lambda iterable, *_a, **_k: iterable)
+    patches = [
+        (base_cam, "scale_cam_image", capture_scale),
+        (eigen_cam, "get_2d_projection", capture_projection),
+        (eigen_grad_cam, "get_2d_projection", capture_projection),
+        (score_cam, "tqdm", quiet),
+        (ablation_cam, "tqdm", quiet),
+    ]
+    saved = [(module, name, getattr(module, name)) for module, name, _ in patches]
+    for module, name, value in patches:
+        setattr(module, name, value)
     try:
         yield captured
     finally:
-        base_cam.scale_cam_image = original
+        for module, name, value in saved:
+            setattr(module, name, value)
 
 
 def cam_reference(
@@ -137,12 +153,15 @@ def cam_reference(
     module = dict(model.named_modules())[target_layer]
     wrapper = Logits(model, mean, std).eval()
     targets = [ClassifierOutputTarget(int(c)) for c in explained]
-    with _raw_maps() as captured, cls(model=wrapper, target_layers=[module]) as cam:
+    with _captured() as captured, cls(model=wrapper, target_layers=[module]) as cam:
         final = cam(input_tensor=torch.from_numpy(np.ascontiguousarray(pixels)), targets=targets)
     model.eval()
     for p in model.parameters():
         p.grad = None
-    return {"cam_raw": captured[0], "cam": np.asarray(final)}
+    result = {"cam_raw": captured["cam_raw"][0], "cam": np.asarray(final)}
+    if captured["projection"]:
+        result["projection"] = captured["projection"][0]
+    return result
 
 
 def captum_reference(
