@@ -71,9 +71,11 @@ SERVE_FLAGS ?=
 serve: model  ## Serve the model repository on loopback (gRPC :8001, metrics :8002)
 	$(PY) -m service --model-repository $(REPO) --reflection $(SERVE_FLAGS)
 
-lint: pb/.generated  ## ruff (lint + format check), hadolint on the Dockerfile
+lint: pb/.generated  ## ruff (lint + format check), import layers, dead code, hadolint on the Dockerfile
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/vulture
 	@if [ -x $(TOOLS_VENV)/bin/hadolint ]; then $(TOOLS_VENV)/bin/hadolint Dockerfile && echo "hadolint: Dockerfile ok"; \
 	else echo "hadolint: skipped (make tools installs it)"; fi
 
@@ -92,7 +94,7 @@ zoo: | $(VENV)/.installed pb/.generated  ## Train and export every model of the 
 		$(PY) -m export --checkpoint $(CHECKPOINTS)/$$model.pt --repository $(REPO) \
 			--summary $(CHECKPOINTS)/$$model.export.json || exit 1; \
 	done
-	$(PY) bench/zoo.py --repository $(REPO) --checkpoints $(CHECKPOINTS)
+	$(PY) -m bench.zoo --repository $(REPO) --checkpoints $(CHECKPOINTS)
 
 URL         ?= 127.0.0.1:8001
 CONCURRENCY ?= 1:16:4
@@ -124,10 +126,10 @@ BENCH_QUICK := $(if $(filter 1,$(QUICK)),--quick,)
 PROFILE_S   := $(if $(filter 1,$(QUICK)),3,10)
 
 bench: model tools benchdeps triton  ## Benchmarks: tables on stdout, JSON and plots under bench/results/ (QUICK=1)
-	$(PY) bench/serving.py --repository $(REPO) --streaming $(BENCH_QUICK)
-	$(PY) bench/compare.py --repository $(REPO) $(BENCH_QUICK)
-	$(PY) bench/profile_server.py --repository $(REPO) --seconds $(PROFILE_S)
-	$(PY) bench/gradcam.py --repository $(REPO) --checkpoint $(CHECKPOINTS)/$(MODEL).pt
+	$(PY) -m bench.serving --repository $(REPO) --streaming $(BENCH_QUICK)
+	$(PY) -m bench.compare --repository $(REPO) $(BENCH_QUICK)
+	$(PY) -m bench.profile_server --repository $(REPO) --seconds $(PROFILE_S)
+	$(PY) -m bench.gradcam --repository $(REPO) --checkpoint $(CHECKPOINTS)/$(MODEL).pt
 
 image: model  ## Build the container image (docker, or buildah where no engine runs; GPU=1: cnnserve:gpu)
 	deploy/build-image.sh $(if $(filter 1,$(GPU)),--gpu -t cnnserve:gpu,-t cnnserve:latest) .

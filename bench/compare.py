@@ -1,7 +1,7 @@
 """The project's server beside its reference points, in one run: a minimal server of the same
 design (bench/minimal_server.py) and real NVIDIA Triton 2.51 (bench/triton_server.py).
 
-    .venv/bin/python bench/compare.py --repository model_repository [--repeat 3] [--quick]
+    .venv/bin/python -m bench.compare --repository model_repository [--repeat 3] [--quick]
 
 Each server serves the same ONNX file; each is measured at concurrency 1, 16, 64 with h2load
 (one HTTP/2 connection replaying a pre-built batch-1 ModelInfer frame; the cheapest client) and
@@ -28,11 +28,8 @@ from typing import Any
 
 import grpc
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from bench import triton_server  # noqa: E402
-from bench.loadgen import (  # noqa: E402
+from bench import triton_server
+from bench.loadgen import (
     PERF_ANALYZER,
     CpuMeter,
     free_port,
@@ -45,9 +42,11 @@ from bench.loadgen import (  # noqa: E402
     response_frame_size,
     running_process,
 )
-from pb import grpc_service_pb2 as pb  # noqa: E402
-from pb import grpc_service_pb2_grpc as pb_grpc  # noqa: E402
-from training.cli import HelpFormatter  # noqa: E402
+from pb import grpc_service_pb2 as pb
+from pb import grpc_service_pb2_grpc as pb_grpc
+from training.cli import HelpFormatter
+
+ROOT = Path(__file__).resolve().parent.parent
 
 SERVERS = ("minimal", "triton", "project")
 # Extra project configurations one can add to --servers, e.g. to test a hypothesis in the same run.

@@ -1,7 +1,7 @@
 """Fuzz a live server with mutated ModelInfer, ModelStreamInfer and Explain messages.
 
-    .venv/bin/python bench/fuzz.py --repository model_repository [--count 100000] [--quick]
-    .venv/bin/python bench/fuzz.py --url 127.0.0.1:8001 --pid PID --metrics-url http://...
+    .venv/bin/python -m bench.fuzz --repository model_repository [--count 100000] [--quick]
+    .venv/bin/python -m bench.fuzz --url 127.0.0.1:8001 --pid PID --metrics-url http://...
 
 Starts `python -m service` on free ports (or uses `--url`), then sends `--count` messages built
 from valid seeds and hostile-but-valid ones (huge dims, repeated outputs, odd versions, pictures
@@ -35,18 +35,17 @@ import grpc
 import numpy as np
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from bench.loadgen import MAX_MESSAGE, process_status, server_process
+from bench.pictures import jpeg_claiming as _jpeg_claiming
+from bench.pictures import png_claiming as _png_claiming
+from pb import explain_pb2 as ex
+from pb import explain_pb2_grpc as ex_grpc
+from pb import grpc_service_pb2 as pb
+from pb import grpc_service_pb2_grpc as pb_grpc
+from service.core.errors import INTERNAL_MESSAGE
+from training.cli import HelpFormatter
 
-from bench.loadgen import MAX_MESSAGE, process_status, server_process  # noqa: E402
-from pb import explain_pb2 as ex  # noqa: E402
-from pb import explain_pb2_grpc as ex_grpc  # noqa: E402
-from pb import grpc_service_pb2 as pb  # noqa: E402
-from pb import grpc_service_pb2_grpc as pb_grpc  # noqa: E402
-from service.core.errors import INTERNAL_MESSAGE  # noqa: E402
-from tests.support.pictures import jpeg_claiming as _jpeg_claiming  # noqa: E402
-from tests.support.pictures import png_claiming as _png_claiming  # noqa: E402
-from training.cli import HelpFormatter  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 INFER = "/inference.GRPCInferenceService/ModelInfer"
 STREAM = "/inference.GRPCInferenceService/ModelStreamInfer"

@@ -1,6 +1,6 @@
 """Grad-CAM throughput: served by cnnserve vs the explainer graph in-process vs PyTorch autograd.
 
-    .venv/bin/python bench/gradcam.py --repository model_repository --checkpoint checkpoints/mnist_cnn.pt
+    .venv/bin/python -m bench.gradcam --repository model_repository --checkpoint checkpoints/mnist_cnn.pt
 
 Prints a table and writes bench/results/gradcam.json.
 """
@@ -11,17 +11,15 @@ import argparse
 import asyncio
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from bench.loadgen import ROOT, closed_loop, latest_model, print_table, running_server, save_grid
 from modelrepo import CAM, INPUT, TARGET_CLASS, explainer_name
 from pb import grpc_service_pb2 as pb
+from service.core.runtime import session_options
 from training.cli import HelpFormatter
 
 
@@ -114,8 +112,7 @@ def main() -> None:
         )
 
     # (a) the explainer graph run in-process by ONNX Runtime: the ceiling.
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
+    options = session_options(1)
     session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
     for batch in (1, 32):
         feeds = {INPUT: pixels[:batch], TARGET_CLASS: np.full(batch, -1, dtype=np.int64)}

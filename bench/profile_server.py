@@ -1,6 +1,6 @@
 """Where a server's CPU goes per request: py-spy stacks and per-thread CPU under h2load.
 
-    .venv/bin/python bench/profile_server.py --repository model_repository [--native]
+    .venv/bin/python -m bench.profile_server --repository model_repository [--native]
 
 For each server (the project; the minimal server for comparison) and each concurrency (16, 64):
 start it fresh, drive it with h2load (batch-1 ModelInfer over one HTTP/2 connection) and, in the
@@ -23,11 +23,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from bench.compare import server  # noqa: E402
-from bench.loadgen import (  # noqa: E402
+from bench.loadgen import (
     grpc_frame,
     h2load,
     infer_request,
@@ -35,7 +31,10 @@ from bench.loadgen import (  # noqa: E402
     response_frame_size,
     thread_cpu_seconds,
 )
-from training.cli import HelpFormatter  # noqa: E402
+from bench.servers import server
+from training.cli import HelpFormatter
+
+ROOT = Path(__file__).resolve().parent.parent
 
 PY_SPY = Path(sys.executable).parent / "py-spy"
 
@@ -123,7 +122,7 @@ def aggregate(collapsed: str, thread_cores: dict[str, float], infer_per_s: float
 
 def profile_point(name: str, args: argparse.Namespace, frame: Path, concurrency: int,
                   raw_dir: Path) -> dict[str, Any]:  # fmt: skip
-    with server(name, args) as (address, pid):
+    with server(name, args.repository, args.model, args.server_args) as (address, pid):
         response_bytes = response_frame_size(address, infer_request(args.repository, args.model))
         h2load(address, frame, response_bytes, concurrency, 1.0)  # warm up
         load_seconds = args.seconds + 2

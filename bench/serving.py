@@ -1,6 +1,6 @@
 """Serving speed: raw ONNX Runtime in-process (the ceiling) beside the server under perf_analyzer.
 
-    .venv/bin/python bench/serving.py --repository model_repository [--model mnist_cnn]
+    .venv/bin/python -m bench.serving --repository model_repository [--model mnist_cnn]
 
 One run measures ONNX Runtime alone at batch 1, 8, 32, 128 and `python -m service` driven by
 perf_analyzer (tools venv) at concurrency 1, 4, 16, 64, reading the average executed batch from
@@ -22,19 +22,19 @@ import grpc
 import numpy as np
 import onnxruntime as ort
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from bench.loadgen import (  # noqa: E402
+from bench.loadgen import (
     PERF_ANALYZER,
     latest_model,
     perf_analyzer,
     print_table,
     running_server,
 )
-from pb import grpc_service_pb2 as pb  # noqa: E402
-from pb import grpc_service_pb2_grpc as pb_grpc  # noqa: E402
-from training.cli import HelpFormatter  # noqa: E402
+from pb import grpc_service_pb2 as pb
+from pb import grpc_service_pb2_grpc as pb_grpc
+from service.core.runtime import session_options
+from training.cli import HelpFormatter
+
+ROOT = Path(__file__).resolve().parent.parent
 
 TARGETS = {"p50_ms_at_c1": 1.0, "infer_per_s_at_c16": 3500, "avg_batch_at_c16": 4}
 
@@ -113,9 +113,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def measure_ort(model_file: Path, batches: list[int], threads: int, seconds: float) -> list[dict]:
     """Run the ONNX file in-process: throughput and per-call latency at each batch size."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
+    options = session_options(threads)
     session = ort.InferenceSession(str(model_file), options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     shape = [d if isinstance(d, int) else 1 for d in session.get_inputs()[0].shape[1:]]

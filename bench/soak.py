@@ -1,6 +1,6 @@
 """Soak: steady load for a long time, watching the server's memory, threads and descriptors.
 
-    .venv/bin/python bench/soak.py --repository model_repository [--minutes 30] [--concurrency 64]
+    .venv/bin/python -m bench.soak --repository model_repository [--minutes 30] [--concurrency 64]
 
 Starts `python -m service` (or uses `--url` with `--pid`), then keeps `--concurrency` clients
 busy with ModelInfer (batches of 1-4), ModelStreamInfer (streams of 1-16 messages) and some
@@ -33,15 +33,14 @@ import grpc
 import numpy as np
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from bench.loadgen import MAX_MESSAGE, print_table, process_status, server_process
+from pb import explain_pb2 as ex
+from pb import explain_pb2_grpc as ex_grpc
+from pb import grpc_service_pb2 as pb
+from pb import grpc_service_pb2_grpc as pb_grpc
+from training.cli import HelpFormatter
 
-from bench.loadgen import MAX_MESSAGE, print_table, process_status, server_process  # noqa: E402
-from pb import explain_pb2 as ex  # noqa: E402
-from pb import explain_pb2_grpc as ex_grpc  # noqa: E402
-from pb import grpc_service_pb2 as pb  # noqa: E402
-from pb import grpc_service_pb2_grpc as pb_grpc  # noqa: E402
-from training.cli import HelpFormatter  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 RSS_DRIFT_TARGET = 5.0  # percent
 

@@ -1,7 +1,7 @@
 """Worker processes: one server process against `--workers 2` (or more), under h2load with
 several client connections.
 
-    .venv/bin/python bench/workers.py --repository model_repository [--workers 1,2]
+    .venv/bin/python -m bench.workers --repository model_repository [--workers 1,2]
         [--loads 1x64,4x16,16x4] [--seconds 5] [--repeats 3]
 
 Every group runs at once (an idle server costs nothing); the measurements go round-robin over
@@ -36,13 +36,12 @@ from typing import Any
 import grpc
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from bench.loadgen import free_port, latest_model, print_table
+from pb import grpc_service_pb2 as pb
+from pb import grpc_service_pb2_grpc as pb_grpc
+from training.cli import HelpFormatter
 
-from bench.loadgen import free_port, latest_model, print_table  # noqa: E402
-from pb import grpc_service_pb2 as pb  # noqa: E402
-from pb import grpc_service_pb2_grpc as pb_grpc  # noqa: E402
-from training.cli import HelpFormatter  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 PATH = "/inference.GRPCInferenceService/ModelInfer"
 TICKS = os.sysconf("SC_CLK_TCK")

@@ -1,6 +1,6 @@
 """Measure every model of the zoo and regenerate the README's zoo table and picture.
 
-    .venv/bin/python bench/zoo.py   # after `make zoo`
+    .venv/bin/python -m bench.zoo   # after `make zoo`
 
 Reads checkpoints/<model>.json (training metrics) and checkpoints/<model>.export.json (export
 summary), measures FLOPs with PyTorch's FlopCounterMode and ONNX Runtime latency on this machine,
@@ -13,17 +13,15 @@ import argparse
 import io
 import json
 import re
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from bench.loadgen import ROOT, latest_model, save_grid
 from modelrepo import CAM, INPUT, LOGITS, PROBABILITIES, TARGET_CLASS, explainer_name
+from service.core.runtime import session_options
 from training.cli import HelpFormatter
 
 START, END = "<!-- zoo-table:start -->", "<!-- zoo-table:end -->"
@@ -33,8 +31,7 @@ def ort_timings(path: Path, shape: tuple[int, ...], seconds: float = 2.0) -> tup
     """(median ms at batch 1, images/s at batch 32) with one intra-op thread."""
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
+    options = session_options(1)
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
     one = rng.random((1, *shape), dtype=np.float32)

@@ -8,19 +8,16 @@ from pathlib import Path
 
 import onnx
 
-from modelrepo import LABELS_FILE, MODEL_FILE, PROBABILITIES, write_config, write_labels
+from modelrepo import (
+    LABELS_FILE,
+    MODEL_FILE,
+    PROBABILITIES,
+    version_folders,
+    write_config,
+    write_labels,
+)
+from modelrepo.datatypes import ONNX_TO_CONFIG
 from pb import model_config_pb2 as mc
-
-_ONNX_TO_TRITON: dict[int, int] = {
-    onnx.TensorProto.FLOAT: mc.TYPE_FP32,
-    onnx.TensorProto.FLOAT16: mc.TYPE_FP16,
-    onnx.TensorProto.DOUBLE: mc.TYPE_FP64,
-    onnx.TensorProto.INT64: mc.TYPE_INT64,
-    onnx.TensorProto.INT32: mc.TYPE_INT32,
-    onnx.TensorProto.INT8: mc.TYPE_INT8,
-    onnx.TensorProto.UINT8: mc.TYPE_UINT8,
-    onnx.TensorProto.BOOL: mc.TYPE_BOOL,
-}
 
 
 @dataclass
@@ -75,14 +72,14 @@ def config_from_graph(
         if value.name in initialisers:
             continue
         elem, dims = _tensor_dims(value)
-        tensor = config.input.add(name=value.name, data_type=_ONNX_TO_TRITON[elem])
+        tensor = config.input.add(name=value.name, data_type=ONNX_TO_CONFIG[elem])
         # A per-item scalar travels as [1] on the wire (Triton's convention) and [] in the graph.
         tensor.dims.extend(dims or [1])
         if not dims:
             tensor.reshape.SetInParent()
     for value in graph.output:
         elem, dims = _tensor_dims(value)
-        out = config.output.add(name=value.name, data_type=_ONNX_TO_TRITON[elem])
+        out = config.output.add(name=value.name, data_type=ONNX_TO_CONFIG[elem])
         out.dims.extend(dims or [1])
         if not dims:
             out.reshape.SetInParent()
@@ -99,13 +96,8 @@ def config_from_graph(
 
 
 def next_version(model_dir: Path) -> int:
-    """1 for a new model, else one above the highest numeric version folder."""
-    versions = (
-        [int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()]
-        if model_dir.is_dir()
-        else []
-    )
-    return max(versions, default=0) + 1
+    """1 for a new model, else one above the highest version folder (ASCII digits only)."""
+    return max(version_folders(model_dir), default=0) + 1
 
 
 def write_model(

@@ -8,6 +8,7 @@ Grad-CAM maps. The names below are the only place these strings are spelled.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from google.protobuf import text_format
@@ -46,6 +47,22 @@ EXECUTION_PROVIDER = "execution_provider"
 def explainer_name(model: str) -> str:
     """The name of `model`'s Grad-CAM explainer in the repository."""
     return model + EXPLAINER_SUFFIX
+
+
+# A version folder's name: ASCII digits only ("²".isdigit() is true and int("²") raises; "v2" and
+# ".git" are not versions). Anything else in a model folder is ignored.
+VERSION_FOLDER = re.compile(r"[0-9]+")
+
+
+def version_folders(model_dir: Path) -> dict[int, Path]:
+    """A model's version folders by number ({} when `model_dir` is not a folder)."""
+    if not model_dir.is_dir():
+        return {}
+    return {
+        int(p.name): p
+        for p in model_dir.iterdir()
+        if VERSION_FOLDER.fullmatch(p.name) is not None and p.is_dir()
+    }
 
 
 def read_config(model_dir: Path) -> mc.ModelConfig:

@@ -22,14 +22,14 @@ from pb import explain_pb2 as ex
 from pb import grpc_service_pb2 as pb
 
 from .config import Settings
+from .core.errors import Refused
 from .core.loading import load_version
 from .core.model import ServedModel
 from .core.model_control import ModelControl
-from .core.repository import READY, STATES, ModelEntry, ModelRepository, ModelSpec
+from .core.repository import READY, STATES, ModelEntry, ModelFolder, ModelRepository
 from .observability.metrics import ServingMetrics
 from .rpc.handlers import RateLimitedLog, Rejections, service_handler
 from .rpc.servicers import ExplainServicer, InferenceServicer, PeerStatistics
-from .security.auth import Refusal
 from .security.exposure import ServerSecurity, start_health_server
 
 log = logging.getLogger(__name__)
@@ -86,15 +86,12 @@ class InferenceServer:
         self._metrics_http: Any = None
         self._stopped = asyncio.Event()
 
-    async def _load_version(self, spec: ModelSpec, version: int) -> ServedModel:
+    async def _load_version(self, spec: ModelFolder, version: int) -> ServedModel:
         return await load_version(spec, version, self.settings, self.metrics)
 
-    def _refused(self, method: str, refusal: Refusal) -> None:
+    def _refused(self, method: str, refusal: Refused) -> None:
         """A call the token check refused: counted, and logged (rate-limited) without the token."""
-        self.rejections.count(refusal.code.name.lower())
-        self.rejections.log.log(
-            logging.INFO, "%s: %s %s", method, refusal.code.name, refusal.message
-        )
+        self.rejections.status(method, refusal)
 
     def _state_changed(self, entry: ModelEntry[ServedModel]) -> None:
         self.metrics.set_model_state(entry.name, entry.state, STATES)
@@ -200,10 +197,6 @@ class InferenceServer:
             self._metrics_http.server_close()
         log.info("stopped")
         self._stopped.set()
-
-    async def wait_for_termination(self) -> None:
-        """Return once `stop` has finished."""
-        await self._stopped.wait()
 
 
 async def create_server(

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
+import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -245,23 +247,27 @@ def _choices(name: str) -> tuple[str, ...]:
     return next(f.metadata["choices"] for f in dataclasses.fields(Settings) if f.name == name)
 
 
-_TYPES: dict[str, type] = {
-    "Path": Path,
-    "Path | None": Path,
-    "str": str,
-    "int": int,
-    "float": float,
-    "bool": bool,
-    "tuple[str, ...]": tuple,
-}
+@functools.cache
+def _hints() -> dict[str, Any]:
+    return typing.get_type_hints(Settings)
 
 
-def _field_type(f: dataclasses.Field[Any]) -> type:
-    return _TYPES[str(f.type)]
+def _hint(f: dataclasses.Field[Any]) -> Any:
+    return _hints()[f.name]
 
 
 def _optional(f: dataclasses.Field[Any]) -> bool:
-    return str(f.type).endswith("| None")
+    """`X | None`: an empty value clears it."""
+    return type(None) in typing.get_args(_hint(f))
+
+
+def _field_type(f: dataclasses.Field[Any]) -> type:
+    """The field's type without `| None`, and `tuple` for `tuple[str, ...]`."""
+    hint = _hint(f)
+    if _optional(f):
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    kind: type = typing.get_origin(hint) or hint
+    return kind
 
 
 def _convert(f: dataclasses.Field[Any], raw: str) -> Any:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -37,6 +36,5 @@ def mnist_repository(tmp_path_factory: pytest.TempPathFactory, mnist_checkpoint:
     from export.pipeline import export_checkpoint
 
     repository = tmp_path_factory.mktemp("model_repository")
-    has_gradcam = importlib.util.find_spec("export.gradcam") is not None
-    export_checkpoint(mnist_checkpoint, repository, gradcam=has_gradcam)
+    export_checkpoint(mnist_checkpoint, repository, gradcam=True)
     return repository

@@ -1,8 +1,7 @@
 """Datasets by name, as training and export see them: uint8 inputs, int64 labels, class labels.
 
 `mnist` is the vendored MNIST (`training.mnist`); `moving_mnist` is clips generated from it
-(`training.clips`). MNIST's own names are re-exported here for callers that import them from
-`training.data`.
+(`training.clips`).
 """
 
 from __future__ import annotations
@@ -10,19 +9,8 @@ from __future__ import annotations
 import numpy as np
 
 from training import clips, mnist
-from training.mnist import DATA_DIR, LABELS, MEAN, STD, DatasetError, load_mnist, read_idx
 
-__all__ = [
-    "DATASETS",
-    "DATA_DIR",
-    "LABELS",
-    "MEAN",
-    "STD",
-    "DatasetError",
-    "load_dataset",
-    "load_mnist",
-    "read_idx",
-]
+__all__ = ["DATASETS", "load_dataset"]
 
 DATASETS = ("mnist", "moving_mnist")
 

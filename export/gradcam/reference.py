@@ -30,7 +30,7 @@ from modelrepo import (
 )
 
 # Floor of the min-max normaliser, so an all-zero map divides by it, not by zero. Not `+ eps`:
-# the ONNX optimiser folds a tiny added constant away (FIELD-NOTES).
+# the ONNX optimiser folds a tiny added constant away.
 NORM_EPS = 1e-6
 # A map whose spread is below this fraction of its peak is flat (an all-black image gives a
 # constant map): it normalises to zero. Stretching it would show only float rounding, which

@@ -141,11 +141,6 @@ class DynamicBatcher:
         """Requests waiting for a batch (not counting those running)."""
         return len(self._queue)
 
-    @property
-    def busy(self) -> int:
-        """Batches running now."""
-        return self._busy
-
     async def submit(
         self, inputs: Arrays, size: int, timeout_s: float | None = None
     ) -> BatchResult:

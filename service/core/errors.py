@@ -1,9 +1,13 @@
-"""Domain errors of the serving path and the one mapping from them to gRPC status names.
+"""Domain errors of the serving path and the one mapping from an error to its outcome.
 
-Nothing here imports grpc: the server turns a status name into a `grpc.StatusCode`.
+Each error class names its gRPC status code (`status`); `outcome` maps any exception to that
+status name and the label metrics count it under, and is the only place that decides it. Nothing
+here imports grpc: a front turns the status name into its own code (`grpc.StatusCode[name]`).
 """
 
 from __future__ import annotations
+
+import asyncio
 
 
 class ServingError(Exception):
@@ -42,6 +46,28 @@ class DeadlineExceeded(ServingError):
     status = "DEADLINE_EXCEEDED"
 
 
+class Cancelled(ServingError):
+    """The client went away; the work was abandoned (nobody reads this status)."""
+
+    status = "CANCELLED"
+
+
+class Refused(ServingError):
+    """A call refused before it ran: the token check said no."""
+
+
+class Unauthenticated(Refused):
+    """The call carries no valid bearer token."""
+
+    status = "UNAUTHENTICATED"
+
+
+class PermissionDenied(Refused):
+    """The token is valid but not for this method (an inference token on an admin call)."""
+
+    status = "PERMISSION_DENIED"
+
+
 class Unsupported(ServingError):
     """The request asks for something this server does not implement."""
 
@@ -58,27 +84,6 @@ def shorten(text: str, limit: int = MAX_ECHO) -> str:
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
-# Why a request was refused: a frame that is not a valid message, or the status it got. A fixed
-# set, so the rejected-requests counter has bounded labels.
-MALFORMED = "malformed"
-REJECT_REASONS = (
-    MALFORMED,
-    "invalid_argument",
-    "not_found",
-    "unavailable",
-    "resource_exhausted",
-    "deadline_exceeded",
-    "unimplemented",
-    "failed_precondition",
-    "unauthenticated",
-    "permission_denied",
-    "unauthenticated",
-    "permission_denied",
-    "cancelled",
-    "internal",
-)
-
-
 class ModelLoadError(ServingError):
     """A model in the repository could not be read or loaded; the message gives the reason."""
 
@@ -89,3 +94,36 @@ class ModelControlDisabled(ServingError):
     """Load or unload over the API while the model-control mode does not allow it."""
 
     status = "FAILED_PRECONDITION"
+
+
+INTERNAL = "INTERNAL"
+# Why a request was refused: a frame that is not a valid message, or the status it got. A fixed
+# set, so the rejected-requests counter has bounded labels.
+MALFORMED = "malformed"
+# How a request that reached a model can fail (the requests counter's labels, beside "success").
+REQUEST_FAILURES = (
+    "invalid_argument",
+    "not_found",
+    "unavailable",
+    "resource_exhausted",
+    "deadline_exceeded",
+    "cancelled",
+    "internal",
+)
+REJECT_REASONS = (
+    MALFORMED,
+    *REQUEST_FAILURES,
+    "unimplemented",
+    "failed_precondition",
+    "unauthenticated",
+    "permission_denied",
+)
+
+
+def outcome(exc: BaseException) -> tuple[str, str]:
+    """The gRPC status name and the metrics label of a failed request: the one mapping."""
+    if isinstance(exc, ServingError):
+        return exc.status, exc.status.lower()
+    if isinstance(exc, asyncio.CancelledError):
+        return Cancelled.status, Cancelled.status.lower()
+    return INTERNAL, INTERNAL.lower()

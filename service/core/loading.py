@@ -21,8 +21,8 @@ from ..config import Settings
 from ..observability.metrics import ServingMetrics
 from .errors import ModelLoadError
 from .model import ServedModel
-from .repository import ModelSpec
-from .runtime import CUDA, GraphTensor, OnnxModel
+from .repository import ModelFolder
+from .runtime import CUDA, GraphTensor, OnnxSession
 from .signature import Signature, TensorSpec
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ FAST_PATH_BUDGET_S = 0.001
 FAST_PATH_MAX_S = 0.003
 
 
-def build_signature(spec: ModelSpec) -> Signature:
+def build_signature(spec: ModelFolder) -> Signature:
     """The codec's view of a config; raises ModelLoadError for what we cannot serve."""
     config = spec.config
     value_range: tuple[int, int] | None = None
@@ -70,7 +70,7 @@ def build_signature(spec: ModelSpec) -> Signature:
     return Signature(inputs, outputs, max(config.max_batch_size, 0))
 
 
-def check_graph(sig: Signature, model: OnnxModel) -> None:
+def check_graph(sig: Signature, model: OnnxSession) -> None:
     """Check that the ONNX graph's inputs and outputs agree with the config."""
     graph_inputs = {t.name: t for t in model.inputs}
     graph_outputs = {t.name: t for t in model.outputs}
@@ -133,8 +133,8 @@ def _check_config(config: mc.ModelConfig) -> None:
 
 
 def _open_sessions(
-    spec: ModelSpec, version: int, signature: Signature, settings: Settings
-) -> tuple[list[OnnxModel], OnnxModel | None, float]:
+    spec: ModelFolder, version: int, signature: Signature, settings: Settings
+) -> tuple[list[OnnxSession], OnnxSession | None, float]:
     """Open, check and warm the sessions (blocking: run in a thread).
 
     Returns the batch sessions, the idle fast path's session (None when it is off or too slow)
@@ -143,13 +143,15 @@ def _open_sessions(
     path = spec.versions[version]
     batching = signature.batching
     sessions = [
-        OnnxModel(path, intra_op_threads=settings.intra_op_threads, device=device, batched=batching)
+        OnnxSession(
+            path, intra_op_threads=settings.intra_op_threads, device=device, batched=batching
+        )
         for device in instance_devices(spec.config, settings.device)
     ]
     check_graph(signature, sessions[0])
     latency = None
     if settings.latency_threads and sessions[0].provider != CUDA:
-        latency = OnnxModel(
+        latency = OnnxSession(
             path,
             intra_op_threads=settings.latency_threads,
             device="cpu",
@@ -169,7 +171,7 @@ def _open_sessions(
 
 
 async def load_version(
-    spec: ModelSpec, version: int, settings: Settings, metrics: ServingMetrics
+    spec: ModelFolder, version: int, settings: Settings, metrics: ServingMetrics
 ) -> ServedModel:
     """Check the config, open the sessions (in a thread), warm them up and start serving."""
     _check_config(spec.config)
@@ -179,7 +181,15 @@ async def load_version(
     )
     idle_max_size = max(1, int(FAST_PATH_BUDGET_S / per_image)) if per_image > 0 else 1
     model = ServedModel(
-        spec, version, sessions, signature, settings, metrics, latency, idle_max_size
+        spec,
+        version,
+        sessions,
+        signature,
+        metrics,
+        wait_for_preferred=settings.batching == "delay",
+        max_queue_bytes=settings.max_queue_bytes,
+        latency_session=latency,
+        idle_max_size=idle_max_size,
     )
     log.info(
         "loaded %s version %s: %d instance(s) on %s, max_batch_size %d",

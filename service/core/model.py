@@ -16,12 +16,11 @@ import numpy as np
 import modelrepo
 from pb import model_config_pb2 as mc
 
-from ..config import Settings
 from ..observability.metrics import ServingMetrics
 from .batcher import BatchFunction, BatchRecord, BatchResult, DynamicBatcher
-from .errors import ServingError
-from .repository import ModelSpec
-from .runtime import CUDA, OnnxModel
+from .errors import outcome
+from .repository import ModelFolder
+from .runtime import CUDA, OnnxSession
 from .signature import Signature
 from .statistics import VersionStatistics
 
@@ -33,15 +32,18 @@ class ServedModel:
 
     def __init__(
         self,
-        spec: ModelSpec,
+        spec: ModelFolder,
         version: int,
-        sessions: list[OnnxModel],
+        sessions: list[OnnxSession],
         signature: Signature,
-        settings: Settings,
         metrics: ServingMetrics,
-        latency_session: OnnxModel | None = None,
+        *,
+        wait_for_preferred: bool,
+        max_queue_bytes: int,
+        latency_session: OnnxSession | None = None,
         idle_max_size: int = 1,
     ) -> None:
+        """`wait_for_preferred` (`--batching delay`) and `max_queue_bytes` set up the batcher."""
         self.name = spec.name
         self.version = str(version)
         self.config = spec.config
@@ -61,11 +63,11 @@ class ServedModel:
             max_queue_size=batching.default_queue_policy.max_queue_size,
             max_queue_delay_s=batching.max_queue_delay_microseconds / 1e6,
             preferred_batch_sizes=tuple(batching.preferred_batch_size),
-            wait_for_preferred=settings.batching == "delay",
+            wait_for_preferred=wait_for_preferred,
             on_batch=self._batch_done,
             idle_function=latency_session.run if latency_session else None,
             idle_max_size=idle_max_size,
-            max_queue_bytes=settings.max_queue_bytes,
+            max_queue_bytes=max_queue_bytes,
             name=f"{self.name}:{self.version}",
         )
         self.metrics.watch(lambda: self.batcher.queue_depth, lambda: self.in_flight)
@@ -89,10 +91,7 @@ class ServedModel:
         self.in_flight += 1
         try:
             result: BatchResult = await self.batcher.submit(inputs, batch_size, timeout_s)
-        except asyncio.CancelledError:
-            self.request_failed(start, "cancelled")
-            raise
-        except Exception as exc:
+        except (Exception, asyncio.CancelledError) as exc:
             self.request_failed(start, exc)
             raise
         finally:
@@ -104,16 +103,13 @@ class ServedModel:
         self.metrics.inferences.inc(batch_size)
         return result.outputs
 
-    def request_failed(self, started_ns: int, cause: BaseException | str) -> None:
+    def request_failed(self, started_ns: int, cause: BaseException) -> None:
         """Count a failed request (a refused decode as well as a failed run)."""
-        if isinstance(cause, str):
-            outcome = cause
-            self.cancelled += cause == "cancelled"
-        else:
-            outcome = cause.status.lower() if isinstance(cause, ServingError) else "internal"
+        _, label = outcome(cause)
+        self.cancelled += isinstance(cause, asyncio.CancelledError)
         elapsed = time.perf_counter_ns() - started_ns
         self.stats.request_failed(elapsed)
-        self.metrics.request_done(outcome, elapsed / 1e9)
+        self.metrics.request_done(label, elapsed / 1e9)
 
     def reported_config(self) -> mc.ModelConfig:
         """The config as read, with the instances and provider the sessions really got.

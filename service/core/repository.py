@@ -37,7 +37,7 @@ _VERSION = re.compile(r"[0-9]{1,18}")  # ASCII digits only ("²".isdigit() is tr
 
 
 @dataclass(frozen=True)
-class ModelSpec:
+class ModelFolder:
     """What the repository says about one model: its config, chosen versions and labels."""
 
     name: str
@@ -67,7 +67,7 @@ def select_versions(available: list[int], policy: mc.ModelVersionPolicy) -> list
     return sorted(available)[-max(count, 1) :]
 
 
-def read_model(directory: Path) -> ModelSpec:
+def read_model(directory: Path) -> ModelFolder:
     """Read one model's folder; raises ModelLoadError with the reason when it is unusable."""
     config_path = directory / CONFIG_FILE
     if not config_path.is_file():
@@ -81,9 +81,9 @@ def read_model(directory: Path) -> ModelSpec:
         )
     filename = config.default_model_filename or DEFAULT_MODEL_FILE
     available = sorted(
-        int(p.name)
-        for p in directory.iterdir()
-        if p.is_dir() and p.name.isdigit() and (p / filename).is_file()
+        v
+        for v, folder in modelrepo.version_folders(directory).items()
+        if (folder / filename).is_file()
     )
     chosen = select_versions(available, config.version_policy)
     versions = {v: directory / str(v) / filename for v in chosen if v in available}
@@ -102,7 +102,7 @@ def read_model(directory: Path) -> ModelSpec:
             except OSError as exc:
                 raise ModelLoadError(f"output '{output.name}': labels: {exc}") from exc
             labels[output.name] = tuple(line.strip() for line in lines if line.strip())
-    return ModelSpec(config.name, directory, config, versions, missing, labels)
+    return ModelFolder(config.name, directory, config, versions, missing, labels)
 
 
 class LoadedVersion(Protocol):
@@ -121,7 +121,7 @@ class ModelEntry(Generic[V]):
     name: str
     state: str = UNAVAILABLE
     reason: str = ""
-    spec: ModelSpec | None = None
+    spec: ModelFolder | None = None
     versions: dict[int, V] = field(default_factory=dict)
     failed: dict[int, str] = field(default_factory=dict)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
@@ -147,7 +147,7 @@ class ModelRepository(Generic[V]):
     def __init__(
         self,
         root: Path,
-        loader: Callable[[ModelSpec, int], Awaitable[V]],
+        loader: Callable[[ModelFolder, int], Awaitable[V]],
         on_state: Callable[[ModelEntry[V]], None] | None = None,
     ) -> None:
         self.root = root

@@ -13,28 +13,12 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from modelrepo.datatypes import ORT_DATATYPES
+
 log = logging.getLogger(__name__)
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
-
-# ONNX Runtime's type strings -> protocol datatypes.
-ORT_DATATYPES: dict[str, str] = {
-    "tensor(bool)": "BOOL",
-    "tensor(uint8)": "UINT8",
-    "tensor(uint16)": "UINT16",
-    "tensor(uint32)": "UINT32",
-    "tensor(uint64)": "UINT64",
-    "tensor(int8)": "INT8",
-    "tensor(int16)": "INT16",
-    "tensor(int32)": "INT32",
-    "tensor(int64)": "INT64",
-    "tensor(float16)": "FP16",
-    "tensor(float)": "FP32",
-    "tensor(double)": "FP64",
-    "tensor(string)": "BYTES",
-    "tensor(bfloat16)": "BF16",
-}
 
 
 @dataclass(frozen=True)
@@ -56,7 +40,20 @@ def requested_providers(device: str) -> list[str]:
     return [CPU]
 
 
-class OnnxModel:
+def session_options(intra_op_threads: int = 1, *, spinning: bool = True) -> ort.SessionOptions:
+    """The server's ONNX Runtime session options: `intra_op_threads`, one graph at a time."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = intra_op_threads
+    # Idle intra-op threads spin by default; a session used now and then should not.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    return options
+
+
+class OnnxSession:
     """One ONNX Runtime session; `run` is safe to call from one thread at a time.
 
     `run` takes and returns batch-first arrays, as everything in the server does. For a graph
@@ -73,16 +70,7 @@ class OnnxModel:
         spinning: bool = True,
         batched: bool = True,
     ) -> None:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = intra_op_threads
-        # Idle intra-op threads spin by default; a session used now and then should not.
-        options.add_session_config_entry(
-            "session.intra_op.allow_spinning", "1" if spinning else "0"
-        )
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.log_severity_level = 3
+        options = session_options(intra_op_threads, spinning=spinning)
         self.path = path
         self.batched = batched
         self.session = ort.InferenceSession(

@@ -12,30 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from modelrepo.datatypes import CONFIG_DATATYPES, NUMPY_DTYPES
 from pb import model_config_pb2 as mc
-
-# Protocol datatype name -> numpy dtype (little-endian). BF16 and BYTES have no numpy twin here.
-NUMPY_DTYPES: dict[str, np.dtype[Any]] = {
-    "BOOL": np.dtype(np.bool_),
-    "UINT8": np.dtype("<u1"),
-    "UINT16": np.dtype("<u2"),
-    "UINT32": np.dtype("<u4"),
-    "UINT64": np.dtype("<u8"),
-    "INT8": np.dtype("<i1"),
-    "INT16": np.dtype("<i2"),
-    "INT32": np.dtype("<i4"),
-    "INT64": np.dtype("<i8"),
-    "FP16": np.dtype("<f2"),
-    "FP32": np.dtype("<f4"),
-    "FP64": np.dtype("<f8"),
-}
-
-# Config enum (TYPE_FP32) -> protocol name (FP32); Triton calls TYPE_STRING "BYTES" on the wire.
-CONFIG_DATATYPES: dict[int, str] = {
-    value: ("BYTES" if name == "TYPE_STRING" else name.removeprefix("TYPE_"))
-    for name, value in mc.DataType.items()
-    if name != "TYPE_INVALID"
-}
 
 
 @dataclass(frozen=True)

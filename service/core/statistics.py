@@ -5,8 +5,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from pb import grpc_service_pb2 as pb
-
 from .batcher import BatchRecord, BatchResult
 
 
@@ -76,34 +74,3 @@ class VersionStatistics:
         stats.input_ns += record.input_ns
         stats.infer_ns += record.infer_ns
         stats.output_ns += record.output_ns
-
-    def to_proto(self) -> pb.ModelStatistics:
-        """The ModelStatistics message for this version."""
-
-        def duration(d: Duration) -> pb.StatisticDuration:
-            return pb.StatisticDuration(count=d.count, ns=d.ns)
-
-        return pb.ModelStatistics(
-            name=self.name,
-            version=self.version,
-            last_inference=self.last_inference_ms,
-            inference_count=self.inference_count,
-            execution_count=self.execution_count,
-            inference_stats=pb.InferStatistics(
-                success=duration(self.success),
-                fail=duration(self.fail),
-                queue=duration(self.queue),
-                compute_input=duration(self.compute_input),
-                compute_infer=duration(self.compute_infer),
-                compute_output=duration(self.compute_output),
-            ),
-            batch_stats=[
-                pb.InferBatchStatistics(
-                    batch_size=size,
-                    compute_input=pb.StatisticDuration(count=s.count, ns=s.input_ns),
-                    compute_infer=pb.StatisticDuration(count=s.count, ns=s.infer_ns),
-                    compute_output=pb.StatisticDuration(count=s.count, ns=s.output_ns),
-                )
-                for size, s in sorted(self.batches.items())
-            ],
-        )

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from ..core.errors import DeadlineExceeded, InvalidInput, ServingError
+from ..core.errors import Cancelled, DeadlineExceeded, InvalidInput, ServingError
 
 FORMATS = ("PNG", "JPEG")
 # The picture's size as its header states it, in pixels: a JPEG this big is still decoded reduced
@@ -35,12 +35,6 @@ OVERLAY_ALPHA = 0.45
 # Pillow warns at open about pictures between its own limit and twice it; ours is lower and
 # refuses them with a clear message, so the warning would only let clients write to the log.
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
-
-
-class Cancelled(ServingError):
-    """The client went away; the work was abandoned (nobody reads this status)."""
-
-    status = "CANCELLED"
 
 
 class Stop:

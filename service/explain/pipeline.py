@@ -1,22 +1,22 @@
-"""The explain API: image in, predictions, Grad-CAM heatmaps and pictures out.
+"""The explain pipeline: a picture in, predictions, Grad-CAM heatmaps and pictures out.
 
 It adds no model code of its own: it decodes the picture, calls `<model>` or its explainer
 `<model>_gradcam` through `ServedModel.infer` with arrays (so batching, statistics and metrics
-apply as to any client), and draws the results. The tensor names are the repository's contract
-(`modelrepo`).
+apply as to any client), and draws the results. Plain dataclasses in and out, no protocol
+messages: each front (`rpc/explain.py` for gRPC) turns its request into an `ExplainQuery` and the
+`ExplainResult` into its answer. The tensor names are the repository's contract (`modelrepo`).
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import numpy as np
 
 import modelrepo
-from pb import explain_pb2 as ex
 
 from ..core.errors import InvalidInput
 from ..core.model import ServedModel
@@ -27,7 +27,67 @@ INPUT, TARGET = modelrepo.INPUT, modelrepo.TARGET_CLASS
 PROBABILITIES, CAM = modelrepo.PROBABILITIES, modelrepo.CAM
 MAX_TOP_K = 100
 T = TypeVar("T")
-_POLARITY = {ex.POLARITY_AUTO: "auto", ex.POLARITY_AS_IS: "as_is", ex.POLARITY_INVERT: "invert"}
+
+
+@dataclass(frozen=True)
+class RawTensor:
+    """A model input item as the client sent it: its shape and little-endian FP32 bytes."""
+
+    shape: tuple[int, ...]
+    data: bytes
+
+
+@dataclass(frozen=True)
+class ExplainOptions:
+    """How to explain: predictions only, the feature-map grid, the picture's polarity."""
+
+    predictions_only: bool = False
+    feature_maps: bool = False
+    polarity: str = "auto"
+
+
+@dataclass(frozen=True)
+class ExplainQuery:
+    """One explain request: which model, the picture (bytes) or tensor, and what to explain."""
+
+    model: str
+    version: str = ""
+    image: bytes | None = None
+    tensor: RawTensor | None = None
+    target_classes: tuple[int, ...] = ()
+    top_k: int = 0  # 0: one
+    options: ExplainOptions = field(default_factory=ExplainOptions)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One class with its label and probability."""
+
+    class_index: int
+    label: str
+    probability: float
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """One explained class: its heatmap (float32 array) and the overlay picture (PNG bytes)."""
+
+    target: Prediction
+    heatmap: np.ndarray
+    overlay_png: bytes
+
+
+@dataclass
+class ExplainResult:
+    """What the pipeline answers: the model input it ran, predictions, explanations, pictures."""
+
+    model: str
+    version: str
+    model_input: np.ndarray
+    predictions: list[Prediction] = field(default_factory=list)
+    explanations: list[Explanation] = field(default_factory=list)
+    feature_maps_png: bytes = b""
+    target_layer: str | None = None
 
 
 @dataclass
@@ -38,38 +98,37 @@ class ModelInput:
     original: np.ndarray
 
 
-def read_input(request: ex.ExplainRequest, dims: tuple[int, ...], stop: Stop = NEVER) -> ModelInput:
-    """The request's image or tensor as one model input item of `dims` (e.g. (1, 28, 28))."""
-    which = request.WhichOneof("input")
-    if which == "tensor":
-        shape = tuple(int(d) for d in request.tensor.shape)
+def read_input(query: ExplainQuery, dims: tuple[int, ...], stop: Stop = NEVER) -> ModelInput:
+    """The query's image or tensor as one model input item of `dims` (e.g. (1, 28, 28))."""
+    if query.tensor is not None:
+        shape = query.tensor.shape
         if shape != dims:
             raise InvalidInput(f"tensor.shape: expected {list(dims)}, got {list(shape)}")
         expected = int(np.prod(dims)) * 4
-        if len(request.tensor.data) != expected:
+        if len(query.tensor.data) != expected:
             raise InvalidInput(
-                f"tensor.data: {len(request.tensor.data)} bytes; shape {list(dims)} of FP32 "
+                f"tensor.data: {len(query.tensor.data)} bytes; shape {list(dims)} of FP32 "
                 f"needs {expected}"
             )
-        pixels = np.frombuffer(request.tensor.data, dtype="<f4").reshape(dims)
+        pixels = np.frombuffer(query.tensor.data, dtype="<f4").reshape(dims)
         if not np.all(np.isfinite(pixels)):
             raise InvalidInput("tensor.data: values must be finite pixels in [0, 1]")
         return ModelInput(pixels.astype(np.float32), pixels_png(pixels[0]))
-    if which == "image":
+    if query.image is not None:
         if len(dims) != 3 or dims[0] != 1:
             raise InvalidInput(
                 f"image: this model takes input {list(dims)}, not a single grey picture; "
                 "send `tensor` instead"
             )
-        polarity = _POLARITY.get(request.polarity, "auto")
-        decoded = decode_image(request.image, (dims[1], dims[2]), polarity, stop)
+        polarity = query.options.polarity
+        decoded = decode_image(query.image, (dims[1], dims[2]), polarity, stop)
         return ModelInput(decoded.pixels[np.newaxis], decoded.original)
     raise InvalidInput("input: send `image` (PNG or JPEG bytes) or `tensor`")
 
 
-def _prediction(probabilities: np.ndarray, index: int, labels: tuple[str, ...]) -> ex.Prediction:
+def _prediction(probabilities: np.ndarray, index: int, labels: tuple[str, ...]) -> Prediction:
     label = labels[index] if index < len(labels) else str(index)
-    return ex.Prediction(class_index=index, label=label, probability=float(probabilities[index]))
+    return Prediction(class_index=index, label=label, probability=float(probabilities[index]))
 
 
 async def _run(
@@ -104,22 +163,22 @@ def _check_model(model: ServedModel, explainer: bool) -> tuple[str, ...]:
     return sig.outputs_by_name[PROBABILITIES].labels
 
 
-def _check_counts(model: ServedModel, request: ex.ExplainRequest, top_k: int) -> None:
+def _check_counts(model: ServedModel, query: ExplainQuery, top_k: int) -> None:
     """Bound what the client asks for by the model: classes, targets and batch size."""
     sig = model.signature
     classes = int(np.prod(sig.outputs_by_name[PROBABILITIES].model_dims))
     if classes > 0 and top_k > classes:
         raise InvalidInput(f"top_k: the model has {classes} classes, got {top_k}")
-    if request.predictions_only:
+    if query.options.predictions_only:
         return
     batch = max(sig.max_batch_size, 1)
-    wanted = len(request.target_classes) or top_k
+    wanted = len(query.target_classes) or top_k
     if wanted > batch:
-        what = "target_classes" if request.target_classes else "top_k"
+        what = "target_classes" if query.target_classes else "top_k"
         raise InvalidInput(f"{what}: at most {batch} (the explainer's max batch), got {wanted}")
     value_range = sig.inputs_by_name[TARGET].value_range
     high = value_range[1] if value_range else classes
-    bad = [t for t in request.target_classes if not -1 <= t < high]
+    bad = [t for t in query.target_classes if not -1 <= t < high]
     if bad:
         raise InvalidInput(
             f"target_classes: each must be -1 (the predicted class) or in [0, {high}); got {bad[0]}"
@@ -128,66 +187,59 @@ def _check_counts(model: ServedModel, request: ex.ExplainRequest, top_k: int) ->
 
 async def explain(
     repository: ModelRepository[ServedModel],
-    request: ex.ExplainRequest,
+    query: ExplainQuery,
     timeout_s: float | None = None,
-) -> ex.ExplainResponse:
-    """Answer one ExplainRequest."""
-    if not request.model_name:
+) -> ExplainResult:
+    """Answer one explain query."""
+    if not query.model:
         raise InvalidInput("model_name: required (e.g. mnist_cnn)")
-    if request.top_k > MAX_TOP_K:
-        raise InvalidInput(f"top_k: at most {MAX_TOP_K}, got {request.top_k}")
-    top_k = max(int(request.top_k), 1)
-    name = request.model_name
-    served = name if request.predictions_only else modelrepo.explainer_name(name)
-    _, model = repository.get(served, request.model_version)
-    labels = _check_model(model, explainer=not request.predictions_only)
-    _check_counts(model, request, top_k)
+    if query.top_k > MAX_TOP_K:
+        raise InvalidInput(f"top_k: at most {MAX_TOP_K}, got {query.top_k}")
+    top_k = max(int(query.top_k), 1)
+    options = query.options
+    served = query.model if options.predictions_only else modelrepo.explainer_name(query.model)
+    _, model = repository.get(served, query.version)
+    labels = _check_model(model, explainer=not options.predictions_only)
+    _check_counts(model, query, top_k)
     stop = Stop(timeout_s)
     dims = model.signature.inputs_by_name[INPUT].model_dims
-    item = await _in_thread(stop, read_input, request, dims, stop)
-    response = ex.ExplainResponse(
-        model_name=name,
-        model_version=model.version,
-        model_input=item.pixels.astype("<f4").tobytes(),
-        model_input_shape=item.pixels.shape,
-    )
-    if request.predictions_only:
+    item = await _in_thread(stop, read_input, query, dims, stop)
+    result = ExplainResult(model=query.model, version=model.version, model_input=item.pixels)
+    if options.predictions_only:
         probs = (await _run(model, item.pixels, None, stop.remaining()))[PROBABILITIES][0]
         for index in np.argsort(-probs, kind="stable")[:top_k]:
-            response.predictions.append(_prediction(probs, int(index), labels))
-        return response
+            result.predictions.append(_prediction(probs, int(index), labels))
+        return result
 
-    targets = [int(t) for t in request.target_classes] or [-1]
+    targets = [int(t) for t in query.target_classes] or [-1]
     first = await _run(model, item.pixels, targets, stop.remaining())
     probs = first[PROBABILITIES][0]
     ranked = [int(i) for i in np.argsort(-probs, kind="stable")[:top_k]]
     for index in ranked:
-        response.predictions.append(_prediction(probs, index, labels))
+        result.predictions.append(_prediction(probs, index, labels))
     cams = [first[CAM][i] for i in range(len(targets))]
     explained = [int(c) for c in first[modelrepo.EXPLAINED_CLASS].reshape(-1)]
-    if not request.target_classes and len(ranked) > 1:
+    if not query.target_classes and len(ranked) > 1:
         # The top class is explained; the runners-up go in one more (batched) request.
         rest = await _run(model, item.pixels, ranked[1:], stop.remaining())
         cams.extend(rest[CAM])
         explained.extend(ranked[1:])
-    activations = first.get(modelrepo.ACTIVATIONS) if request.feature_maps else None
-    grid = bool(request.feature_maps)
+    activations = first.get(modelrepo.ACTIVATIONS) if options.feature_maps else None
+    grid = options.feature_maps
     pictures = await _in_thread(stop, _draw, item, cams, activations, grid, stop)
     for cam, index, overlay in zip(cams, explained, pictures.overlays, strict=True):
-        response.explanations.append(
-            ex.Explanation(
+        result.explanations.append(
+            Explanation(
                 target=_prediction(probs, index, labels),
-                heatmap=np.ascontiguousarray(cam, dtype="<f4").tobytes(),
-                heatmap_shape=cam.shape,
+                heatmap=np.asarray(cam, dtype=np.float32),
                 overlay_png=overlay,
             )
         )
-    if pictures.feature_maps:
-        response.feature_maps_png = pictures.feature_maps
+    result.feature_maps_png = pictures.feature_maps
     layer = model.config.parameters.get(modelrepo.TARGET_LAYER)
     if layer is not None:
-        response.target_layer = layer.string_value
-    return response
+        result.target_layer = layer.string_value
+    return result
 
 
 @dataclass

@@ -21,7 +21,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from ..core.errors import REJECT_REASONS
+from ..core.errors import REJECT_REASONS, REQUEST_FAILURES
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +30,7 @@ LATENCY_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
 )  # fmt: skip
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-OUTCOMES = (
-    "success", "invalid_argument", "not_found", "unavailable", "resource_exhausted",
-    "deadline_exceeded", "cancelled", "internal",
-)  # fmt: skip
+OUTCOMES = ("success", *REQUEST_FAILURES)
 
 
 class VersionMetrics:

@@ -20,7 +20,14 @@ from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import DecodeError, Message
 from google.protobuf.message_factory import GetMessageClass
 
-from ..core.errors import INTERNAL_MESSAGE, MALFORMED, InvalidInput, ServingError, shorten
+from ..core.errors import (
+    INTERNAL_MESSAGE,
+    MALFORMED,
+    InvalidInput,
+    ServingError,
+    outcome,
+    shorten,
+)
 
 log = logging.getLogger(__name__)
 
@@ -62,14 +69,14 @@ class Rejections:
 
     def status(self, method: str, exc: BaseException) -> tuple[grpc.StatusCode, str]:
         """Count and log a failed request; returns the status and the message for the client."""
+        status, label = outcome(exc)
+        self.count(label)
         if isinstance(exc, ServingError):
-            code, message = exc.status, str(exc)
-            self.count(code.lower())
-            self.log.log(logging.INFO, "%s: %s %s", method, code, shorten(message))
-            return grpc.StatusCode[code], message
-        self.count("internal")
+            message = str(exc)
+            self.log.log(logging.INFO, "%s: %s %s", method, status, shorten(message))
+            return grpc.StatusCode[status], message
         self.log.log(logging.ERROR, "%s: unhandled error", method, exc_info=exc)
-        return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
+        return grpc.StatusCode[status], INTERNAL_MESSAGE
 
     def malformed(self, method: str, message_type: str) -> InvalidInput:
         """Count and log a frame that does not parse; returns the error to answer with."""

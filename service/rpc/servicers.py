@@ -1,7 +1,8 @@
-"""The gRPC servicers: thin layers that decode, call the model layer and encode.
+"""The gRPC servicers: thin layers that decode, call the core and encode.
 
-The protocol stops here: below these classes, models take and return numpy arrays. Methods raise
-domain errors (`errors.py`); `handlers.py` parses each request and turns errors into statuses.
+The protocol stops in `service/rpc/`: below it, models take and return numpy arrays and the
+explain pipeline dataclasses. Methods raise domain errors (`core/errors.py`); `handlers.py`
+parses each request and turns errors into statuses.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ from ..core.model_control import ModelControl
 from ..core.repository import ModelRepository
 from ..explain.pipeline import explain
 from .codec import decode_request, encode_response
+from .explain import explain_query, explain_response
 from .handlers import Rejections
+from .statistics import statistics_message
 
 SERVER_NAME = "cnnserve"
 EXTENSIONS = ("classification", "model_repository", "model_configuration", "statistics")
@@ -204,7 +207,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelStatisticsResponse:
         models = self._repository.serving(request.name, request.version)
-        stats = [m.stats.to_proto() for m in models]
+        stats = [statistics_message(m.stats) for m in models]
         if self._peer_statistics is not None:
             stats = await self._peer_statistics(request, stats)
         return pb.ModelStatisticsResponse(model_stats=stats)
@@ -241,7 +244,8 @@ class ExplainServicer(ex_grpc.ExplainerServicer):
     async def Explain(
         self, request: ex.ExplainRequest, context: grpc.aio.ServicerContext
     ) -> ex.ExplainResponse:
-        return await explain(self._repository, request, context.time_remaining())
+        result = await explain(self._repository, explain_query(request), context.time_remaining())
+        return explain_response(result)
 
 
 SHUTTING_DOWN = "the server is shutting down; this request was not run"

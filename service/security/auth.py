@@ -22,6 +22,8 @@ from typing import Any
 
 import grpc
 
+from ..core.errors import PermissionDenied, Refused, Unauthenticated
+
 log = logging.getLogger(__name__)
 
 INFERENCE = "inference"
@@ -178,15 +180,6 @@ def bearer_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | No
     return None
 
 
-class Refusal(Exception):
-    """Why a call was refused: a gRPC status code and a message safe to send to the client."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
 class Authenticator:
     """Decides, per method and token, whether a call may go on.
 
@@ -233,7 +226,7 @@ class Authenticator:
         return self.scopes.get(method, ADMIN)
 
     def check(self, method: str, metadata: Iterable[tuple[str, str | bytes]] | None) -> None:
-        """Return if the call may go on; raise Refusal otherwise."""
+        """Return if the call may go on; raise Unauthenticated or PermissionDenied otherwise."""
         if not self.enabled:
             return
         scope = self.scope_of(method)
@@ -241,8 +234,7 @@ class Authenticator:
             return
         token = bearer_token(metadata)
         if token is None:
-            raise Refusal(
-                grpc.StatusCode.UNAUTHENTICATED,
+            raise Unauthenticated(
                 "missing bearer token: send the metadata 'authorization: Bearer <token>'",
             )
         if self.admin is not None and self.admin.matches(token):
@@ -251,24 +243,23 @@ class Authenticator:
         if inference_ok and scope == INFERENCE:
             return
         if inference_ok:
-            raise Refusal(
-                grpc.StatusCode.PERMISSION_DENIED,
+            raise PermissionDenied(
                 f"{method.rsplit('/', 1)[-1]} needs an admin token; this one is for inference",
             )
-        raise Refusal(grpc.StatusCode.UNAUTHENTICATED, "invalid bearer token")
+        raise Unauthenticated("invalid bearer token")
 
 
-def _refusing_handler(handler: grpc.RpcMethodHandler, refusal: Refusal) -> grpc.RpcMethodHandler:
+def _refusing_handler(handler: grpc.RpcMethodHandler, refusal: Refused) -> grpc.RpcMethodHandler:
     """A handler of the same kind as `handler` that answers with the refusal.
 
     No deserializer: a refused request's payload is never parsed.
     """
 
     async def refuse(_request: Any, context: grpc.aio.ServicerContext) -> None:
-        await context.abort(refusal.code, refusal.message)
+        await context.abort(grpc.StatusCode[refusal.status], str(refusal))
 
     async def refuse_stream(_request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        await context.abort(refusal.code, refusal.message)
+        await context.abort(grpc.StatusCode[refusal.status], str(refusal))
         yield  # never reached: this makes it the async generator a streaming answer is
 
     if handler.request_streaming and handler.response_streaming:
@@ -280,8 +271,8 @@ def _refusing_handler(handler: grpc.RpcMethodHandler, refusal: Refusal) -> grpc.
     return grpc.unary_unary_rpc_method_handler(refuse)
 
 
-def _log_refusal(method: str, refusal: Refusal) -> None:
-    log.debug("refused %s: %s %s", method, refusal.code.name, refusal.message)
+def _log_refusal(method: str, refusal: Refused) -> None:
+    log.debug("refused %s: %s %s", method, refusal.status, refusal)
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
@@ -294,7 +285,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
     def __init__(
         self,
         authenticator: Authenticator,
-        on_refusal: Callable[[str, Refusal], None] = _log_refusal,
+        on_refusal: Callable[[str, Refused], None] = _log_refusal,
     ) -> None:
         self.authenticator = authenticator
         self._on_refusal = on_refusal
@@ -307,7 +298,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         try:
             self.authenticator.check(method, handler_call_details.invocation_metadata)
-        except Refusal as refusal:
+        except Refused as refusal:
             handler = await continuation(handler_call_details)
             if handler is None:  # unknown method: let gRPC answer UNIMPLEMENTED
                 return handler
@@ -321,7 +312,6 @@ __all__ = [
     "INFERENCE",
     "AuthInterceptor",
     "Authenticator",
-    "Refusal",
     "TokenFile",
     "bearer_token",
     "method_scopes",

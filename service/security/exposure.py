@@ -14,7 +14,8 @@ import grpc
 from grpc_health.v1 import health_pb2_grpc
 
 from ..config import Settings
-from .auth import Authenticator, AuthInterceptor, Refusal
+from ..core.errors import Refused
+from .auth import Authenticator, AuthInterceptor
 from .tls import TlsFiles, check_files, server_credentials, tls_files
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ class ServerSecurity:
         return cls(authenticator, files)
 
     def interceptors(
-        self, on_refusal: Callable[[str, Refusal], None] | None = None
+        self, on_refusal: Callable[[str, Refused], None] | None = None
     ) -> list[grpc.aio.ServerInterceptor]:
         """The token check, when tokens are on; `on_refusal` hears of each refused call."""
         if not self.authenticator.enabled:

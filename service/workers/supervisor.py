@@ -1,27 +1,24 @@
-"""Worker processes: `--workers N` runs N servers on one gRPC port under a small supervisor.
+"""The supervisor of `--workers N`: N servers on one gRPC port, started, watched and stopped.
 
 Each worker is a whole server (its own sessions, batchers and event loop) bound to the shared port
 with SO_REUSEPORT, so the kernel spreads client *connections* over the workers; one connection's
 streams all land on one worker. The supervisor serves no requests. It
 
 - reserves the port (port 0 becomes a concrete free port every worker then binds),
-- starts the workers (multiprocessing, spawn) and restarts one that dies, with a backoff,
-- owns the public metrics port: a scrape fetches each worker's /metrics from loopback and merges
-  them under a `worker` label, metric names unchanged, so `sum by (model) (...)` adds workers up,
+- starts the workers (multiprocessing, spawn; `worker.py`) and restarts one that dies, with a
+  backoff,
+- owns the public metrics port (`federation.py` merges the workers' metrics at scrape time),
 - forwards SIGTERM / Ctrl-C to every worker (each drains as a single server does: health
-  NOT_SERVING, accepted requests finish within the grace period) and exits 0 when all exit 0.
+  NOT_SERVING, accepted requests finish within the grace period) and exits 0 when all exit 0;
+  a repeated stop signal is logged once and ignored.
 
-Workers find each other through a run directory the supervisor makes: once ready, worker i
-writes `worker-i.json` (pid, a private loopback gRPC port for statistics, a loopback metrics
-port). ModelStatistics on any worker asks the others over that private port and sums the counts
-and durations per model version, so a client sees the whole group, as from one server.
+The workers find each other through a run directory it makes (`rundir.py`); ModelStatistics sums
+over them (`peers.py`).
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import json
 import logging
 import multiprocessing
 import os
@@ -29,276 +26,27 @@ import shutil
 import signal
 import socket
 import tempfile
-import threading
 import time
-import urllib.request
-from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from multiprocessing.connection import wait
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
-import grpc
 from prometheus_client import CollectorRegistry, start_http_server
-from prometheus_client.metrics_core import Metric
-from prometheus_client.parser import text_string_to_metric_families
-from prometheus_client.registry import Collector
 
-from pb import grpc_service_pb2 as pb
-
-from ..app import CLOSE_MARGIN_S, create_server
+from ..app import CLOSE_MARGIN_S
 from ..config import Settings
-from ..core.errors import ModelLoadError, ServingError
-from ..core.model import ServedModel
-from ..core.repository import ModelRepository
-from ..observability.logs import configure_logging
-from ..observability.metrics import NAMESPACE
+from .federation import GroupMetrics
+from .rundir import WorkerInfo, info_path, read_info
+from .worker import worker_main
 
 log = logging.getLogger(__name__)
 
-STATISTICS_METHOD = "/cnnserve.internal.Worker/LocalStatistics"
-PEER_TIMEOUT_S = 2.0  # a peer that does not answer in time is left out of the sum
-SCRAPE_TIMEOUT_S = 2.0
 RESTART_DELAY_S = 0.5  # first restart delay; doubles per quick death, up to RESTART_MAX_S
 RESTART_MAX_S = 30.0
 STABLE_S = 30.0  # a worker that ran this long before dying restarts after RESTART_DELAY_S again
 STOP_MARGIN_S = 10.0  # past grace + close margin, workers still running are killed
-
-
-@dataclass(frozen=True)
-class WorkerInfo:
-    """What a ready worker publishes in the run directory."""
-
-    index: int
-    pid: int
-    statistics_port: int
-    metrics_port: int | None
-
-
-def _info_path(run_dir: Path, index: int) -> Path:
-    return run_dir / f"worker-{index}.json"
-
-
-def publish(run_dir: Path, info: WorkerInfo) -> None:
-    """Write a worker's info atomically (readers never see half a file)."""
-    path = _info_path(run_dir, info.index)
-    tmp = path.with_suffix(f".{info.pid}.tmp")
-    tmp.write_text(json.dumps(info.__dict__))
-    tmp.replace(path)
-
-
-def read_info(run_dir: Path, index: int) -> WorkerInfo | None:
-    """Worker `index`'s published info, or None while it has none."""
-    try:
-        return WorkerInfo(**json.loads(_info_path(run_dir, index).read_text()))
-    except (OSError, ValueError, TypeError):
-        return None
-
-
-def published(run_dir: Path) -> Iterator[WorkerInfo]:
-    """Every worker info in the run directory."""
-    for path in sorted(run_dir.glob("worker-*.json")):
-        info = read_info(run_dir, int(path.stem.split("-")[1]))
-        if info is not None:
-            yield info
-
-
-# ---- ModelStatistics across workers --------------------------------------------------------
-
-
-def _add_durations(total: Any, part: Any) -> None:
-    """Add every StatisticDuration field of `part` to the same field of `total`."""
-    for field, value in part.ListFields():
-        if isinstance(value, pb.StatisticDuration):
-            into = getattr(total, field.name)
-            into.count += value.count
-            into.ns += value.ns
-
-
-def merge_statistics(groups: Iterable[Sequence[pb.ModelStatistics]]) -> list[pb.ModelStatistics]:
-    """Sum statistics of the same model version over workers; keep the first group's order."""
-    merged: dict[tuple[str, str], pb.ModelStatistics] = {}
-    batches: dict[tuple[str, str], dict[int, pb.InferBatchStatistics]] = {}
-    for group in groups:
-        for stats in group:
-            key = (stats.name, stats.version)
-            total = merged.get(key)
-            if total is None:
-                total = merged[key] = pb.ModelStatistics(name=stats.name, version=stats.version)
-                batches[key] = {}
-            total.last_inference = max(total.last_inference, stats.last_inference)
-            total.inference_count += stats.inference_count
-            total.execution_count += stats.execution_count
-            _add_durations(total.inference_stats, stats.inference_stats)
-            for batch in stats.batch_stats:
-                into = batches[key].get(batch.batch_size)
-                if into is None:
-                    into = batches[key][batch.batch_size] = pb.InferBatchStatistics(
-                        batch_size=batch.batch_size
-                    )
-                _add_durations(into, batch)
-            for name, response in stats.response_stats.items():
-                _add_durations(total.response_stats[name], response)
-    for key, total in merged.items():
-        total.batch_stats.extend(b for _, b in sorted(batches[key].items()))
-    return list(merged.values())
-
-
-def _local_statistics(
-    repository: ModelRepository[ServedModel], request: pb.ModelStatisticsRequest
-) -> list[pb.ModelStatistics]:
-    try:
-        models = repository.serving(request.name, request.version)
-    except ServingError:  # not loaded here (an unload reached only this worker): nothing to add
-        return []
-    return [m.stats.to_proto() for m in models]
-
-
-def statistics_handler(repository: ModelRepository[ServedModel]) -> grpc.GenericRpcHandler:
-    """The private loopback service peers ask: this worker's own statistics, nothing summed."""
-
-    async def local(
-        request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ModelStatisticsResponse:
-        return pb.ModelStatisticsResponse(model_stats=_local_statistics(repository, request))
-
-    service, method = STATISTICS_METHOD.strip("/").split("/")
-    return grpc.method_handlers_generic_handler(
-        service,
-        {
-            method: grpc.unary_unary_rpc_method_handler(
-                local,
-                request_deserializer=pb.ModelStatisticsRequest.FromString,
-                response_serializer=pb.ModelStatisticsResponse.SerializeToString,
-            )
-        },
-    )
-
-
-class Peers:
-    """The other workers of the group, found in the run directory, asked over loopback."""
-
-    def __init__(self, run_dir: Path, index: int) -> None:
-        self._run_dir = run_dir
-        self._index = index
-        self._channels: dict[int, grpc.aio.Channel] = {}
-
-    async def statistics(
-        self, request: pb.ModelStatisticsRequest, local: list[pb.ModelStatistics]
-    ) -> list[pb.ModelStatistics]:
-        """This worker's statistics plus every peer's that answers in time."""
-        ports = [i.statistics_port for i in published(self._run_dir) if i.index != self._index]
-        for port in set(self._channels) - set(ports):  # a restarted peer has a new port
-            await self._channels.pop(port).close()
-        answers = await asyncio.gather(*(self._ask(port, request) for port in ports))
-        return merge_statistics([local, *(a for a in answers if a is not None)])
-
-    async def _ask(
-        self, port: int, request: pb.ModelStatisticsRequest
-    ) -> list[pb.ModelStatistics] | None:
-        channel = self._channels.get(port)
-        if channel is None:
-            channel = self._channels[port] = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-        call = channel.unary_unary(
-            STATISTICS_METHOD,
-            request_serializer=pb.ModelStatisticsRequest.SerializeToString,
-            response_deserializer=pb.ModelStatisticsResponse.FromString,
-        )
-        try:
-            response = await call(request, timeout=PEER_TIMEOUT_S)
-        except grpc.aio.AioRpcError as exc:  # a peer restarting or stopping: leave it out
-            log.debug("statistics from the worker on port %d: %s", port, exc.code().name)
-            return None
-        return list(response.model_stats)
-
-    async def close(self) -> None:
-        for channel in self._channels.values():
-            await channel.close()
-        self._channels.clear()
-
-
-# ---- the worker process --------------------------------------------------------------------
-
-
-async def serve_worker(settings: Settings, index: int, run_dir: Path, metrics: bool) -> int:
-    """Serve as worker `index` until SIGTERM (or the supervisor is gone), then drain."""
-    peers = Peers(run_dir, index)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    # Installed before loading (a stop during start-up drains once started), and kept: a second
-    # SIGTERM (say, to the whole process group) changes nothing.
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    started: list[Any] = []  # SIGHUP (forwarded by the supervisor) re-reads the token files
-    loop.add_signal_handler(signal.SIGHUP, lambda: [s.reload_tokens() for s in started])
-    try:
-        server = await create_server(
-            replace(settings, metrics_port=-1), peer_statistics=peers.statistics
-        )
-    except (ModelLoadError, OSError) as exc:
-        log.error("cannot start: %s", exc)
-        return 2
-    started.append(server)
-    private = grpc.aio.server()
-    private.add_generic_rpc_handlers((statistics_handler(server.repository),))
-    statistics_port = private.add_insecure_port("127.0.0.1:0")
-    await private.start()
-    httpd: Any = None
-    if metrics:
-        httpd, _ = start_http_server(0, addr="127.0.0.1", registry=server.metrics.registry)
-    publish(
-        run_dir,
-        WorkerInfo(index, os.getpid(), statistics_port, httpd.server_port if httpd else None),
-    )
-    orphan = asyncio.create_task(_watch_parent(os.getppid(), stop))
-    await stop.wait()
-    orphan.cancel()
-    await server.stop()
-    await private.stop(0)
-    await peers.close()
-    if httpd is not None:
-        httpd.shutdown()
-        httpd.server_close()
-    return 0
-
-
-async def _watch_parent(parent: int, stop: asyncio.Event) -> None:
-    """Drain when the supervisor is gone (killed with SIGKILL, say) instead of serving on."""
-    while os.getppid() == parent:
-        await asyncio.sleep(1.0)
-    log.warning("the supervisor (pid %d) is gone: stopping", parent)
-    stop.set()
-
-
-class _WorkerTag(logging.Filter):
-    def __init__(self, index: int) -> None:
-        super().__init__()
-        self.index = index
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        record.worker = self.index  # a field of its own in JSON logs
-        return True
-
-
-def worker_main(settings: Settings, index: int, run_dir: Path, metrics: bool) -> None:
-    """Entry point of a worker process (spawned by the supervisor)."""
-    # Ctrl-C in a terminal reaches the whole process group; the supervisor forwards it once.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    configure_logging(settings.log_level, settings.log_format)
-    handler = logging.getLogger().handlers[0]
-    handler.addFilter(_WorkerTag(index))
-    if settings.log_format == "text":
-        handler.setFormatter(
-            logging.Formatter("%(asctime)s %(levelname)s [worker %(worker)s] %(name)s: %(message)s")
-        )
-    from ..__main__ import _loop_factory
-
-    with asyncio.Runner(loop_factory=_loop_factory(settings.uvloop)) as runner:
-        code = runner.run(serve_worker(settings, index, run_dir, metrics))
-    raise SystemExit(code)
-
-
-# ---- the supervisor ------------------------------------------------------------------------
 
 
 def reserve_port(host: str, port: int) -> socket.socket:
@@ -331,57 +79,6 @@ class Slot:
     restart_at: float | None = None
 
 
-class GroupMetrics(Collector):
-    """At scrape time: every ready worker's metrics, with a `worker` label, merged by family."""
-
-    def __init__(self, slots: Sequence[Slot]) -> None:
-        self._slots = slots
-
-    def collect(self) -> Iterable[Metric]:
-        families: dict[str, Metric] = {}
-        slots = list(self._slots)
-        texts: dict[int, str | None] = {}
-        threads = [
-            threading.Thread(target=self._fetch, args=(s.info, texts))
-            for s in slots
-            if s.info is not None and s.info.metrics_port is not None
-        ]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        for index, text in sorted(texts.items()):
-            if text is None:
-                continue
-            for family in text_string_to_metric_families(text):
-                merged = families.get(family.name)
-                if merged is None:
-                    merged = Metric(family.name, family.documentation, family.type, family.unit)
-                    families[family.name] = merged
-                merged.samples.extend(
-                    s._replace(labels={**s.labels, "worker": str(index)}) for s in family.samples
-                )
-        up = Metric(f"{NAMESPACE}_worker_up", "1 when a worker answered this scrape", "gauge")
-        restarts = Metric(
-            f"{NAMESPACE}_worker_restarts", "Times the supervisor restarted a worker", "counter"
-        )
-        for slot in slots:
-            labels = {"worker": str(slot.index)}
-            up.add_sample(up.name, labels, 1.0 if texts.get(slot.index) else 0.0)
-            restarts.add_sample(restarts.name + "_total", labels, float(slot.restarts))
-        return [*families.values(), up, restarts]
-
-    @staticmethod
-    def _fetch(info: WorkerInfo, texts: dict[int, str | None]) -> None:
-        url = f"http://127.0.0.1:{info.metrics_port}/metrics"
-        try:
-            with urllib.request.urlopen(url, timeout=SCRAPE_TIMEOUT_S) as response:
-                texts[info.index] = response.read().decode()
-        except OSError as exc:
-            log.debug("scraping worker %d: %s", info.index, exc)
-            texts[info.index] = None
-
-
 class Supervisor:
     """Starts, watches, restarts and stops the workers of one group."""
 
@@ -395,7 +92,7 @@ class Supervisor:
 
     def _spawn(self, slot: Slot) -> None:
         with contextlib.suppress(FileNotFoundError):
-            _info_path(self.run_dir, slot.index).unlink()
+            info_path(self.run_dir, slot.index).unlink()
         process = self._context.Process(
             target=worker_main,
             args=(
@@ -474,10 +171,14 @@ class Supervisor:
         for slot in self.slots:
             self._spawn(slot)
         starting = True
+        repeat_logged = False
         stop_deadline: float | None = None
         codes: dict[int, int | None] = {}
         while True:
             now = time.monotonic()
+            if len(self._signals) > 1 and not repeat_logged:
+                repeat_logged = True
+                log.warning("another stop signal received while stopping: ignored")
             if self._signals and stop_deadline is None:
                 log.info("stop signal received: draining %d workers", len(self.slots))
                 stop_deadline = now + self.settings.grace_period_s + CLOSE_MARGIN_S + STOP_MARGIN_S
@@ -506,7 +207,7 @@ class Supervisor:
                 code = process.exitcode
                 slot.process, slot.info = None, None
                 with contextlib.suppress(FileNotFoundError):
-                    _info_path(self.run_dir, slot.index).unlink()
+                    info_path(self.run_dir, slot.index).unlink()
                 if stop_deadline is not None:
                     codes[slot.index] = code
                     continue

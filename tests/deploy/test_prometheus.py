@@ -26,7 +26,8 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.deploy.tools import DEPLOY, binary, free_port
+from bench.loadgen import free_port
+from tests.deploy.tools import DEPLOY, binary
 from tests.support.harness import ServerThread, infer_request, running_server, stub
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]

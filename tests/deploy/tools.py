@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 from pathlib import Path
 from typing import NoReturn
 
@@ -39,9 +38,3 @@ def deploy_python() -> Path:
     if not DEPLOY_PYTHON.exists():
         missing(f"{DEPLOY_VENV} is missing: `make tools` creates it")
     return DEPLOY_PYTHON
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])

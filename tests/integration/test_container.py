@@ -27,7 +27,8 @@ import onnxruntime as ort
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.deploy.tools import DEPLOY, ROOT, binary, free_port, missing
+from bench.loadgen import free_port
+from tests.deploy.tools import DEPLOY, ROOT, binary, missing
 from tests.support.tools_venv.paths import require_tools_python
 
 # Building an image on 2 busy cores takes minutes: more than the suite's default timeout.

@@ -24,7 +24,7 @@ from pb import grpc_service_pb2 as pb
 from tests.conftest import ROOT
 from tests.support.harness import ServerThread, infer_request, running_server, stub
 from training.checkpoint import Checkpoint, load_checkpoint
-from training.data import load_mnist
+from training.mnist import load_mnist
 
 EXPLAINER = "mnist_cnn_gradcam"
 

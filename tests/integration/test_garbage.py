@@ -123,4 +123,6 @@ def test_client_triggered_errors_are_rate_limited_in_the_log(
             with pytest.raises(grpc.RpcError) as err:
                 client.ModelInfer(request)
             assert err.value.code() == grpc.StatusCode.NOT_FOUND
-    assert len(caplog.records) <= 20, f"{len(caplog.records)} log records for 300 bad versions"
+    refused = [r for r in caplog.records if "NOT_FOUND" in r.getMessage()]
+    # Some are logged (the first burst of the interval), most are not.
+    assert 1 <= len(refused) <= 20, f"{len(refused)} log records for 300 bad versions"

@@ -22,6 +22,8 @@ import pytest
 from PIL import Image
 
 import service.explain.pipeline
+from bench.pictures import jpeg_claiming as _jpeg_claiming
+from bench.pictures import png_claiming as _png_claiming
 from pb import explain_pb2 as ex
 from pb import explain_pb2_grpc as ex_grpc
 from pb import grpc_service_pb2 as pb
@@ -34,8 +36,6 @@ from service.explain.imaging import (
 )
 from tests.support.harness import ServerThread, running_server, stub
 from tests.support.onnx_models import write_test_repository
-from tests.support.pictures import jpeg_claiming as _jpeg_claiming
-from tests.support.pictures import png_claiming as _png_claiming
 
 MODEL = "classifier"  # explained by classifier_gradcam
 MiB = 1024 * 1024
@@ -173,7 +173,7 @@ def read_input_outcomes(monkeypatch: pytest.MonkeyPatch) -> list[BaseException |
     """What each call of the explain API's picture decoding ended with (None: it finished)."""
     outcomes: list[BaseException | None] = []
     done = threading.Condition()
-    original: Callable[..., Any] = service.explain.read_input
+    original: Callable[..., Any] = service.explain.pipeline.read_input
 
     def recorded(*args: Any) -> Any:
         try:
@@ -206,7 +206,7 @@ class _SlowDecode:
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
         self.seconds = seconds
-        original = service.explain.decode_image
+        original = service.explain.pipeline.decode_image
 
         def slow(*args: Any) -> Any:
             time.sleep(self.seconds)

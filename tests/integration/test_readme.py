@@ -31,6 +31,8 @@ from pathlib import Path
 
 import pytest
 
+from bench.loadgen import free_port
+from tests.deploy.tools import missing
 from tests.support.harness import ServerThread, running_server
 from tests.support.markdown_commands import (
     Command,
@@ -138,12 +140,6 @@ def plan_for(command: Command) -> Plan | str:
         f"{command}\nneither run nor skipped: add a rule to RUN, or a pattern and its reason to "
         f"SKIPPED, in {Path(__file__).relative_to(ROOT)}"
     )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -255,7 +251,7 @@ def test_readme_command(command: Command, sandbox: Path, server: ServerThread) -
     if isinstance(plan, str):
         pytest.skip(f"{command}: {plan}")
     if plan.needs and not (ROOT / plan.needs).exists():
-        pytest.skip(f"{command}: {plan.needs} is missing (make tools installs it)")
+        missing(f"{command}: {plan.needs} is missing (make tools installs it)")
     ports = {"grpc_port": free_port(), "metrics_port": free_port()}
     ran = localize(command.text, server)
     if plan.quick:
@@ -285,7 +281,7 @@ def test_readme_python_blocks_run(sandbox: Path, server: ServerThread) -> None:
         if "tritonclient" in block.code:
             python = ROOT / ".venv-tools" / "bin" / "python"
             if not python.exists():
-                pytest.skip(f"{python} is missing: `make tools` installs tritonclient")
+                missing(f"{python} is missing: `make tools` installs tritonclient")
         done = subprocess.run(
             [str(python), "-c", localize(block.code, server)],
             cwd=sandbox,

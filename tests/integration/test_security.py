@@ -23,11 +23,13 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from bench.loadgen import free_port
 from pb import explain_pb2 as ex
 from pb import explain_pb2_grpc as ex_grpc
 from pb import grpc_service_pb2 as pb
 from pb import grpc_service_pb2_grpc as pb_grpc
 from tests.conftest import ROOT
+from tests.deploy.tools import missing
 from tests.support.certs import CertFiles, write_certs
 from tests.support.harness import ServerThread, infer_request, running_server
 from tests.support.onnx_models import (
@@ -113,7 +115,7 @@ def tls_paths(certs: CertFiles, *, client: bool = False, other: bool = False) ->
 
 def grpcurl(*args: str) -> subprocess.CompletedProcess[str]:
     if not GRPCURL.exists():
-        pytest.skip(f"grpcurl not found at {GRPCURL} (make tools installs it)")
+        missing(f"grpcurl not found at {GRPCURL} (make tools installs it)")
     return subprocess.run(
         [str(GRPCURL), *args], capture_output=True, text=True, timeout=60, check=False
     )
@@ -122,7 +124,7 @@ def grpcurl(*args: str) -> subprocess.CompletedProcess[str]:
 def perf_analyzer(address: str, *flags: str) -> subprocess.CompletedProcess[str]:
     require_tools_python()
     if not PERF_ANALYZER.exists():
-        pytest.skip(f"{PERF_ANALYZER} is missing (make tools installs it)")
+        missing(f"{PERF_ANALYZER} is missing (make tools installs it)")
     return subprocess.run(
         [str(PERF_ANALYZER), "-m", MODEL, "-i", "grpc", "-u", address, "--concurrency-range",
          "2:2", "--measurement-interval", "250", "--stability-percentage", "1000",
@@ -413,7 +415,6 @@ def test_perf_analyzer_grpcurl_and_probe_with_mutual_tls(
 @pytest.mark.parametrize("workers", [1, 2])
 def test_sighup_reloads_the_token_files(tmp_path: Path, workers: int) -> None:
     """With --workers 2 the supervisor forwards SIGHUP to its workers (and survives it)."""
-    from bench.loadgen import free_port
 
     repository = classifier_repository(tmp_path / "repository")
     token_file = tmp_path / "tokens.txt"

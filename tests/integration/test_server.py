@@ -24,6 +24,7 @@ from pb import grpc_service_pb2 as pb
 from service.core.errors import INTERNAL_MESSAGE
 from service.rpc.codec import decode_bytes_tensor
 from tests.conftest import ROOT
+from tests.deploy.tools import missing
 from tests.support.harness import (
     ServerThread,
     infer_request,
@@ -384,7 +385,7 @@ def test_metrics_pass_promtool(server: ServerThread, client) -> None:  # type: i
     assert 'provider="CPUExecutionProvider"' in text
     promtool = shutil.which("promtool")
     if promtool is None:
-        pytest.skip("promtool is not installed (make sysdeps installs it)")
+        missing("promtool is not installed (make sysdeps installs it)")
     checked = subprocess.run(
         [promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60
     )
@@ -395,7 +396,7 @@ def test_metrics_pass_promtool(server: ServerThread, client) -> None:  # type: i
 def grpcurl(server: ServerThread, *args: str, data: str | None = None) -> str:
     """Run grpcurl against the server: `grpcurl -plaintext [-d DATA] ADDRESS ARGS...`."""
     if not GRPCURL.exists():
-        pytest.skip(f"grpcurl not found at {GRPCURL} (make tools installs it)")
+        missing(f"grpcurl not found at {GRPCURL} (make tools installs it)")
     flags = ["-plaintext", *(["-d", data] if data is not None else [])]
     done = subprocess.run(
         [str(GRPCURL), *flags, server.address, *args], capture_output=True, text=True, timeout=60

@@ -184,3 +184,68 @@ def test_sigterm_during_a_stream_answers_every_message_it_read(tmp_path: Path) -
     assert drained, text
     assert int(drained.group(1)) == ok > 0
     assert int(drained.group(2)) == 0
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_second_sigterm_during_the_drain_is_ignored(tmp_path: Path, workers: int) -> None:
+    """SIGTERM twice, 75 ms apart, under load: one drain, exit 0, no traceback, nothing lost."""
+    repository = write_test_repository(tmp_path, broken=False)
+    process, port, log = start_server(
+        repository, "--grace-period-s", "10", "--workers", str(workers)
+    )
+    request = infer_request("classifier", images(1))
+    with unary_load(f"127.0.0.1:{port}", request, clients=6) as outcomes:
+        time.sleep(1.0)
+        before = outcomes["ok"]
+        process.send_signal(signal.SIGTERM)
+        time.sleep(0.075)
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(60)
+    time.sleep(0.2)  # the reader thread collects the last lines
+    text = "".join(log)
+    print(f"sent {sum(outcomes.values())}, answered {outcomes['ok']}, refused {dict(outcomes)}")
+    assert code == 0, text
+    assert "Traceback" not in text, text
+    assert before > 0, "no request succeeded before SIGTERM"
+    assert set(outcomes) <= {"ok", "UNAVAILABLE", "CANCELLED"}, outcomes
+    assert re.search(r"received while stopping: ignored", text), text
+    drained = re.findall(r"drained: (\d+) requests succeeded, (\d+) failed", text)
+    assert len(drained) == workers, text
+    assert sum(int(ok) for ok, _ in drained) == outcomes["ok"], (drained, outcomes)
+    assert all(failed == "0" for _, failed in drained), drained
+
+
+def test_a_server_that_cannot_start_exits_2_without_a_traceback(tmp_path: Path) -> None:
+    """A port already taken: a clear message and exit code 2, for one server and for workers."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        repository = write_test_repository(tmp_path, broken=False)
+        for workers in ("1", "2"):
+            done = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "service",
+                    "--model-repository",
+                    str(repository),
+                    "--host",
+                    "127.0.0.1",
+                    "--grpc-port",
+                    str(port),
+                    "--metrics-port",
+                    "-1",
+                    "--workers",
+                    workers,
+                ],
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                timeout=120,
+                env={**os.environ, "PYTHONPATH": str(ROOT)},
+            )
+            assert done.returncode == 2, (workers, done.stderr)
+            assert "Traceback" not in done.stderr, done.stderr

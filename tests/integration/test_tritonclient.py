@@ -15,6 +15,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from tests.deploy.tools import missing
 from tests.support.harness import ServerThread, running_server
 from tests.support.tools_venv.paths import (
     PERF_ANALYZER,
@@ -82,7 +83,7 @@ def test_tritonclient_end_to_end(
 def test_perf_analyzer_runs_clean(server: ServerThread) -> None:
     require_tools_python()
     if not PERF_ANALYZER.exists():
-        pytest.skip(f"{PERF_ANALYZER} is missing (make tools installs it)")
+        missing(f"{PERF_ANALYZER} is missing (make tools installs it)")
     done = subprocess.run(
         [
             str(PERF_ANALYZER),
@@ -118,8 +119,7 @@ def test_exported_explainer_is_served_with_target_checks(
     from tests.support.harness import infer_request, stub
 
     explainer = f"{MODEL}_gradcam"
-    if not (mnist_repository / explainer).is_dir():
-        pytest.skip(f"the export step wrote no {explainer}")
+    assert (mnist_repository / explainer).is_dir(), f"the export step wrote no {explainer}"
     images = np.random.default_rng(5).random((3, 1, 28, 28), dtype=np.float32)
     with server.channel() as channel:
         client = stub(channel)

@@ -11,12 +11,12 @@ from pathlib import Path
 import grpc
 import pytest
 
+from service.core.errors import Refused
 from service.security.auth import (
     ADMIN,
     INFERENCE,
     Authenticator,
     AuthInterceptor,
-    Refusal,
     TokenFile,
     bearer_token,
     method_scopes,
@@ -126,8 +126,8 @@ def authenticator(tmp_path: Path, *, inference: bool = True, admin: bool = True)
 def refusal(auth: Authenticator, method: str, token: str | None) -> str | None:
     try:
         auth.check(f"{SERVICE}/{method}", bearer(token) if token else ())
-    except Refusal as exc:
-        return exc.code.name
+    except Refused as exc:
+        return exc.status
     return None
 
 

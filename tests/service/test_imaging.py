@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image, JpegImagePlugin
 
+from bench.pictures import jpeg_claiming as _jpeg_claiming
+from bench.pictures import png_claiming as _png_claiming
 from service.core.errors import DeadlineExceeded, InvalidInput
 from service.explain.imaging import (
     MAX_DECODED_PIXELS,
@@ -25,9 +27,7 @@ from service.explain.imaging import (
     overlay_png,
 )
 from service.explain.pipeline import ModelInput, _draw
-from tests.support.pictures import jpeg_claiming as _jpeg_claiming
-from tests.support.pictures import png_claiming as _png_claiming
-from training.data import load_mnist
+from training.mnist import load_mnist
 
 
 def _encode(pixels: np.ndarray, fmt: str = "PNG", mode: str | None = None) -> bytes:

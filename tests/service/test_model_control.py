@@ -15,11 +15,11 @@ import pytest
 
 from service.core.errors import ModelControlDisabled, ModelLoadError
 from service.core.model_control import ModelControl, fingerprint
-from service.core.repository import ModelRepository, ModelSpec
+from service.core.repository import ModelFolder, ModelRepository
 
 
 class FakeVersion:
-    def __init__(self, spec: ModelSpec, version: int) -> None:
+    def __init__(self, spec: ModelFolder, version: int) -> None:
         self.name, self.version = spec.name, version
         self.content = spec.versions[version].read_text()
         self.closed = False
@@ -28,7 +28,7 @@ class FakeVersion:
         self.closed = True
 
 
-async def fake_loader(spec: ModelSpec, version: int) -> FakeVersion:
+async def fake_loader(spec: ModelFolder, version: int) -> FakeVersion:
     loaded = FakeVersion(spec, version)
     if loaded.content == "broken":
         raise RuntimeError("not a model")

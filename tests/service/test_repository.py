@@ -175,3 +175,14 @@ def test_idle_fast_path_session_only_for_quick_cpu_models(
         await model.close()
 
     asyncio.run(run())
+
+
+@pytest.mark.parametrize("stray", ["²", "v2", "٣", "2a", ".git"])
+def test_a_stray_version_folder_is_ignored(tmp_path: Path, stray: str) -> None:
+    """Only folders named with ASCII digits are versions; others holding a model are ignored."""
+    config = classifier_config("m", versions=policy("all {}"))
+    directory = write_model(tmp_path, config, classifier_graph(), versions=(1,))
+    (directory / stray).mkdir()
+    (directory / stray / "model.onnx").write_bytes(classifier_graph().SerializeToString())
+    spec = read_model(directory)
+    assert sorted(spec.versions) == [1]

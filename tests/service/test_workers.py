@@ -9,13 +9,9 @@ import pytest
 
 from pb import grpc_service_pb2 as pb
 from service.config import Settings
-from service.workers.supervisor import (
-    WorkerInfo,
-    merge_statistics,
-    publish,
-    published,
-    reserve_port,
-)
+from service.workers.peers import merge_statistics
+from service.workers.rundir import WorkerInfo, publish, published
+from service.workers.supervisor import reserve_port
 
 
 def stats(name: str, version: str, success: int, batches: dict[int, int], last: int = 0):

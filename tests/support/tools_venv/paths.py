@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
+from tests.deploy.tools import missing
 
 ROOT = Path(__file__).resolve().parents[3]
 TOOLS_VENV = ROOT / ".venv-tools"
@@ -16,9 +16,9 @@ SCRIPTS = Path(__file__).resolve().parent
 
 
 def require_tools_python() -> Path:
-    """The tools venv's python, or skip the test saying how to get it."""
+    """The tools venv's python, or skip (fail in CI) saying how to get it."""
     if not TOOLS_PYTHON.exists():
-        pytest.skip(f"{TOOLS_VENV} is missing: `make tools` installs tritonclient and friends")
+        missing(f"{TOOLS_VENV} is missing: `make tools` installs tritonclient and friends")
     return TOOLS_PYTHON
 
 

@@ -1,0 +1,75 @@
+"""The Explain RPC's messages: an `ExplainRequest` into the pipeline's query, its result back out.
+
+Every `explain_pb2` message is built here; the pipeline (`explain/pipeline.py`) sees dataclasses.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pb import explain_pb2 as ex
+
+from ..explain.pipeline import (
+    ExplainOptions,
+    ExplainQuery,
+    ExplainResult,
+    Prediction,
+    RawTensor,
+)
+
+_POLARITY = {ex.POLARITY_AUTO: "auto", ex.POLARITY_AS_IS: "as_is", ex.POLARITY_INVERT: "invert"}
+
+
+def explain_query(request: ex.ExplainRequest) -> ExplainQuery:
+    """The pipeline's query for one ExplainRequest (no validation: the pipeline does it)."""
+    which = request.WhichOneof("input")
+    tensor = None
+    if which == "tensor":
+        tensor = RawTensor(tuple(int(d) for d in request.tensor.shape), request.tensor.data)
+    return ExplainQuery(
+        model=request.model_name,
+        version=request.model_version,
+        image=request.image if which == "image" else None,
+        tensor=tensor,
+        target_classes=tuple(int(t) for t in request.target_classes),
+        top_k=int(request.top_k),
+        options=ExplainOptions(
+            predictions_only=request.predictions_only,
+            feature_maps=request.feature_maps,
+            polarity=_POLARITY.get(request.polarity, "auto"),
+        ),
+    )
+
+
+def _prediction(prediction: Prediction) -> ex.Prediction:
+    return ex.Prediction(
+        class_index=prediction.class_index,
+        label=prediction.label,
+        probability=prediction.probability,
+    )
+
+
+def explain_response(result: ExplainResult) -> ex.ExplainResponse:
+    """The ExplainResponse for a pipeline result (tensors as little-endian FP32 bytes)."""
+    response = ex.ExplainResponse(
+        model_name=result.model,
+        model_version=result.version,
+        model_input=result.model_input.astype("<f4").tobytes(),
+        model_input_shape=result.model_input.shape,
+        predictions=[_prediction(p) for p in result.predictions],
+    )
+    for explanation in result.explanations:
+        heatmap = explanation.heatmap
+        response.explanations.append(
+            ex.Explanation(
+                target=_prediction(explanation.target),
+                heatmap=np.ascontiguousarray(heatmap, dtype="<f4").tobytes(),
+                heatmap_shape=heatmap.shape,
+                overlay_png=explanation.overlay_png,
+            )
+        )
+    if result.feature_maps_png:
+        response.feature_maps_png = result.feature_maps_png
+    if result.target_layer is not None:
+        response.target_layer = result.target_layer
+    return response
