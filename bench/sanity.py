@@ -1,6 +1,6 @@
 """Sanity check of every explanation method (Adebayo et al. 2018, cascading randomisation).
 
-    .venv/bin/python bench/sanity.py --checkpoint checkpoints/mnist_cnn.pt --images 64
+    .venv/bin/python -m bench.sanity --checkpoint checkpoints/mnist_cnn.pt --images 64
 
 The model's parameterised layers are re-initialised one at a time from the top (logits) down,
 cumulatively; after each step the explainer folder is exported again and every method's map
@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -24,8 +23,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from modelrepo import CAM
 from training.cli import HelpFormatter

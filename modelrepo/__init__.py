@@ -95,8 +95,8 @@ def read_labels(model_dir: Path) -> list[str]:
 # more graphs next to model.onnx, all reading one weights file (WEIGHTS_FILE, ONNX external data):
 # SALIENCY_FILE (input, target_class -> INPUT_GRADIENT, logits, explained_class), FORWARD_FILE
 # (input -> logits, probabilities: the classifier, for ScoreCAM's masked inputs), HEAD_FILE
-# (HEAD_INPUT, the target layer's activations -> logits, for AblationCAM), and one weight-free
-# graph per method under METHODS_DIR (`<method>.onnx`, see METHOD_INPUTS). METHODS, a config.pbtxt
+# (INPUT, HEAD_INPUT: the target layer's activations -> logits, for AblationCAM), and one weight-free
+# graph per method under METHODS_DIR (`<method>.onnx`, tensors below). METHODS, a config.pbtxt
 # parameter of the explainer, lists the methods it offers (comma-separated); METHOD is the
 # request parameter that picks one (default DEFAULT_METHOD); IG_STEPS the steps of Integrated
 # Gradients (1..MAX_IG_STEPS, default DEFAULT_IG_STEPS).
