@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -80,15 +81,15 @@ class _Graph:
         self._count += 1
         return f"{hint}_{self._count}"
 
-    def input(self, name: str, elem: int, dims: Sequence[int | str]) -> str:
+    def input(self, name: str, elem: int, dims: Sequence[Any]) -> str:
         self.inputs.append(helper.make_tensor_value_info(name, elem, list(dims)))
         return name
 
-    def output(self, value: str, name: str, elem: int, dims: Sequence[int | str]) -> None:
+    def output(self, value: str, name: str, elem: int, dims: Sequence[Any]) -> None:
         self.nodes.append(helper.make_node("Identity", [value], [name]))
         self.outputs.append(helper.make_tensor_value_info(name, elem, list(dims)))
 
-    def const(self, value: np.ndarray | float | int | Sequence[int], hint: str = "c") -> str:
+    def const(self, value: object, hint: str = "c") -> str:
         array = np.asarray(value)
         if array.dtype == np.float64:
             array = array.astype(np.float32)
@@ -99,7 +100,7 @@ class _Graph:
     def ints(self, values: Sequence[int]) -> str:
         return self.const(np.asarray(values, dtype=np.int64), "i")
 
-    def op(self, op_type: str, *inputs: str, **attrs: object) -> str:
+    def op(self, op_type: str, *inputs: str, **attrs: Any) -> str:
         out = self._name(op_type.lower())
         self.nodes.append(helper.make_node(op_type, list(inputs), [out], **attrs))
         return out

@@ -65,10 +65,21 @@ def _stub_torchvision() -> None:
 
 
 def pytorch_grad_cam() -> types.ModuleType:
-    """The pytorch_grad_cam package (torchvision stubbed)."""
-    _stub_torchvision()
-    import pytorch_grad_cam as package
+    """The pytorch_grad_cam package, imported with torchvision stubbed.
 
+    The stubs leave `sys.modules` once it is imported (its modules keep what they took from
+    them): torch.onnx's exporter looks torchvision up too, and a stub without a spec breaks it.
+    """
+    if "pytorch_grad_cam" in sys.modules:
+        return sys.modules["pytorch_grad_cam"]
+    stubbed = "torchvision" not in sys.modules
+    _stub_torchvision()
+    try:
+        import pytorch_grad_cam as package
+    finally:
+        if stubbed:
+            for name in [n for n in sys.modules if n.split(".")[0] == "torchvision"]:
+                del sys.modules[name]
     return package
 
 

@@ -11,6 +11,7 @@ LAPACK; the signed projections must agree up to each image's sign, and how often
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -45,6 +46,8 @@ class MethodCheck:
     max_relative: float  # per image: max |ours - reference| / max |reference|
     tolerance: float
     within_1e4: float = 0.0  # share of images within 1e-4 relative
+    seconds: float = 0.0  # ours (ONNX Runtime, batches of CHUNK)
+    reference_seconds: float = 0.0  # the reference library's, same batches
     sign_agreement: float | None = None  # Eigen methods: share of images with LAPACK's sign
 
     def as_dict(self) -> dict[str, object]:
@@ -81,10 +84,14 @@ def verify_methods(
     for method in chosen:
         worst_abs = worst_rel = 0.0
         agree = close = 0
+        ours = theirs = 0.0
         for start in range(0, len(x), CHUNK):
             chunk = slice(start, start + CHUNK)
             explained = references.explained_classes(model, x[chunk], targets[chunk], mean, std)
+            began = time.perf_counter()
             got = runner.explain(method, x[chunk], targets[chunk], steps=ig_steps)
+            ours += time.perf_counter() - began
+            began = time.perf_counter()
             if not np.array_equal(got[EXPLAINED_CLASS], explained):
                 raise ExportVerificationError(
                     f"{folder}: {method} explains other classes than PyTorch: "
@@ -94,16 +101,17 @@ def verify_methods(
                 want = references.cam_reference(
                     method, model, target_layer, x[chunk], explained, mean, std
                 )
+                theirs += time.perf_counter() - began
                 if PROJECTION in want:
-                    ours, theirs = got[PROJECTION], want[PROJECTION]
-                    n = len(theirs)
-                    flat_ours, flat_theirs = ours.reshape(n, -1), theirs.reshape(n, -1)
-                    same = np.abs(flat_ours - flat_theirs).max(1) <= np.abs(
-                        flat_ours + flat_theirs
+                    mine, lapack = got[PROJECTION], want[PROJECTION]
+                    n = len(lapack)
+                    flat_mine, flat_lapack = mine.reshape(n, -1), lapack.reshape(n, -1)
+                    same = np.abs(flat_mine - flat_lapack).max(1) <= np.abs(
+                        flat_mine + flat_lapack
                     ).max(1)
                     agree += int(same.sum())
-                    sign = np.where(same, 1.0, -1.0).reshape(n, *[1] * (theirs.ndim - 1))
-                    diff_abs, diff_rel = _relative(ours, sign * theirs)
+                    sign = np.where(same, 1.0, -1.0).reshape(n, *[1] * (lapack.ndim - 1))
+                    diff_abs, diff_rel = _relative(mine, sign * lapack)
                 else:
                     diff_abs, diff_rel = _relative(got[CAM_RAW], want[CAM_RAW])
             else:
@@ -111,6 +119,8 @@ def verify_methods(
                     method, model, x[chunk], explained, mean, std, steps=ig_steps
                 )
                 diff_abs, diff_rel = _relative(got[CAM_RAW], want_raw)
+            if method not in references.CAM_CLASSES:
+                theirs += time.perf_counter() - began
             worst_abs = max(worst_abs, diff_abs)
             worst_rel = max(worst_rel, float(diff_rel.max()))
             close += int((diff_rel <= 1e-4).sum())
@@ -124,6 +134,8 @@ def verify_methods(
             max_relative=worst_rel,
             tolerance=TOLERANCES.get(method, RELATIVE_TOL),
             within_1e4=close / len(x),
+            seconds=ours,
+            reference_seconds=theirs,
             sign_agreement=agree / len(x) if eigen else None,
         )
         checks[method] = check

@@ -21,6 +21,7 @@ import modelrepo
 from ..core.errors import InvalidInput
 from ..core.model import ServedModel
 from ..core.repository import ModelRepository
+from . import methods
 from .imaging import NEVER, Stop, decode_image, feature_grid_png, overlay_png, pixels_png
 
 INPUT, TARGET = modelrepo.INPUT, modelrepo.TARGET_CLASS
@@ -57,6 +58,7 @@ class ExplainQuery:
     target_classes: tuple[int, ...] = ()
     top_k: int = 0  # 0: one
     options: ExplainOptions = field(default_factory=ExplainOptions)
+    method: str = ""  # "": Grad-CAM; the explainer's config lists the others (explain/methods.py)
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,7 @@ class ExplainResult:
     explanations: list[Explanation] = field(default_factory=list)
     feature_maps_png: bytes = b""
     target_layer: str | None = None
+    method: str = ""
 
 
 @dataclass
@@ -201,6 +204,7 @@ async def explain(
     _, model = repository.get(served, query.version)
     labels = _check_model(model, explainer=not options.predictions_only)
     _check_counts(model, query, top_k)
+    method = "" if options.predictions_only else methods.check(model, query.method)
     stop = Stop(timeout_s)
     dims = model.signature.inputs_by_name[INPUT].model_dims
     item = await _in_thread(stop, read_input, query, dims, stop)
@@ -224,6 +228,8 @@ async def explain(
         rest = await _run(model, item.pixels, ranked[1:], stop.remaining())
         cams.extend(rest[CAM])
         explained.extend(ranked[1:])
+    if method != modelrepo.DEFAULT_METHOD:
+        cams = await _method_cams(model, method, item.pixels, explained, stop)
     activations = first.get(modelrepo.ACTIVATIONS) if options.feature_maps else None
     grid = options.feature_maps
     pictures = await _in_thread(stop, _draw, item, cams, activations, grid, stop)
@@ -236,10 +242,27 @@ async def explain(
             )
         )
     result.feature_maps_png = pictures.feature_maps
+    result.method = method
     layer = model.config.parameters.get(modelrepo.TARGET_LAYER)
     if layer is not None:
         result.target_layer = layer.string_value
     return result
+
+
+async def _method_cams(
+    model: ServedModel, method: str, pixels: np.ndarray, explained: list[int], stop: Stop
+) -> list[np.ndarray]:
+    """The chosen method's heatmaps for each explained class: the explainer through the core
+    (batched, counted), then the method's own graphs in a worker thread."""
+    first = None
+    if methods.needs_explainer(method):
+        first = await _run(model, pixels, explained, stop.remaining())
+    batch = np.repeat(pixels[np.newaxis], len(explained), 0)
+    targets = np.asarray(explained, dtype=np.int64)
+    graphs = methods.graphs_of(model)
+    steps = modelrepo.DEFAULT_IG_STEPS
+    out = await _in_thread(stop, graphs.explain, method, batch, targets, steps, first)
+    return [out[CAM][i] for i in range(len(explained))]
 
 
 @dataclass

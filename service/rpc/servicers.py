@@ -24,9 +24,10 @@ from ..core.errors import InvalidInput, ModelNotReady, Unsupported
 from ..core.model import ServedModel
 from ..core.model_control import ModelControl
 from ..core.repository import ModelRepository
+from ..explain import methods as explain_methods
 from ..explain.pipeline import explain
 from .codec import decode_request, encode_response
-from .explain import explain_query, explain_response
+from .explain import explain_query, explain_response, method_parameters
 from .handlers import Rejections
 from .statistics import statistics_message
 
@@ -129,10 +130,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         start = time.perf_counter_ns()
         try:
             decoded = decode_request(request, model.signature)
+            # An explainer's `method` parameter: its maps from another method's graphs.
+            method = explain_methods.requested(method_parameters(request))
+            if method is not None:
+                explain_methods.check(model, *method)
         except Exception as exc:
             model.request_failed(start, exc)
             raise
         outputs = await model.infer(decoded.inputs, decoded.batch_size, timeout_s, start)
+        if method is not None:
+            outputs = await explain_methods.replace_maps(model, *method, decoded.inputs, outputs)
         return encode_response(
             request, model.version, outputs, decoded.outputs, model.signature.batching
         )

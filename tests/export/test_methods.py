@@ -45,7 +45,7 @@ NUM_CLASSES = 10
 @pytest.fixture(scope="module")
 def digits() -> np.ndarray:
     images, _ = load_mnist("test")
-    return (images[:24].astype(np.float32) / 255.0)[:, None]
+    return (images[:12].astype(np.float32) / 255.0)[:, None]
 
 
 @pytest.fixture(scope="module")
