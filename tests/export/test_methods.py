@@ -40,6 +40,8 @@ from training.mnist import MEAN, STD, load_mnist
 from training.models import MODELS
 
 NUM_CLASSES = 10
+# The export and the references take minutes on two busy shared cores.
+pytestmark = pytest.mark.timeout(1800)
 
 
 @pytest.fixture(scope="module")
