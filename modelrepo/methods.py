@@ -44,13 +44,6 @@ from modelrepo import (
 Run = Callable[[str, dict[str, np.ndarray]], Mapping[str, np.ndarray]]
 # Methods that need the explainer's outputs (activations, gradients, logits) first.
 NEEDS_EXPLAINER = (*GRADIENT_CAMS, *ACTIVATION_CAMS, "scorecam", "ablationcam")
-# Graph files each method runs, besides the explainer and its own methods/<method>.onnx.
-EXTRA_FILES: dict[str, tuple[str, ...]] = {
-    "scorecam": (f"{METHODS_DIR}/{MASKS_FILE}", FORWARD_FILE),
-    "ablationcam": (f"{METHODS_DIR}/{ABLATE_FILE}", HEAD_FILE),
-    "saliency": (SALIENCY_FILE,),
-    "integrated_gradients": (SALIENCY_FILE, f"{METHODS_DIR}/{SCALED_FILE}"),
-}
 
 
 def method_file(method: str) -> str:
