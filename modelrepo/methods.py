@@ -42,6 +42,8 @@ from modelrepo import (
 )
 
 Run = Callable[[str, dict[str, np.ndarray]], Mapping[str, np.ndarray]]
+# The most image variants (masked inputs, ablated activations, IG steps) in one graph run.
+MAX_VARIANTS = 1024
 # Methods that need the explainer's outputs (activations, gradients, logits) first.
 NEEDS_EXPLAINER = (*GRADIENT_CAMS, *ACTIVATION_CAMS, "scorecam", "ablationcam")
 
@@ -73,9 +75,38 @@ def explain_with_graphs(
     steps: int,
     first: Mapping[str, np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
-    """The method's outputs (cam_raw, cam, ...) and explained_class for a batch."""
+    """The method's outputs (cam_raw, cam, ...) and explained_class for a batch.
+
+    ScoreCAM, AblationCAM and Integrated Gradients run C (channels) or `steps` variants of each
+    image: the batch is split so one graph run holds at most MAX_VARIANTS of them.
+    """
     if method not in ALL_METHODS:
         raise ValueError(f"unknown method {method!r}; known: {', '.join(ALL_METHODS)}")
+    variants = {"integrated_gradients": steps}.get(method, 1)
+    if method in ("scorecam", "ablationcam") and first is not None:
+        variants = int(np.asarray(first[ACTIVATIONS]).shape[1])
+    elif method in ("scorecam", "ablationcam"):
+        first = run(MODEL_FILE, {INPUT: pixels, TARGET_CLASS: target_class.reshape(len(pixels))})
+        variants = int(np.asarray(first[ACTIVATIONS]).shape[1])
+    per_run = max(1, MAX_VARIANTS // max(variants, 1))
+    if len(pixels) <= per_run:
+        return _explain(method, run, pixels, target_class, steps, first)
+    parts = []
+    for start in range(0, len(pixels), per_run):
+        part = slice(start, start + per_run)
+        sliced = {k: np.asarray(v)[part] for k, v in first.items()} if first else None
+        parts.append(_explain(method, run, pixels[part], target_class[part], steps, sliced))
+    return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+
+
+def _explain(
+    method: str,
+    run: Run,
+    pixels: np.ndarray,
+    target_class: np.ndarray,
+    steps: int,
+    first: Mapping[str, np.ndarray] | None,
+) -> dict[str, np.ndarray]:
     x = np.ascontiguousarray(pixels, dtype=np.float32)
     targets = np.ascontiguousarray(target_class, dtype=np.int64).reshape(len(x))
     graph = method_file(method)
