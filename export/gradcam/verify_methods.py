@@ -32,7 +32,7 @@ RELATIVE_TOL = 1e-4
 # decides its side: most images agree to ~1e-7, a few to ~2e-4, while Captum in float32 differs
 # from Captum in float64 by up to ~1e-3 on the same images (mnist_cnn, 32 digits).
 TOLERANCES = {"ablationcam": 1e-3, "integrated_gradients": 1e-3}
-CHUNK = 32
+CHUNK = 8  # images per reference call: IG holds 50 gradients of each
 
 
 @dataclass
