@@ -19,6 +19,7 @@ from typing import Any
 
 import grpc
 
+from modelrepo import ALL_METHODS, DEFAULT_METHOD
 from pb import explain_pb2 as ex
 from pb import explain_pb2_grpc as ex_grpc
 
@@ -101,18 +102,64 @@ def classify(stub: ex_grpc.ExplainerStub, args: argparse.Namespace) -> int:
 
 
 def explain(stub: ex_grpc.ExplainerStub, args: argparse.Namespace) -> int:
-    response = stub.Explain(
-        _request(args, args.image, predictions_only=False), timeout=args.timeout
-    )
+    if args.method == "all":
+        return explain_all_methods(stub, args)
+    request = _request(args, args.image, predictions_only=False)
+    request.method = args.method
+    response = stub.Explain(request, timeout=args.timeout)
     _print_predictions(str(args.image), response)
-    out = args.out or args.image.with_name(f"{args.image.stem}_gradcam.png")
+    suffix = "gradcam" if args.method == DEFAULT_METHOD else args.method
+    out = args.out or args.image.with_name(f"{args.image.stem}_{suffix}.png")
     for path, explanation in zip(
         _write_overlays(response, out), response.explanations, strict=True
     ):
-        print(f"  Grad-CAM for class {explanation.target.label} ({response.target_layer}): {path}")
+        print(
+            f"  {args.method} for class {explanation.target.label} ({response.target_layer}): "
+            f"{path}"
+        )
     if args.feature_maps:
         args.feature_maps.write_bytes(response.feature_maps_png)
         print(f"  feature maps of {response.target_layer}: {args.feature_maps}")
+    return 0
+
+
+def explain_all_methods(stub: ex_grpc.ExplainerStub, args: argparse.Namespace) -> int:
+    """Every method the explainer offers for the top class, side by side in one picture."""
+    import io
+
+    from PIL import Image, ImageDraw
+
+    tiles: list[tuple[str, Image.Image]] = []
+    response = None
+    for method in ALL_METHODS:
+        request = _request(args, args.image, predictions_only=False)
+        request.method = method
+        try:
+            response = stub.Explain(request, timeout=args.timeout)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.INVALID_ARGUMENT and "not offered" in (
+                exc.details() or ""
+            ):
+                continue
+            raise
+        overlay = Image.open(io.BytesIO(response.explanations[0].overlay_png)).convert("RGB")
+        tiles.append((method, overlay))
+    if response is None:
+        print(f"{args.image}: the explainer offers no method", file=sys.stderr)
+        return 1
+    _print_predictions(str(args.image), response)
+    size = max(max(t.size) for _, t in tiles)
+    caption = 14
+    sheet = Image.new("RGB", (size * len(tiles), size + caption), "white")
+    draw = ImageDraw.Draw(sheet)
+    for column, (method, tile) in enumerate(tiles):
+        sheet.paste(tile.resize((size, size)), (column * size, caption))
+        draw.text((column * size + 2, 1), method, fill="black")
+    out = args.out or args.image.with_name(f"{args.image.stem}_methods.png")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(out)
+    label = response.explanations[0].target.label
+    print(f"  {len(tiles)} methods for class {label}, side by side: {out}")
     return 0
 
 
@@ -355,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="FILE",
         help="overlay picture, .png or .jpg (the suffix picks the format); with several classes "
-        "each gets _<label> before the suffix, e.g. overlay_7.png (default: <image>_gradcam.png)",
+        "each gets _<label> before the suffix, e.g. overlay_7.png (default: <image>_<method>.png)",
     )
     sub.add_argument(
         "--target",
@@ -371,6 +418,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="PNG",
         help="also write a grid of the target layer's feature maps here (default: not written)",
+    )
+    sub.add_argument(
+        "--method",
+        default=DEFAULT_METHOD,
+        choices=[*ALL_METHODS, "all"],
+        help="explanation method; all: every method the explainer offers, side by side in one "
+        "PNG, <image>_methods.png unless --out",
     )
     _common_options(sub, after_command=True)
     sub.set_defaults(run=explain)

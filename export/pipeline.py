@@ -16,10 +16,12 @@ from typing import Any
 import numpy as np
 
 from export.onnx_export import export_classifier, verify_classifier
-from export.repository import BatchingPolicy, write_model
-from modelrepo import CLASSIFIER, MODEL_FILE, NUM_CLASSES, TARGET_LAYER, explainer_name
+from export.repository import BatchingPolicy, write_model, write_model_folder
+from modelrepo import CLASSIFIER, METHODS, MODEL_FILE, NUM_CLASSES, TARGET_LAYER, explainer_name
 from training.checkpoint import Checkpoint, load_checkpoint
 from training.data import load_dataset
+
+METHODS_VERIFY_COUNT = 32  # real test digits each method is checked on against its reference
 
 
 @dataclass
@@ -30,6 +32,7 @@ class VerifiedGraph:
     max_abs_diff: float  # classifier: logits; explainer: cam_raw and logits
     seconds: float  # export and verification
     target_layer: str | None = None  # explainers only
+    methods: dict[str, Any] | None = None  # explainers: each method's check against its reference
 
 
 def real_test_inputs(checkpoint: Checkpoint, count: int) -> tuple[np.ndarray, np.ndarray]:
@@ -58,16 +61,30 @@ def explainer_targets(count: int, num_classes: int) -> np.ndarray:
 def build_explainer(
     ckpt: Checkpoint, layer: str, pixels: np.ndarray, scratch: Path
 ) -> VerifiedGraph:
-    """Export the Grad-CAM explainer at `layer` and check it against autograd on `pixels`."""
-    from export.gradcam import export_gradcam, verify_gradcam  # make_fx and friends: import late
+    """Export the explainer's folder at `layer` (Grad-CAM graph, weight graphs sharing one
+    weights file, a graph per method); check Grad-CAM against autograd and every method
+    against pytorch-grad-cam / Captum on `pixels`."""
+    # make_fx, the reference libraries and friends: imported late.
+    from export.gradcam import verify_gradcam
+    from export.gradcam.bundle import export_bundle
+    from export.gradcam.verify_methods import verify_methods
 
     started = time.perf_counter()
-    path = scratch / "gradcam.onnx"
+    folder = scratch / "explainer"
     classes = len(ckpt.labels)
-    export_gradcam(ckpt.model, layer, ckpt.input_shape, ckpt.mean, ckpt.std, classes, path)
+    export_bundle(ckpt.model, layer, ckpt.input_shape, ckpt.mean, ckpt.std, classes, folder)
     targets = explainer_targets(len(pixels), classes)
+    path = folder / MODEL_FILE
     diff = verify_gradcam(path, ckpt.model, layer, pixels, targets, ckpt.mean, ckpt.std)
-    return VerifiedGraph(path, diff, time.perf_counter() - started, target_layer=layer)
+    # The references run one library call per method and chunk: fewer images than Grad-CAM's.
+    few = slice(0, METHODS_VERIFY_COUNT)
+    checks = verify_methods(
+        folder, ckpt.model, layer, pixels[few], targets[few], ckpt.mean, ckpt.std
+    )
+    methods = {name: check.as_dict() for name, check in checks.items()}
+    return VerifiedGraph(
+        path, diff, time.perf_counter() - started, target_layer=layer, methods=methods
+    )
 
 
 def write_classifier(
@@ -96,24 +113,39 @@ def write_explainer(
     policy: BatchingPolicy,
     verified_on: int,
 ) -> dict[str, Any]:
-    """Add the explainer as a new version of `<name>_gradcam`; its summary."""
+    """Add the explainer's folder as a new version of `<name>_gradcam`; its summary."""
     started = time.perf_counter()
     layer = str(graph.target_layer)
     explainer = explainer_name(name)
-    parameters = {NUM_CLASSES: str(len(ckpt.labels)), TARGET_LAYER: layer, CLASSIFIER: name}
-    written = write_model(
-        repository, explainer, graph.onnx_file, ckpt.labels, policy, parameters=parameters
+    methods = list(graph.methods or {})
+    parameters = {
+        NUM_CLASSES: str(len(ckpt.labels)),
+        TARGET_LAYER: layer,
+        CLASSIFIER: name,
+        METHODS: ",".join(methods),
+    }
+    written = write_model_folder(
+        repository, explainer, graph.onnx_file.parent, ckpt.labels, policy, parameters=parameters
     )
+    size = sum(p.stat().st_size for p in written.parent.rglob("*") if p.is_file())
     print(
-        f"{explainer}: wrote {written} ({written.stat().st_size / 1e6:.2f} MB), target layer "
-        f"{layer!r}; cam_raw and logits vs PyTorch autograd: max abs diff "
-        f"{graph.max_abs_diff:.2e} on {verified_on} images"
+        f"{explainer}: wrote {written.parent} ({size / 1e6:.2f} MB), target layer {layer!r}; "
+        f"cam_raw and logits vs PyTorch autograd: max abs diff {graph.max_abs_diff:.2e} on "
+        f"{verified_on} images"
     )
+    for check in (graph.methods or {}).values():
+        sign = check.get("sign_agreement")
+        print(
+            f"  {check['method']:<22} vs {check['reference']:<19} max rel diff "
+            f"{check['max_relative']:.1e} (tolerance {check['tolerance']:g})"
+            + (f", LAPACK's sign on {sign:.0%} of images" if sign is not None else "")
+        )
     return {
         "path": str(written),
-        "bytes": written.stat().st_size,
+        "bytes": size,
         "target_layer": layer,
         "max_abs_diff_cam_raw": graph.max_abs_diff,
+        "methods": graph.methods,
         "seconds": graph.seconds + time.perf_counter() - started,
     }
 

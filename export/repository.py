@@ -118,3 +118,26 @@ def write_model(
     write_config(model_dir, config_from_onnx(name, target, policy, labels_output, parameters))
     write_labels(model_dir, labels)
     return target
+
+
+def write_model_folder(
+    repository: Path,
+    name: str,
+    folder: Path,
+    labels: list[str],
+    policy: BatchingPolicy,
+    labels_output: str | None = PROBABILITIES,
+    parameters: dict[str, str] | None = None,
+) -> Path:
+    """Add a folder (model.onnx and the files beside it) as a new version of `name`.
+
+    The config is read from its model.onnx; returns the path of that file.
+    """
+    model_dir = repository / name
+    version_dir = model_dir / str(next_version(model_dir))
+    model_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(folder, version_dir)
+    target = version_dir / MODEL_FILE
+    write_config(model_dir, config_from_onnx(name, target, policy, labels_output, parameters))
+    write_labels(model_dir, labels)
+    return target

@@ -88,3 +88,63 @@ def read_labels(model_dir: Path) -> list[str]:
     """The class labels of a model, one a line ([] when the file is absent)."""
     path = model_dir / LABELS_FILE
     return path.read_text().splitlines() if path.is_file() else []
+
+
+# Explanation methods beyond Grad-CAM. The explainer `<model>_gradcam` also returns GRADIENTS (the
+# target class score's gradient at the target layer, beside ACTIVATIONS). Its version folder holds
+# more graphs next to model.onnx, all reading one weights file (WEIGHTS_FILE, ONNX external data):
+# SALIENCY_FILE (input, target_class -> INPUT_GRADIENT, logits, explained_class), FORWARD_FILE
+# (input -> logits, probabilities: the classifier, for ScoreCAM's masked inputs), HEAD_FILE
+# (INPUT, HEAD_INPUT: the target layer's activations -> logits, for AblationCAM), and one weight-free
+# graph per method under METHODS_DIR (`<method>.onnx`, tensors below). METHODS, a config.pbtxt
+# parameter of the explainer, lists the methods it offers (comma-separated); METHOD is the
+# request parameter that picks one (default DEFAULT_METHOD); IG_STEPS the steps of Integrated
+# Gradients (1..MAX_IG_STEPS, default DEFAULT_IG_STEPS).
+GRADIENTS = "gradients"
+INPUT_GRADIENT = "input_gradient"
+HEAD_INPUT = "head_input"
+WEIGHTS_FILE = "weights.data"
+SALIENCY_FILE = "input_gradient.onnx"
+FORWARD_FILE = "forward.onnx"
+HEAD_FILE = "head.onnx"
+METHODS_DIR = "methods"
+METHODS = "methods"
+METHOD = "method"
+IG_STEPS = "ig_steps"
+DEFAULT_METHOD = "gradcam"
+DEFAULT_IG_STEPS = 50
+MAX_IG_STEPS = 128
+# Method graph tensors: a CAM method takes ACTIVATIONS [N, C, *S] and, as it needs them,
+# GRADIENTS, EXPLAINED_CLASS [N], LOGITS [N, K] (the explainer's) and MASKED_LOGITS or
+# ABLATED_LOGITS [N * C, K] (the logits of ScoreCAM's masked inputs, MASKS_FILE: ACTIVATIONS,
+# INPUT -> MASKED [N * C, *input]; of AblationCAM's ablated activations, ABLATE_FILE:
+# ACTIVATIONS, INPUT -> HEAD_INPUT [N * C, C, *S] and ABLATED_INPUT [N * C, *input], run
+# through HEAD_FILE). Saliency takes INPUT_GRADIENT; Integrated Gradients takes INPUT,
+# IG_STEPS [N] and INPUT_GRADIENT [N * steps, *input] of SCALED_FILE's SCALED inputs
+# (INPUT, IG_STEPS -> SCALED [N * steps, *input]). Every method graph returns CAM_RAW (the map
+# before upsampling and normalisation; the attribution itself for the input methods) and CAM
+# ([N, *input spatial], in [0, 1]).
+MASKED = "masked"
+# EigenCAM and EigenGradCAM also return PROJECTION: the signed projection on the first principal
+# component, [N, *S], before the ReLU (its sign fixed so its largest-magnitude entry is positive).
+PROJECTION = "projection"
+MASKED_LOGITS = "masked_logits"
+ABLATED_INPUT = "ablated_input"
+ABLATED_LOGITS = "ablated_logits"
+SCALED = "scaled"
+MASKS_FILE = "score_masks.onnx"
+ABLATE_FILE = "ablate.onnx"
+SCALED_FILE = "ig_scale.onnx"
+GRADIENT_CAMS = (
+    "gradcam",
+    "hirescam",
+    "gradcam_elementwise",
+    "gradcam_plusplus",
+    "xgradcam",
+    "layercam",
+    "eigengradcam",
+)
+ACTIVATION_CAMS = ("eigencam",)
+FORWARD_CAMS = ("scorecam", "ablationcam")
+INPUT_ATTRIBUTIONS = ("saliency", "integrated_gradients")
+ALL_METHODS = GRADIENT_CAMS + ACTIVATION_CAMS + FORWARD_CAMS + INPUT_ATTRIBUTIONS

@@ -18,7 +18,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modelrepo import ACTIVATIONS, CAM, CAM_RAW, EXPLAINED_CLASS, LOGITS, PROBABILITIES
+from modelrepo import (
+    ACTIVATIONS,
+    CAM,
+    CAM_RAW,
+    EXPLAINED_CLASS,
+    GRADIENTS,
+    INPUT_GRADIENT,
+    LOGITS,
+    PROBABILITIES,
+)
 
 # Floor of the min-max normaliser, so an all-zero map divides by it, not by zero. Not `+ eps`:
 # the ONNX optimiser folds a tiny added constant away.
@@ -106,8 +115,8 @@ def gradcam_core(
     pixels: torch.Tensor,
     target_class: torch.Tensor,
     validate: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(cam_raw, activations, logits, explained_class) for raw pixels in [0, 1].
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(cam_raw, activations, gradients, logits, explained_class) for raw pixels in [0, 1].
 
     `validate` checks the targets against the number of classes (eagerly; not while tracing).
     """
@@ -128,7 +137,31 @@ def gradcam_core(
     spatial = tuple(range(2, activations.dim()))
     weights = grads.mean(dim=spatial, keepdim=True)
     cam_raw = torch.relu((weights * activations).sum(dim=1))
-    return cam_raw, activations.detach(), logits.detach(), explained
+    return cam_raw, activations.detach(), grads, logits.detach(), explained
+
+
+def input_gradient_core(
+    model: nn.Module,
+    mean: float,
+    std: float,
+    pixels: torch.Tensor,
+    target_class: torch.Tensor,
+    validate: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_gradient, logits, explained_class): the target score's gradient at the raw pixels.
+
+    The gradient is taken with respect to the pixels in [0, 1] (normalisation inside), as Captum
+    sees a classifier that takes them.
+    """
+    leaf = pixels.detach().requires_grad_()
+    with torch.enable_grad():
+        logits = model((leaf - mean) / std)
+    if validate:
+        _check_targets(target_class, logits.shape[1])
+    explained = torch.where(target_class < 0, logits.argmax(dim=1), target_class)
+    score = logits.gather(1, explained.unsqueeze(1)).sum()
+    (grads,) = torch.autograd.grad(score, leaf)
+    return grads, logits.detach(), explained
 
 
 def cam_from_raw(cam_raw: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
@@ -173,7 +206,7 @@ def gradcam_reference(
     pixels = pixels.detach().float()
     target_class = target_class.detach().long()
     with frozen(model):
-        cam_raw, activations, logits, explained = gradcam_core(
+        cam_raw, activations, grads, logits, explained = gradcam_core(
             model, target_layer, mean, std, pixels, target_class, validate=True
         )
     cam = cam_from_raw(cam_raw.detach(), tuple(pixels.shape[2:]))
@@ -181,7 +214,20 @@ def gradcam_reference(
         CAM: cam,
         CAM_RAW: cam_raw.detach(),
         ACTIVATIONS: activations,
+        GRADIENTS: grads.detach(),
         LOGITS: logits,
         PROBABILITIES: logits.softmax(dim=1),
         EXPLAINED_CLASS: explained,
     }
+
+
+def input_gradient_reference(
+    model: nn.Module, pixels: torch.Tensor, target_class: torch.Tensor, mean: float, std: float
+) -> dict[str, torch.Tensor]:
+    """The input gradient with PyTorch autograd, eagerly: input_gradient, logits, explained_class."""
+    model.eval()
+    with frozen(model):
+        grads, logits, explained = input_gradient_core(
+            model, mean, std, pixels.detach().float(), target_class.detach().long(), validate=True
+        )
+    return {INPUT_GRADIENT: grads, LOGITS: logits, EXPLAINED_CLASS: explained}

@@ -21,6 +21,7 @@ import modelrepo
 from ..core.errors import InvalidInput
 from ..core.model import ServedModel
 from ..core.repository import ModelRepository
+from . import methods
 from .imaging import (
     NEVER,
     Box,
@@ -73,6 +74,7 @@ class ExplainQuery:
     target_classes: tuple[int, ...] = ()
     top_k: int = 0  # 0: one
     options: ExplainOptions = field(default_factory=ExplainOptions)
+    method: str = ""  # "": Grad-CAM; the explainer's config lists the others (explain/methods.py)
 
 
 @dataclass(frozen=True)
@@ -108,6 +110,7 @@ class ExplainResult:
     warnings: tuple[str, ...] = ()
     inverted: bool = False
     heatmap_scale: str = "per_class"
+    method: str = ""
 
 
 @dataclass
@@ -253,11 +256,17 @@ async def explain(
     _, model = repository.get(served, query.version)
     labels = _check_model(model, explainer=not options.predictions_only)
     _check_counts(model, query, top_k)
+    method = "" if options.predictions_only else methods.check(model, query.method)
     shared = options.heatmap_scale == SHARED
     if shared and modelrepo.CAM_RAW not in model.signature.outputs_by_name:
         raise InvalidInput(
             f"heatmap_scale: a shared scale needs the explainer's '{modelrepo.CAM_RAW}' output, "
             f"which '{model.name}' lacks; use the per-class scale"
+        )
+    if shared and method not in ("", modelrepo.DEFAULT_METHOD):
+        raise InvalidInput(
+            f"heatmap_scale: the shared scale is drawn from Grad-CAM's raw maps; with method "
+            f"'{method}' use the per-class scale"
         )
     stop = Stop(timeout_s)
     dims = model.signature.inputs_by_name[INPUT].model_dims
@@ -292,12 +301,14 @@ async def explain(
         if shared:
             raws.extend(rest[modelrepo.CAM_RAW])
         explained.extend(ranked[1:])
+    if method != modelrepo.DEFAULT_METHOD:
+        cams = await _method_cams(model, method, item.pixels, explained, stop)
     activations = first.get(modelrepo.ACTIVATIONS) if options.feature_maps else None
     grid = options.feature_maps
     drawn = shared_scale(cams, raws) if shared else cams
     captions = None
     if options.annotated:
-        captions = [_caption(probs, i, labels, shared, item) for i in explained]
+        captions = [_caption(probs, i, labels, shared, item, method) for i in explained]
     pictures = await _in_thread(stop, _draw, item, drawn, activations, grid, stop, captions)
     for cam, index, overlay, annotated in zip(
         cams, explained, pictures.overlays, pictures.annotated, strict=True
@@ -311,10 +322,27 @@ async def explain(
             )
         )
     result.feature_maps_png = pictures.feature_maps
+    result.method = method
     layer = model.config.parameters.get(modelrepo.TARGET_LAYER)
     if layer is not None:
         result.target_layer = layer.string_value
     return result
+
+
+async def _method_cams(
+    model: ServedModel, method: str, pixels: np.ndarray, explained: list[int], stop: Stop
+) -> list[np.ndarray]:
+    """The chosen method's heatmaps for each explained class: the explainer through the core
+    (batched, counted), then the method's own graphs in a worker thread."""
+    first = None
+    if methods.needs_explainer(method):
+        first = await _run(model, pixels, explained, stop.remaining())
+    batch = np.repeat(pixels[np.newaxis], len(explained), 0)
+    targets = np.asarray(explained, dtype=np.int64)
+    graphs = methods.graphs_of(model)
+    steps = modelrepo.DEFAULT_IG_STEPS
+    out = await _in_thread(stop, graphs.explain, method, batch, targets, steps, first)
+    return [out[CAM][i] for i in range(len(explained))]
 
 
 @dataclass
@@ -325,7 +353,12 @@ class _Pictures:
 
 
 def _caption(
-    probs: np.ndarray, index: int, labels: tuple[str, ...], shared: bool, item: ModelInput
+    probs: np.ndarray,
+    index: int,
+    labels: tuple[str, ...],
+    shared: bool,
+    item: ModelInput,
+    method: str = "",
 ) -> Caption:
     """What the annotated overlay of class `index` says under the picture."""
     label = labels[index] if index < len(labels) else str(index)
@@ -337,7 +370,8 @@ def _caption(
     notes = [f"note: {w}" for w in item.warnings]
     if item.inverted:
         notes.append("inverted: dark on light, the model reads light strokes on black")
-    return Caption(label, float(probs[index]), scale=scale, notes=tuple(notes))
+    shown = methods.title(method or modelrepo.DEFAULT_METHOD)
+    return Caption(label, float(probs[index]), shown, scale=scale, notes=tuple(notes))
 
 
 async def _in_thread(stop: Stop, func: Callable[..., T], /, *args: Any) -> T:

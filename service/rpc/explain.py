@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import numpy as np
 
+import modelrepo
 from pb import explain_pb2 as ex
+from pb import grpc_service_pb2 as pb
 
 from ..explain.pipeline import (
     PER_CLASS,
@@ -44,6 +46,7 @@ def explain_query(request: ex.ExplainRequest) -> ExplainQuery:
             annotated=request.annotated,
             heatmap_scale=_SCALES.get(request.heatmap_scale, PER_CLASS),
         ),
+        method=request.method,
     )
 
 
@@ -83,3 +86,14 @@ def explain_response(result: ExplainResult) -> ex.ExplainResponse:
     if result.target_layer is not None:
         response.target_layer = result.target_layer
     return response
+
+
+def method_parameters(request: pb.ModelInferRequest) -> dict[str, object]:
+    """The explanation-method parameters of a ModelInferRequest (`method`, `ig_steps`), decoded."""
+    decoded: dict[str, object] = {}
+    for name in (modelrepo.METHOD, modelrepo.IG_STEPS):
+        if name in request.parameters:
+            parameter = request.parameters[name]
+            which = parameter.WhichOneof("parameter_choice")
+            decoded[name] = getattr(parameter, which) if which else None
+    return decoded

@@ -24,10 +24,11 @@ from ..core.errors import InvalidInput, ModelNotReady, Unsupported, outcome
 from ..core.model import ServedModel
 from ..core.model_control import ModelControl
 from ..core.repository import ModelRepository
+from ..explain import methods as explain_methods
 from ..explain.pipeline import explain
 from ..observability.metrics import ServingMetrics
 from .codec import decode_request, encode_response
-from .explain import explain_query, explain_response
+from .explain import explain_query, explain_response, method_parameters
 from .extensions import ExtensionServicer, ServerExtensions
 from .handlers import Rejections
 from .shared_memory_io import output_placements, place_outputs
@@ -148,12 +149,18 @@ class InferenceServicer(ExtensionServicer, pb_grpc.GRPCInferenceServiceServicer)
         try:
             decoded = decode_request(request, model.signature, shm)
             placements = output_placements(request)
+            # An explainer's `method` parameter: its maps from another method's graphs.
+            method = explain_methods.requested(method_parameters(request))
+            if method is not None:
+                explain_methods.check(model, *method)
         except Exception as exc:
             model.request_failed(start, exc)
             raise
         if trace is not None:
             trace.mark("REQUEST_START", start)
         outputs = await model.infer(decoded.inputs, decoded.batch_size, timeout_s, start, trace)
+        if method is not None:
+            outputs = await explain_methods.replace_maps(model, *method, decoded.inputs, outputs)
         response = encode_response(
             request, model.version, outputs, decoded.outputs, model.signature.batching
         )

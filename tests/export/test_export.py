@@ -17,11 +17,13 @@ from export.errors import ExportVerificationError
 from export.onnx_export import export_classifier, verify_classifier
 from export.pipeline import export_checkpoint, real_test_inputs
 from modelrepo import (
+    ALL_METHODS,
     CLASSIFIER,
     CONFIG_FILE,
     INPUT,
     LABELS_FILE,
     LOGITS,
+    METHODS,
     MODEL_FILE,
     NUM_CLASSES,
     PROBABILITIES,
@@ -94,7 +96,12 @@ def test_explainer_config_names_its_classifier_layer_and_classes(mnist_repositor
     config = read_config(mnist_repository / explainer_name("mnist_cnn"))
     assert config.name == explainer_name("mnist_cnn")
     parameters = {key: value.string_value for key, value in config.parameters.items()}
-    assert parameters == {NUM_CLASSES: "10", TARGET_LAYER: "act2", CLASSIFIER: "mnist_cnn"}
+    assert parameters == {
+        NUM_CLASSES: "10",
+        TARGET_LAYER: "act2",
+        CLASSIFIER: "mnist_cnn",
+        METHODS: ",".join(ALL_METHODS),
+    }
     assert [i.name for i in config.input] == [INPUT, TARGET_CLASS]
     assert read_labels(mnist_repository / explainer_name("mnist_cnn")) == [
         str(d) for d in range(10)

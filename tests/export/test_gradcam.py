@@ -36,6 +36,7 @@ from modelrepo import (
     CAM,
     CAM_RAW,
     EXPLAINED_CLASS,
+    GRADIENTS,
     INPUT,
     LOGITS,
     PROBABILITIES,
@@ -116,6 +117,7 @@ def test_mnist_explainer_matches_autograd(
     assert relative_error(got[CAM_RAW], want[CAM_RAW]) < 1e-4
     for name in (CAM, ACTIVATIONS, LOGITS, PROBABILITIES):
         assert np.abs(got[name] - want[name]).max() <= TOL, name
+    assert relative_error(got[GRADIENTS], want[GRADIENTS]) < 1e-4
     # The maps are far from zero and far apart between classes: parity means something.
     assert np.median(want[CAM_RAW].reshape(batch, -1).max(axis=1)) > 100 * max(diff, 1e-6)
     other = reference(mnist_model, "act2", pixels, (want[EXPLAINED_CLASS] + 1) % NUM_CLASSES)
@@ -149,6 +151,7 @@ def test_explainer_outputs_and_graph(mnist_explainer: Path) -> None:
         CAM: (f32, ["batch", 28, 28]),
         CAM_RAW: (f32, ["batch", 24, 24]),
         ACTIVATIONS: (f32, ["batch", 64, 24, 24]),
+        GRADIENTS: (f32, ["batch", 64, 24, 24]),
         LOGITS: (f32, ["batch", 10]),
         PROBABILITIES: (f32, ["batch", 10]),
         EXPLAINED_CLASS: (i64, ["batch"]),
