@@ -112,6 +112,9 @@ METHODS = "methods"
 METHOD = "method"
 IG_STEPS = "ig_steps"
 DEFAULT_METHOD = "gradcam"
+# Every config.pbtxt parameter the repository itself writes (the server refuses other unknown
+# keys, which would be misspelt ONNX Runtime options).
+OWN_PARAMETERS = (NUM_CLASSES, CLASS_INPUTS, TARGET_LAYER, CLASSIFIER, EXECUTION_PROVIDER, METHODS)
 DEFAULT_IG_STEPS = 50
 MAX_IG_STEPS = 128
 # Method graph tensors: a CAM method takes ACTIVATIONS [N, C, *S] and, as it needs them,

@@ -35,15 +35,8 @@ SHRINKAGE = "memory.enable_memory_arena_shrinkage"
 DEVICE_ALLOCATOR = "session.use_device_allocator_for_initializers"
 ORT_PARAMETERS = (INTRA, INTER, MODE, ARENA, PATTERN, SHRINKAGE, DEVICE_ALLOCATOR)
 # The project's own config parameters (export writes them; the server reads them).
-OWN_PARAMETERS = (
-    modelrepo.NUM_CLASSES,
-    modelrepo.CLASS_INPUTS,
-    modelrepo.TARGET_LAYER,
-    modelrepo.CLASSIFIER,
-    modelrepo.EXECUTION_PROVIDER,
-    "onnxruntime_options",
-)
 APPLIED = "onnxruntime_options"  # the ModelConfig parameter that reports what was applied
+OWN_PARAMETERS = (*modelrepo.OWN_PARAMETERS, APPLIED)
 
 GRAPH_LEVELS = {
     -1: ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
