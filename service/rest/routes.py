@@ -493,8 +493,10 @@ class RestApi:
     async def explain(self, scope: Scope, receive: Receive, name: str, version: str) -> Response:
         body = await self._body(scope, receive)
         content_type = self._header(scope, b"content-type") or ""
-        query = explain_query(name, version, body, content_type, scope.get("query_string", b""))
-        result = await explain(self.repository, query, None)
+        query, timeout_s = explain_query(
+            name, version, body, content_type, scope.get("query_string", b"")
+        )
+        result = await explain(self.repository, query, timeout_s)
         accept = (self._header(scope, b"accept") or "").lower()
         if "image/png" in accept and "json" not in accept:
             if not result.explanations:
