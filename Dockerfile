@@ -1,6 +1,6 @@
 # The serving image: ONNX Runtime, gRPC, numpy, Prometheus client, Pillow. No PyTorch.
 #   make model image                      (docker, or buildah where no engine runs)
-#   docker run -p 8001:8001 -p 8002:8002 cnnserve:latest
+#   docker run -p 8000:8000 -p 8001:8001 -p 8002:8002 cnnserve:latest   (HTTP, gRPC, metrics)
 # The model repository is baked in from ./model_repository; mount another over /models to swap.
 #
 # VARIANT=gpu installs onnxruntime-gpu with the CUDA 13 and cuDNN 9 runtime libraries from their
@@ -58,10 +58,11 @@ COPY model_repository/ /models/
 ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 \
     CNNSERVE_MODEL_REPOSITORY=/models CNNSERVE_LOG_FORMAT=json
 USER 10001:10001
-EXPOSE 8001 8002
+EXPOSE 8000 8001 8002
 # Shell form, so the probe follows CNNSERVE_GRPC_PORT when the port is moved.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 \
     CMD ["/bin/sh", "-c", "exec python3 -m service.probe --url 127.0.0.1:${CNNSERVE_GRPC_PORT:-8001}"]
 STOPSIGNAL SIGTERM
 # Listen on every interface inside the container: the server's own default is loopback.
+# --host covers gRPC and HTTP alike (--http-host and --metrics-host default to it).
 ENTRYPOINT ["python3", "-m", "service", "--host", "0.0.0.0"]

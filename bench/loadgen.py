@@ -275,13 +275,14 @@ CUDA_RUNTIME_LIB = TOOLS / "lib/python3.11/site-packages/nvidia/cuda_runtime/lib
 
 def perf_analyzer(
     address: str, model: str, concurrency: int, measurement_ms: int = 3000,
-    stability: int = 25, streaming: bool = False,
+    stability: int = 25, streaming: bool = False, protocol: str = "grpc",
 ) -> dict[str, Any]:  # fmt: skip
-    """One perf_analyzer run (tools venv) at one concurrency; its CSV line as numbers."""
+    """One perf_analyzer run (tools venv) at one concurrency (`protocol` grpc or http, `address`
+    that front's host:port); its CSV line as numbers."""
     env = {**os.environ, "LD_LIBRARY_PATH": str(CUDA_RUNTIME_LIB)}
     with tempfile.NamedTemporaryFile(suffix=".csv") as report:
         cmd = [
-            str(PERF_ANALYZER), "-m", model, "-i", "grpc", "-u", address,
+            str(PERF_ANALYZER), "-m", model, "-i", protocol, "-u", address,
             "--concurrency-range", f"{concurrency}:{concurrency}",
             "--measurement-interval", str(measurement_ms),
             "--stability-percentage", str(stability), "--max-trials", "6",

@@ -2,8 +2,8 @@
 file through a Python-backend model that batches with Triton's dynamic batcher.
 
 `make triton` builds .venv-triton. `running_triton(repository, model)` lays out a Triton
-repository and backend folder in a temporary directory, starts `tritonserver` (gRPC only) and
-yields its address and process.
+repository and backend folder in a temporary directory, starts `tritonserver` (gRPC, and its
+KServe v2 REST front too when given `http_port`) and yields its gRPC address and process.
 """
 
 from __future__ import annotations
@@ -73,8 +73,11 @@ def layout(workdir: Path, repository: Path, model: str) -> tuple[Path, Path]:
 
 
 @contextmanager
-def running_triton(repository: Path, model: str) -> Iterator[tuple[str, subprocess.Popen]]:
-    """Start tritonserver on a free gRPC port; yield (address, process); stop it afterwards."""
+def running_triton(
+    repository: Path, model: str, http_port: int | None = None
+) -> Iterator[tuple[str, subprocess.Popen]]:
+    """Start tritonserver on a free gRPC port (and HTTP on `http_port` if given); yield (gRPC
+    address, process); stop it afterwards."""
     if not available():
         raise RuntimeError(f"{TRITON_HOME} is missing: run `make triton`")
     with tempfile.TemporaryDirectory(prefix="triton-") as tmp:
@@ -88,7 +91,9 @@ def running_triton(repository: Path, model: str) -> Iterator[tuple[str, subproce
         cmd = [
             str(TRITON_HOME / "bin" / "tritonserver"), "--model-repository", str(models),
             "--backend-directory", str(backends), "--grpc-port", str(port),
-            "--allow-http=false", "--allow-metrics=false", "--allow-gpu-metrics=false",
+            *(["--allow-http=true", "--http-port", str(http_port)] if http_port is not None
+              else ["--allow-http=false"]),
+            "--allow-metrics=false", "--allow-gpu-metrics=false",
             "--pinned-memory-pool-byte-size=0", "--log-verbose=0",
         ]  # fmt: skip
         log = open(Path(tmp) / "triton.log", "w")  # noqa: SIM115

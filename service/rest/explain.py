@@ -2,8 +2,10 @@
 
 `POST /v2/models/{m}[/versions/{v}]/explain` with the PNG or JPEG bytes as the body takes its
 options from the query string (`top_k`, `target_class` repeated, `feature_maps`, `polarity`,
-`predictions_only`); with `Content-Type: application/json` the body is `{"image": base64}` or
-`{"tensor": {"shape": [...], "data": base64 FP32}}` with the same options as fields. The answer
+`predictions_only`, `timeout`); with `Content-Type: application/json` the body is `{"image": base64}`
+or `{"tensor": {"shape": [...], "data": base64 FP32}}` with the same options as fields (`timeout`
+also as `parameters.timeout`, where infer takes it). `timeout` is in microseconds, as infer's: past
+it the call answers 503 like an expired infer, and the picture work and the explainer stop. The answer
 is JSON (predictions, heatmaps as shape + flat values, overlays and feature maps as base64 PNG),
 or, with `Accept: image/png`, the first overlay itself. The same pipeline, limits and methods as
 the gRPC explain API.
@@ -18,7 +20,7 @@ from urllib.parse import parse_qsl
 
 from ..core.errors import InvalidInput, shorten
 from ..explain.pipeline import ExplainOptions, ExplainQuery, ExplainResult, RawTensor
-from .codec import parse_json
+from .codec import TIMEOUT, parse_json
 
 POLARITIES = ("auto", "as_is", "invert")  # as the gRPC explain API
 _TRUE, _FALSE = ("1", "true", "yes"), ("0", "false", "no", "")
@@ -51,10 +53,22 @@ def _base64(value: Any, name: str) -> bytes:
         raise InvalidInput(f"'{name}' is not valid base64") from None
 
 
+def _timeout_s(value: Any) -> float:
+    """A client's `timeout` in microseconds (as infer's parameter) as seconds."""
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            value = None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise InvalidInput(f"'{TIMEOUT}' must be a positive number of microseconds")
+    return min(float(value) / 1e6, 1e9)
+
+
 def explain_query(
     model: str, version: str, body: bytes, content_type: str, query_string: bytes
-) -> ExplainQuery:
-    """The pipeline's query from an HTTP explain request (the pipeline checks the rest)."""
+) -> tuple[ExplainQuery, float | None]:
+    """The pipeline's query from an HTTP explain request, and the client's timeout in seconds."""
     fields: dict[str, Any] = {}
     targets: list[Any] = []
     for key, value in parse_qsl(query_string.decode("latin-1"), keep_blank_values=True):
@@ -69,6 +83,11 @@ def explain_query(
         if not isinstance(document, dict):
             raise InvalidInput("the explain request must be a JSON object")
         fields.update(document)
+        parameters = document.get("parameters", {})
+        if not isinstance(parameters, dict):
+            raise InvalidInput("'parameters' must be a JSON object")
+        if TIMEOUT in parameters:
+            fields[TIMEOUT] = parameters[TIMEOUT]
         if "target_classes" in document:
             if not isinstance(document["target_classes"], list):
                 raise InvalidInput("'target_classes' must be a JSON array of integers")
@@ -89,7 +108,8 @@ def explain_query(
         )
     if len(targets) > 1000:
         raise InvalidInput(f"{len(targets)} target classes; at most 1000")
-    return ExplainQuery(
+    timeout_s = _timeout_s(fields[TIMEOUT]) if TIMEOUT in fields else None
+    query = ExplainQuery(
         model=model,
         version=version,
         image=image if image else None,
@@ -102,6 +122,7 @@ def explain_query(
             polarity=polarity,
         ),
     )
+    return query, timeout_s
 
 
 def explain_json(result: ExplainResult) -> dict[str, Any]:

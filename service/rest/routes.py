@@ -23,6 +23,7 @@ from google.protobuf.message import Message
 from prometheus_client import CollectorRegistry, Counter
 
 import modelrepo
+from pb import grpc_service_pb2 as pb
 
 from .. import __version__
 from ..core.errors import (
@@ -39,6 +40,8 @@ from ..core.repository import ModelRepository
 from ..core.statistics import Duration, VersionStatistics
 from ..explain.pipeline import explain
 from ..observability.metrics import CALL, NAMESPACE
+from ..rpc.servicers import PeerStatistics
+from ..rpc.statistics import statistics_message
 from .codec import HEADER_LENGTH, decode_infer, encode_infer, parse_json, split_body
 from .explain import explain_json, explain_query
 
@@ -201,6 +204,30 @@ def statistics_json(stats: VersionStatistics) -> dict[str, Any]:
     }
 
 
+def _message_duration(d: Any) -> dict[str, int]:
+    return {"count": d.count, "ns": d.ns}
+
+
+def statistics_message_json(stats: pb.ModelStatistics) -> dict[str, Any]:
+    """A ModelStatistics message (summed over workers) as Triton's HTTP statistics JSON."""
+    durations = ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output")
+    steps = ("compute_input", "compute_infer", "compute_output")
+    return {
+        "name": stats.name,
+        "version": stats.version,
+        "last_inference": stats.last_inference,
+        "inference_count": stats.inference_count,
+        "execution_count": stats.execution_count,
+        "inference_stats": {
+            d: _message_duration(getattr(stats.inference_stats, d)) for d in durations
+        },
+        "batch_stats": [
+            {"batch_size": b.batch_size, **{s: _message_duration(getattr(b, s)) for s in steps}}
+            for b in stats.batch_stats
+        ],
+    }
+
+
 class RestApi:
     """The ASGI app: routes KServe v2 REST calls onto the core."""
 
@@ -215,8 +242,10 @@ class RestApi:
         registry: CollectorRegistry,
         max_body_bytes: int,
         ui: bool = True,
+        peer_statistics: PeerStatistics | None = None,
     ) -> None:
         self.repository = repository
+        self.peer_statistics = peer_statistics  # worker processes: the group's sum
         self.control = control
         self.ready = ready
         self.draining = draining
@@ -443,7 +472,12 @@ class RestApi:
 
     async def statistics(self, scope: Scope, receive: Receive, name: str, version: str) -> Response:
         models = self.repository.serving(name, version)
-        return json_response({"model_stats": [statistics_json(m.stats) for m in models]})
+        if self.peer_statistics is None:
+            return json_response({"model_stats": [statistics_json(m.stats) for m in models]})
+        # Worker processes: this one's counts plus its peers', summed as ModelStatistics does.
+        request = pb.ModelStatisticsRequest(name=name, version=version)
+        stats = await self.peer_statistics(request, [statistics_message(m.stats) for m in models])
+        return json_response({"model_stats": [statistics_message_json(m) for m in stats]})
 
     async def index(self, scope: Scope, receive: Receive) -> Response:
         body = await self._body(scope, receive)
@@ -493,8 +527,10 @@ class RestApi:
     async def explain(self, scope: Scope, receive: Receive, name: str, version: str) -> Response:
         body = await self._body(scope, receive)
         content_type = self._header(scope, b"content-type") or ""
-        query = explain_query(name, version, body, content_type, scope.get("query_string", b""))
-        result = await explain(self.repository, query, None)
+        query, timeout_s = explain_query(
+            name, version, body, content_type, scope.get("query_string", b"")
+        )
+        result = await explain(self.repository, query, timeout_s)
         accept = (self._header(scope, b"accept") or "").lower()
         if "image/png" in accept and "json" not in accept:
             if not result.explanations:

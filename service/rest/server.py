@@ -23,6 +23,7 @@ from ..core.model import ServedModel
 from ..core.model_control import ModelControl
 from ..core.repository import ModelRepository
 from ..observability.metrics import ServingMetrics
+from ..rpc.servicers import PeerStatistics
 from .routes import RejectionLog, RestApi, TokenCheck
 
 log = logging.getLogger(__name__)
@@ -134,6 +135,7 @@ class _Server(Protocol):
     control: ModelControl
     metrics: ServingMetrics
     draining: bool
+    peer_statistics: PeerStatistics | None
 
     @property
     def security(self) -> _Security: ...
@@ -158,6 +160,7 @@ async def start_http(server: _Server) -> HttpFront:
         server.metrics.registry,
         settings.max_message_bytes,
         ui=settings.http_ui,
+        peer_statistics=server.peer_statistics,
     )
     front = HttpFront(
         api,

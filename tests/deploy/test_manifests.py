@@ -9,9 +9,11 @@ The rest are the links between files that no schema sees: ports, names, metrics,
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,9 @@ from tests.deploy.tools import DEPLOY, DEPLOY_VENV, ROOT, binary, deploy_python,
 
 KUBERNETES = DEPLOY / "kubernetes"
 OVERLAYS = ("cpu", "gpu")
+HTTP_PROBES = KUBERNETES / "components" / "http-probes"
+# Each overlay as shipped, and with the http-probes component added (httpGet instead of grpc).
+VARIANTS = (*OVERLAYS, *(f"{o}+http-probes" for o in OVERLAYS))
 PROMETHEUS = DEPLOY / "prometheus"
 RULE_FILES = (PROMETHEUS / "rules" / "recording.yml", PROMETHEUS / "rules" / "alerts.yml")
 
@@ -35,22 +40,39 @@ def kustomize_command() -> list[str]:
     missing("neither kustomize nor kubectl is installed: install one to render the overlays")
 
 
-def render(overlay: str) -> str:
-    done = subprocess.run(
-        [*kustomize_command(), str(KUBERNETES / "overlays" / overlay)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+def render(variant: str) -> str:
+    """kustomize build of an overlay, or of `overlay+http-probes`: the overlay with the component."""
+    overlay, _, component = variant.partition("+")
+    target = KUBERNETES / "overlays" / overlay
+    with tempfile.TemporaryDirectory() as tmp:
+        if component:
+            # kustomize takes only relative paths to other kustomizations.
+            here = Path(tmp)
+            (here / "kustomization.yaml").write_text(
+                yaml.safe_dump(
+                    {
+                        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                        "kind": "Kustomization",
+                        "resources": [os.path.relpath(target, here)],
+                        "components": [
+                            os.path.relpath(KUBERNETES / "components" / component, here)
+                        ],
+                    }
+                )
+            )
+            target = here
+        done = subprocess.run(
+            [*kustomize_command(), str(target)], capture_output=True, text=True, timeout=120
+        )
     assert done.returncode == 0, done.stderr
     return done.stdout
 
 
 @pytest.fixture(scope="module")
 def rendered() -> dict[str, dict[str, dict[str, Any]]]:
-    """Each overlay's objects by kind."""
+    """Each variant's objects by kind."""
     out: dict[str, dict[str, dict[str, Any]]] = {}
-    for overlay in OVERLAYS:
+    for overlay in VARIANTS:
         objects = [o for o in yaml.safe_load_all(render(overlay)) if o]
         kinds = [o["kind"] for o in objects]
         assert len(kinds) == len(set(kinds)), kinds
@@ -79,7 +101,7 @@ def validation(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[str]]
     """One run of check_manifests.py (loading the schemas is slow): errors by source file."""
     python = deploy_python()
     workdir = tmp_path_factory.mktemp("manifests")
-    sources = {f"overlay-{o}.yaml": render(o) for o in OVERLAYS}
+    sources = {f"overlay-{o}.yaml": render(o) for o in VARIANTS}
     # Mistakes each validator must catch, so the checks are not vacuous.
     deployment = (KUBERNETES / "base" / "deployment.yaml").read_text()
     isvc = (DEPLOY / "kserve" / "inferenceservice.yaml").read_text()
@@ -92,6 +114,7 @@ def validation(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[str]]
     paths += [
         str(DEPLOY / "kserve" / "servingruntime.yaml"),
         str(DEPLOY / "kserve" / "inferenceservice.yaml"),
+        str(DEPLOY / "kserve" / "inferenceservice-http.yaml"),
         str(KUBERNETES / "prometheus-adapter" / "configmap.yaml"),
     ]
     done = subprocess.run(
@@ -112,7 +135,7 @@ def validation(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[str]]
     return {"errors": by_file, "kinds": kinds}  # type: ignore[dict-item]
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", VARIANTS)
 def test_overlay_objects_pass_the_kubernetes_schemas(validation: Any, overlay: str) -> None:
     assert validation["errors"][f"overlay-{overlay}.yaml"] == []
     assert validation["kinds"][f"overlay-{overlay}.yaml"] == {
@@ -125,7 +148,12 @@ def test_overlay_objects_pass_the_kubernetes_schemas(validation: Any, overlay: s
 
 
 def test_kserve_objects_load_into_the_kserve_models(validation: Any) -> None:
-    for name in ("servingruntime.yaml", "inferenceservice.yaml", "configmap.yaml"):
+    for name in (
+        "servingruntime.yaml",
+        "inferenceservice.yaml",
+        "inferenceservice-http.yaml",
+        "configmap.yaml",
+    ):
         assert validation["errors"][name] == [], name
         assert validation["kinds"][name], name
 
@@ -160,14 +188,25 @@ def test_deployment_is_locked_down(rendered: dict[str, dict[str, dict[str, Any]]
         assert context["readOnlyRootFilesystem"] is True
         assert context["allowPrivilegeEscalation"] is False
         assert context["capabilities"]["drop"] == ["ALL"]
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        assert ports == {"http": 8000, "grpc": 8001, "metrics": 8002}
+        base_overlay, _, component = overlay.partition("+")
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-            assert container[probe]["grpc"]["port"] == 8001, (overlay, probe)
+            if component:  # httpGet on the KServe v2 health endpoints, the overlay's timings
+                assert "grpc" not in container[probe], (overlay, probe)
+                path = "/v2/health/live" if probe == "livenessProbe" else "/v2/health/ready"
+                assert container[probe]["httpGet"] == {"path": path, "port": "http"}
+                shipped = rendered[base_overlay]["Deployment"]["spec"]["template"]["spec"]
+                timings = {k: v for k, v in shipped["containers"][0][probe].items() if k != "grpc"}
+                assert timings.items() <= container[probe].items(), (overlay, probe)
+            else:
+                assert container[probe]["grpc"]["port"] == 8001, (overlay, probe)
         assert {"requests", "limits"} <= set(container["resources"])
         env = {e["name"]: e["value"] for e in container["env"]}
         server_grace = float(env["CNNSERVE_GRACE_PERIOD_S"])
         pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
         assert pod["terminationGracePeriodSeconds"] > server_grace + pre_stop
-        assert env["CNNSERVE_DEVICE"] == overlay.replace("gpu", "cuda")
+        assert env["CNNSERVE_DEVICE"] == base_overlay.replace("gpu", "cuda")
     gpu = rendered["gpu"]["Deployment"]["spec"]["template"]["spec"]["containers"][0]
     assert gpu["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert gpu["image"].endswith(":gpu")
@@ -185,6 +224,7 @@ def test_service_hpa_and_monitor_fit_together(
         service, deployment = objects["Service"], objects["Deployment"]
         ports = {p["name"]: p for p in service["spec"]["ports"]}
         assert ports["grpc"]["appProtocol"] == "kubernetes.io/h2c"
+        assert ports["http"]["port"] == 8000 and ports["http"]["appProtocol"] == "http"
         container_ports = {
             p["name"] for p in deployment["spec"]["template"]["spec"]["containers"][0]["ports"]
         }
@@ -203,19 +243,29 @@ def test_service_hpa_and_monitor_fit_together(
 
 
 def test_kserve_runtime_matches_the_image() -> None:
-    runtime = yaml.safe_load((DEPLOY / "kserve" / "servingruntime.yaml").read_text())["spec"]
-    isvc = yaml.safe_load((DEPLOY / "kserve" / "inferenceservice.yaml").read_text())["spec"]
-    assert runtime["protocolVersions"] == ["grpc-v2"]
+    runtime_doc = yaml.safe_load((DEPLOY / "kserve" / "servingruntime.yaml").read_text())
+    runtime = runtime_doc["spec"]
+    assert runtime["protocolVersions"] == ["v2", "grpc-v2"]
     assert [f["name"] for f in runtime["supportedModelFormats"]] == ["onnx"]
     (container,) = runtime["containers"]
     args = container["args"]
     assert args[args.index("--model-repository") + 1] == "/mnt/models"
-    assert args[args.index("--grpc-port") + 1] == str(container["ports"][0]["containerPort"])
-    assert container["ports"][0]["name"] == "h2c"
-    model = isvc["predictor"]["model"]
-    runtime_name = yaml.safe_load((DEPLOY / "kserve" / "servingruntime.yaml").read_text())
-    assert model["runtime"] == runtime_name["metadata"]["name"]
-    assert model["protocolVersion"] == "grpc-v2" and model["modelFormat"]["name"] == "onnx"
+    # KServe routes HTTP (v2) to its default container port 8080 when the runtime names none.
+    assert args[args.index("--http-port") + 1] == "8080"
+    assert "ports" not in container
+    for name, protocol in (
+        ("inferenceservice.yaml", "grpc-v2"),
+        ("inferenceservice-http.yaml", "v2"),
+    ):
+        model = yaml.safe_load((DEPLOY / "kserve" / name).read_text())["spec"]["predictor"]["model"]
+        assert model["runtime"] == runtime_doc["metadata"]["name"], name
+        assert model["protocolVersion"] == protocol and model["modelFormat"]["name"] == "onnx"
+        if protocol == "grpc-v2":  # gRPC goes to the container port named h2c: --grpc-port
+            (port,) = model["ports"]
+            assert port["name"] == "h2c"
+            assert args[args.index("--grpc-port") + 1] == str(port["containerPort"])
+        else:
+            assert "ports" not in model, name
 
 
 def test_promtool_checks_config_and_rules() -> None:

@@ -2,7 +2,7 @@
 
 Builds the Dockerfile with deploy/build-image.sh on a local Debian base (deploy/local-base.sh,
 cached under /var/tmp), starts the image's own ENTRYPOINT in a container, then: tritonclient infers
-and explains, the image's HEALTHCHECK command answers SERVING, the server runs as uid 10001, torch
+and explains, the image's HEALTHCHECK command answers SERVING, /v2/health/ready answers over HTTP, the server runs as uid 10001, torch
 (and pip, grpcio-tools, training code) are absent, and SIGTERM drains to exit 0 within the grace
 period. buildah's chroot isolation shares the host network, so the server listens on free ports
 handed in through CNNSERVE_* variables, which the HEALTHCHECK follows too.
@@ -100,11 +100,12 @@ class Container:
         self.config = config
         self.grpc_port = free_port()
         self.metrics_port = free_port()
+        self.http_port = free_port()
         self.marker = uuid.uuid4().hex
         self.env = {
             "CNNSERVE_GRPC_PORT": str(self.grpc_port),
             "CNNSERVE_METRICS_PORT": str(self.metrics_port),
-            "CNNSERVE_HTTP_PORT": "0",
+            "CNNSERVE_HTTP_PORT": str(self.http_port),
             "CNNSERVE_GRACE_PERIOD_S": str(GRACE_S),
             "CNNSERVE_LATENCY_THREADS": "1",
             "CONTAINER_TEST_ID": self.marker,
@@ -193,7 +194,7 @@ def test_image_config(image: dict[str, object]) -> None:
     config: dict[str, object] = image["config"]  # type: ignore[assignment]
     assert config["User"] == "10001:10001"
     assert config["Entrypoint"][-2:] == ["--host", "0.0.0.0"]  # type: ignore[index]
-    assert {"8001/tcp", "8002/tcp"} <= set(config["ExposedPorts"])  # type: ignore[arg-type]
+    assert {"8000/tcp", "8001/tcp", "8002/tcp"} <= set(config["ExposedPorts"])  # type: ignore[arg-type]
     assert config["StopSignal"] == "SIGTERM"
     assert "Healthcheck" in config
     size_mb = int(image["size_line"].split(": ")[1].split()[0])  # type: ignore[union-attr]
@@ -204,6 +205,14 @@ def test_healthcheck_answers_serving(container: Container) -> None:
     probe = container.healthcheck()
     assert probe.returncode == 0, probe.stderr
     assert f"127.0.0.1:{container.grpc_port}: SERVING" in probe.stdout
+
+
+def test_http_health_answers_from_outside(container: Container) -> None:
+    # The ENTRYPOINT's --host reaches the HTTP front too: KServe v2 REST health, as httpGet probes.
+    for path in ("/v2/health/ready", "/v2/health/live", f"/v2/models/{MODEL}/ready"):
+        url = f"http://127.0.0.1:{container.http_port}{path}"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            assert response.status == 200, path
 
 
 def test_runs_as_non_root_without_training_code(container: Container) -> None:

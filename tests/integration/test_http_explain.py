@@ -12,15 +12,18 @@ import base64
 import io
 import json
 import shutil
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from PIL import Image
 
+import service.explain.pipeline
 from tests.support.harness import ServerThread, running_server
 from tests.support.onnx_models import write_test_repository
 
@@ -194,3 +197,33 @@ def test_the_page_draws_a_digit_and_shows_the_prediction(
     shot = np.asarray(Image.open(screenshot).convert("RGB"))
     assert len(np.unique(shot.reshape(-1, 3), axis=0)) > 50
     assert shot.min() < 40 and shot.max() > 200
+
+
+def test_explain_honours_the_client_timeout(
+    server: ServerThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The picture's decoding takes 0.6 s: a 0.2 s timeout (microseconds, as infer's) expires
+    # inside it, in the query string or in the JSON body's parameters, and answers 503 as an
+    # expired infer does; without a timeout, or with a long one, the same request succeeds.
+    original = service.explain.pipeline.decode_image
+
+    def slow(*args: Any) -> Any:
+        time.sleep(0.6)
+        return original(*args)
+
+    monkeypatch.setattr(service.explain.pipeline, "decode_image", slow)
+    path = f"/v2/models/{MODEL}/explain"
+    document = {"image": base64.b64encode(digit_png()).decode(), "parameters": {"timeout": 200000}}
+    for got in (
+        post(server, path + "?timeout=200000", digit_png()),
+        post(server, path, json.dumps(document).encode(), {"Content-Type": "application/json"}),
+    ):
+        status, _, body = got
+        assert status == 503, body[:300]
+        assert "deadline" in json.loads(body)["error"].lower()
+    for query in ("", "?timeout=30000000"):
+        status, _, body = post(server, path + query, digit_png())
+        assert status == 200, body[:300]
+    for bad in ("0", "-5", "soon", "nan"):
+        status, _, body = post(server, f"{path}?timeout={bad}", digit_png())
+        assert status == 400 and "timeout" in json.loads(body)["error"]

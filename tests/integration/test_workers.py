@@ -248,8 +248,9 @@ def test_a_worker_that_cannot_start_stops_the_group(tmp_path: Path) -> None:
 HTTP_LINE = re.compile(r"workers share HTTP port (\d+)")
 
 
-def test_workers_share_the_http_port(group: Group) -> None:
-    """Every worker listens on the one HTTP port: new connections spread over them."""
+def test_workers_share_the_http_port_and_its_statistics_add_up(group: Group) -> None:
+    """Every worker listens on the one HTTP port: new connections spread over them, and
+    /v2/models/{m}/stats on any of them sums the group, as gRPC ModelStatistics does."""
     match = HTTP_LINE.search(group.text)
     assert match, group.text
     url = f"http://127.0.0.1:{int(match.group(1))}/v2/models/classifier/infer"
@@ -271,3 +272,15 @@ def test_workers_share_the_http_port(group: Group) -> None:
             ):
                 workers.add(labels.get("worker"))
     assert len(workers) == 2, workers
+    stats_url = f"http://127.0.0.1:{int(match.group(1))}/v2/models/classifier/stats"
+    for _ in range(6):  # a connection each: both workers answer some of these
+        with urllib.request.urlopen(stats_url, timeout=10) as response:
+            (stats,) = json.loads(response.read())["model_stats"]
+        assert (stats["name"], stats["version"]) == ("classifier", "1")
+        assert stats["inference_stats"]["success"]["count"] == 40
+        assert stats["inference_count"] == 40
+        assert stats["inference_stats"]["fail"]["count"] == 0
+        batched = sum(b["batch_size"] * b["compute_infer"]["count"] for b in stats["batch_stats"])
+        assert batched == 40
+        grpc_stats = group_statistics(group.port)
+        assert stats["inference_stats"]["success"]["ns"] == grpc_stats.inference_stats.success.ns
