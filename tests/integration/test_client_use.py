@@ -267,7 +267,7 @@ def _explain(server: ServerThread, **fields: Any) -> ex.ExplainResponse:
         return ex_grpc.ExplainerStub(channel).Explain(request, timeout=60)
 
 
-def test_a_shared_scale_makes_the_runners_up_colder_than_the_winner(
+def test_a_shared_scale_keeps_only_the_largest_map_as_it_was(
     server: ServerThread, digits: tuple[np.ndarray, np.ndarray]
 ) -> None:
     image = _png(digits[0][0], scale=4)
@@ -279,9 +279,13 @@ def test_a_shared_scale_makes_the_runners_up_colder_than_the_winner(
     assert shared.heatmap_scale == ex.HEATMAP_SCALE_SHARED
     for a, b in zip(own.explanations, shared.explanations, strict=True):
         assert a.heatmap == b.heatmap  # the values stay per class; only the pictures change
-    winner, *rest = [_heat(e.overlay_png) for e in shared.explanations]
-    assert all(heat < winner for heat in rest), (winner, rest)
-    assert _heat(shared.explanations[-1].overlay_png) < _heat(own.explanations[-1].overlay_png)
+    # On one scale, the class holding the request's largest raw value keeps its full range and
+    # looks as it does on its own scale; the others change (which class that is depends on the
+    # model, not on its probability; the arithmetic is unit-tested in test_imaging).
+    shared_heat = [_heat(e.overlay_png) for e in shared.explanations]
+    own_heat = [_heat(e.overlay_png) for e in own.explanations]
+    same = [abs(s - o) < 1.0 for s, o in zip(shared_heat, own_heat, strict=True)]
+    assert sum(same) == 1, (shared_heat, own_heat)
     for explanation in shared.explanations:
         with Image.open(io.BytesIO(explanation.annotated_png)) as img:
             assert img.width >= 224 and img.height > img.width  # the caption under the picture
