@@ -78,9 +78,10 @@ def running_process(cmd: list[str], address: str, model: str = "") -> Iterator[s
 
 
 def project_command(repository: Path, port: int, *extra: str) -> list[str]:
-    """`python -m service` on `port` with `make serve` defaults (logs at WARNING, no metrics port)."""
+    """`python -m service` on `port` with `make serve` defaults (logs at WARNING, metrics on a free
+    port, HTTP off unless `extra` names an --http-port)."""
     return [sys.executable, "-m", "service", "--model-repository", str(repository),
-            "--grpc-port", str(port), "--metrics-port", str(free_port()),
+            "--grpc-port", str(port), "--metrics-port", str(free_port()), "--http-port", "-1",
             "--log-level", "WARNING", *extra]  # fmt: skip
 
 

@@ -75,7 +75,7 @@ def start_server(
     process = subprocess.Popen(
         [
             sys.executable, "-m", "service", "--model-repository", str(repository),
-            "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "-1", "--no-uvloop",
+            "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "-1", "--http-port", "-1", "--no-uvloop",
             *extra,
         ],
         cwd=ROOT,
