@@ -10,7 +10,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from collections import Counter
@@ -25,6 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pb import grpc_service_pb2 as pb
 from tests.conftest import ROOT
+from tests.support.faults import wait_for_line
 from tests.support.harness import infer_request, stub, unary_load
 from tests.support.onnx_models import images, write_test_repository
 
@@ -70,23 +70,8 @@ def start_group(repository: Path, *extra: str, workers: int = 2) -> Group:
         text=True,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )  # fmt: skip
-    assert process.stderr is not None
-    lines: list[str] = []
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        line = process.stderr.readline()
-        if not line:
-            break
-        lines.append(line)
-        match = GROUP_LINE.search(line)
-        if match:
-            threading.Thread(
-                target=lambda: lines.extend(process.stderr),  # type: ignore[arg-type]
-                daemon=True,
-            ).start()
-            return Group(process, int(match.group(2)), int(match.group(3)), lines)
-    process.kill()
-    raise AssertionError("workers did not start:\n" + "".join(lines))
+    match, lines = wait_for_line(process, GROUP_LINE, "workers")
+    return Group(process, int(match.group(2)), int(match.group(3)), lines)
 
 
 @pytest.fixture

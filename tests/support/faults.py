@@ -83,9 +83,19 @@ def start_server(
         text=True,
         env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
     )  # fmt: skip
+    match, lines = wait_for_line(process, ready_line, "server")
+    port = int(match.group(1) if ready_line is PORT_LINE else match.group(2))
+    return ServerProcess(process, port, lines)
+
+
+def wait_for_line(
+    process: subprocess.Popen[str], ready_line: re.Pattern[str], what: str, timeout: float = 90
+) -> tuple[re.Match[str], list[str]]:
+    """Read the process's stderr until `ready_line` matches (then keep collecting it in a
+    thread); returns the match and the lines, which keep growing. Kills it on a timeout."""
     assert process.stderr is not None
     lines: list[str] = []
-    deadline = time.monotonic() + 90
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         line = process.stderr.readline()
         if not line:
@@ -97,10 +107,9 @@ def start_server(
                 target=lambda: lines.extend(process.stderr),  # type: ignore[arg-type]
                 daemon=True,
             ).start()
-            port = int(match.group(1) if ready_line is PORT_LINE else match.group(2))
-            return ServerProcess(process, port, lines)
+            return match, lines
     process.kill()
-    raise AssertionError("server did not start:\n" + "".join(lines))
+    raise AssertionError(f"{what} did not start:\n" + "".join(lines))
 
 
 @contextmanager
