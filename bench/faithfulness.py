@@ -6,9 +6,12 @@ Deletion and insertion (Petsiuk et al. 2018, RISE): pixels are removed from the 
 black, MNIST's background) or added to a black picture in the order of the method's map, most
 important first, in `--steps` equal steps; the area under the explained class's probability
 curve is the score (deletion: lower is better; insertion: higher is better). A random map is the
-floor. Cost: ms per image of each method at batch 32 in-process (ONNX Runtime, one thread) and of
-the reference library (pytorch-grad-cam or Captum, one image per call, as it is used per
-request) with `--checkpoint`. Prints the table and writes bench/results/faithfulness-<model>.json.
+floor. Cost: ms per image of each method at batch 32 in-process (ONNX Runtime, one thread; process
+CPU, so a busy host does not inflate it), served with `--served` (a real server, ModelInfer on
+the explainer with the `method` parameter, one image per request, 16 in flight: images/s and
+server CPU ms per image) and of the reference library (pytorch-grad-cam or Captum, one image per
+call, as it is used per request) with `--checkpoint`. Prints the table and writes
+bench/results/faithfulness-<model>.json.
 """
 
 from __future__ import annotations
@@ -66,6 +69,63 @@ def curves(
     return scores[0], scores[1]
 
 
+def _forward_ms(forward: Callable[[np.ndarray], np.ndarray], pixels: np.ndarray) -> float:
+    """The classifier's own CPU cost per image at batch 32 (the forward graph, one thread)."""
+    batch = pixels[:32]
+    forward(batch)
+    timings = []
+    for _ in range(20):
+        began = time.process_time()
+        forward(batch)
+        timings.append(time.process_time() - began)
+    return float(np.median(timings) * 1e3 / len(batch))
+
+
+def served_cost(
+    repository: Path, model: str, pixels: np.ndarray, methods: list[str], seconds: float
+) -> dict[str, dict[str, float]]:
+    """Each method served: ModelInfer on the explainer with the `method` parameter, one image
+    per request, 16 in flight; images/s, p50 and the server's CPU ms per image."""
+    import asyncio
+
+    from bench.loadgen import CpuMeter, closed_loop, server_process
+    from modelrepo import METHOD, TARGET_CLASS
+    from pb import grpc_service_pb2 as pb
+
+    images = [np.ascontiguousarray(pixels[i : i + 1]) for i in range(min(len(pixels), 256))]
+    results: dict[str, dict[str, float]] = {}
+    with server_process(repository) as (address, proc, _):
+        for method in methods:
+
+            def request(n: int, method: str = method) -> pb.ModelInferRequest:
+                req = pb.ModelInferRequest(model_name=explainer_name(model))
+                req.inputs.add(name=INPUT, datatype="FP32", shape=[1, *pixels.shape[1:]])
+                req.inputs.add(name=TARGET_CLASS, datatype="INT64", shape=[1, 1])
+                image = images[n % len(images)].tobytes()
+                req.raw_input_contents.extend([image, np.int64(-1).tobytes()])
+                req.parameters[METHOD].string_param = method
+                req.outputs.add(name=CAM)
+                return req
+
+            asyncio.run(closed_loop(address, request, 16, 1.0, warmup=0.5))  # sessions open
+            with CpuMeter(proc.pid) as cpu:
+                result = asyncio.run(closed_loop(address, request, 16, seconds, warmup=0.0))
+            served = result.throughput
+            results[method] = {
+                "served_images_per_s_c16": served,
+                "served_p50_ms_c16": result.percentile(50),
+                "served_cpu_ms_per_image_c16": cpu.cores * 1e3 / served if served else float("nan"),
+                "served_errors": float(result.errors),
+            }
+            print(
+                f"{method:<22} served at 16 in flight: {served:8.1f} images/s, "
+                f"{results[method]['served_cpu_ms_per_image_c16']:7.2f} ms server CPU per image, "
+                f"{result.errors} errors",
+                flush=True,
+            )
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--repository", type=Path, required=True, help="model repository")
@@ -74,6 +134,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=16, help="deletion/insertion steps")
     parser.add_argument(
         "--checkpoint", type=Path, default=None, help="also time the reference libraries"
+    )
+    parser.add_argument(
+        "--served",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="also serve every method and load it at 16 in flight for this long (0: not served)",
     )
     parser.add_argument("--out", type=Path, default=None, help="JSON (default: bench/results/)")
     args = parser.parse_args()
@@ -110,7 +177,7 @@ def main() -> None:
     generator = np.random.default_rng(0)
     random_maps = generator.random((len(pixels), *pixels.shape[2:]))
     for method in ["random", *offered]:
-        started = time.perf_counter()
+        started = time.process_time()
         if method == "random":
             maps = random_maps
             ms = 0.0
@@ -119,7 +186,7 @@ def main() -> None:
                 runner.explain(method, pixels[i : i + 32], targets[i : i + 32])
                 for i in range(0, len(pixels), 32)
             ]
-            ms = (time.perf_counter() - started) * 1e3 / len(pixels)
+            ms = (time.process_time() - started) * 1e3 / len(pixels)
             maps = np.concatenate([c[CAM] for c in chunks])
         deletion, insertion = curves(forward, pixels, maps, classes, args.steps)
         row = {
@@ -152,6 +219,12 @@ def main() -> None:
             ),
             flush=True,
         )
+    forward_ms = _forward_ms(forward, pixels)
+    print(f"{'classifier':<22} {forward_ms:7.2f} ms/image (batch 32, the forward graph alone)")
+    if args.served:
+        served = served_cost(args.repository, args.model, pixels, offered, args.served)
+        for row in rows:
+            row.update(served.get(row["method"], {}))
     out = args.out or ROOT / "bench" / "results" / f"faithfulness-{args.model}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
@@ -161,6 +234,8 @@ def main() -> None:
                 "folder": str(folder),
                 "images": len(pixels),
                 "steps": args.steps,
+                "classifier_ms_per_image_batch32": forward_ms,
+                "cpu_ms": "process CPU (in-process) or server process CPU (served), per image",
                 "rows": rows,
             },
             indent=2,

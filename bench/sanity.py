@@ -137,6 +137,7 @@ def eager_maps(
         ACTIVATIONS,
         ALL_METHODS,
         EXPLAINED_CLASS,
+        FEATURES_FILE,
         FORWARD_FILE,
         GRADIENTS,
         HEAD_FILE,
@@ -171,6 +172,8 @@ def eager_maps(
                 names = [o.name for o in session.get_outputs()]
                 got = session.run(names, {k: v for k, v in feeds.items() if k in wanted})
                 return dict(zip(names, got, strict=True))
+            if relative == FEATURES_FILE:  # the explainer's forward pass: the reference below
+                raise FileNotFoundError(relative)
             with torch.no_grad():
                 if relative == FORWARD_FILE:
                     logits = Logits(model, mean, std)(torch.from_numpy(feeds[INPUT]))

@@ -95,7 +95,9 @@ def read_labels(model_dir: Path) -> list[str]:
 # more graphs next to model.onnx, all reading one weights file (WEIGHTS_FILE, ONNX external data):
 # SALIENCY_FILE (input, target_class -> INPUT_GRADIENT, logits, explained_class), FORWARD_FILE
 # (input -> logits, probabilities: the classifier, for ScoreCAM's masked inputs), HEAD_FILE
-# (INPUT, HEAD_INPUT: the target layer's activations -> logits, for AblationCAM), and one weight-free
+# (INPUT, HEAD_INPUT: the target layer's activations -> logits, for AblationCAM), FEATURES_FILE
+# (input -> activations, logits: the forward pass up to the target layer and the classifier's
+# logits, without the backward pass, for the gradient-free CAMs), and one weight-free
 # graph per method under METHODS_DIR (`<method>.onnx`, tensors below). METHODS, a config.pbtxt
 # parameter of the explainer, lists the methods it offers (comma-separated); METHOD is the
 # request parameter that picks one (default DEFAULT_METHOD); IG_STEPS the steps of Integrated
@@ -107,6 +109,7 @@ WEIGHTS_FILE = "weights.data"
 SALIENCY_FILE = "input_gradient.onnx"
 FORWARD_FILE = "forward.onnx"
 HEAD_FILE = "head.onnx"
+FEATURES_FILE = "features.onnx"
 METHODS_DIR = "methods"
 METHODS = "methods"
 METHOD = "method"
@@ -149,5 +152,6 @@ GRADIENT_CAMS = (
 )
 ACTIVATION_CAMS = ("eigencam",)
 FORWARD_CAMS = ("scorecam", "ablationcam")
+GRADIENT_FREE_CAMS = ACTIVATION_CAMS + FORWARD_CAMS
 INPUT_ATTRIBUTIONS = ("saliency", "integrated_gradients")
 ALL_METHODS = GRADIENT_CAMS + ACTIVATION_CAMS + FORWARD_CAMS + INPUT_ATTRIBUTIONS

@@ -16,12 +16,13 @@ from modelrepo import (
     ABLATE_FILE,
     ABLATED_INPUT,
     ABLATED_LOGITS,
-    ACTIVATION_CAMS,
     ACTIVATIONS,
     ALL_METHODS,
     EXPLAINED_CLASS,
+    FEATURES_FILE,
     FORWARD_FILE,
     GRADIENT_CAMS,
+    GRADIENT_FREE_CAMS,
     GRADIENTS,
     HEAD_FILE,
     HEAD_INPUT,
@@ -44,8 +45,11 @@ from modelrepo import (
 Run = Callable[[str, dict[str, np.ndarray]], Mapping[str, np.ndarray]]
 # The most image variants (masked inputs, ablated activations, IG steps) in one graph run.
 MAX_VARIANTS = 1024
-# Methods that need the explainer's outputs (activations, gradients, logits) first.
-NEEDS_EXPLAINER = (*GRADIENT_CAMS, *ACTIVATION_CAMS, "scorecam", "ablationcam")
+# Methods that need the explainer (forward and backward pass) to run first: the gradient CAMs.
+NEEDS_EXPLAINER = GRADIENT_CAMS
+# Methods that start from the explainer's outputs when they are at hand (activations, logits,
+# explained_class); the gradient-free ones otherwise run FEATURES_FILE, a forward pass only.
+TAKES_EXPLAINER_OUTPUTS = (*GRADIENT_CAMS, *GRADIENT_FREE_CAMS)
 
 
 def method_file(method: str) -> str:
@@ -86,7 +90,7 @@ def explain_with_graphs(
     if method in ("scorecam", "ablationcam") and first is not None:
         variants = int(np.asarray(first[ACTIVATIONS]).shape[1])
     elif method in ("scorecam", "ablationcam"):
-        first = run(MODEL_FILE, {INPUT: pixels, TARGET_CLASS: target_class.reshape(len(pixels))})
+        first = features(run, pixels, target_class)
         variants = int(np.asarray(first[ACTIVATIONS]).shape[1])
     per_run = max(1, MAX_VARIANTS // max(variants, 1))
     if len(pixels) <= per_run:
@@ -97,6 +101,24 @@ def explain_with_graphs(
         sliced = {k: np.asarray(v)[part] for k, v in first.items()} if first else None
         parts.append(_explain(method, run, pixels[part], target_class[part], steps, sliced))
     return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+
+
+def features(run: Run, pixels: np.ndarray, target_class: np.ndarray) -> dict[str, np.ndarray]:
+    """ACTIVATIONS, LOGITS and EXPLAINED_CLASS of a batch from a forward pass (FEATURES_FILE).
+
+    The explained class is the target, or the top logit where the target is -1 (the explainer's
+    rule, first index on ties as ONNX ArgMax). A folder exported before FEATURES_FILE existed
+    runs the explainer instead (a backward pass more).
+    """
+    x = np.ascontiguousarray(pixels, dtype=np.float32)
+    targets = np.ascontiguousarray(target_class, dtype=np.int64).reshape(len(x))
+    try:
+        out = run(FEATURES_FILE, {INPUT: x})
+    except FileNotFoundError:
+        return dict(run(MODEL_FILE, {INPUT: x, TARGET_CLASS: targets}))
+    logits = np.asarray(out[LOGITS])
+    explained = np.where(targets >= 0, targets, np.argmax(logits, axis=1)).astype(np.int64)
+    return {ACTIVATIONS: out[ACTIVATIONS], LOGITS: logits, EXPLAINED_CLASS: explained}
 
 
 def _explain(
@@ -122,16 +144,13 @@ def _explain(
             grads = run(SALIENCY_FILE, {INPUT: scaled, TARGET_CLASS: repeated})[INPUT_GRADIENT]
             out = run(graph, {INPUT: x, IG_STEPS: counts, INPUT_GRADIENT: grads})
         return {**out, EXPLAINED_CLASS: explained}
-    if first is None:
+    if first is None and method in GRADIENT_FREE_CAMS:
+        first = features(run, x, targets)
+    elif first is None:
         first = run(MODEL_FILE, {INPUT: x, TARGET_CLASS: targets})
     explained = np.asarray(first[EXPLAINED_CLASS]).reshape(len(x))
-    feeds = {
-        ACTIVATIONS: first[ACTIVATIONS],
-        GRADIENTS: first[GRADIENTS],
-        LOGITS: first[LOGITS],
-        EXPLAINED_CLASS: explained,
-        INPUT: x,
-    }
+    feeds = {name: first[name] for name in (ACTIVATIONS, GRADIENTS, LOGITS) if name in first}
+    feeds.update({EXPLAINED_CLASS: explained, INPUT: x})
     if method == "scorecam":
         masked = run(f"{METHODS_DIR}/{MASKS_FILE}", feeds)[MASKED]
         feeds[MASKED_LOGITS] = np.asarray(run(FORWARD_FILE, {INPUT: masked})[LOGITS])

@@ -1,7 +1,8 @@
 """The explainer's version folder: its graphs, and their weights stored once (ONNX external data).
 
 The explainer (`model.onnx`), the input-gradient graph, the forward graph (ScoreCAM's masked
-inputs) and the head (AblationCAM's ablated activations) all hold the classifier's weights. They
+inputs), the head (AblationCAM's ablated activations) and the features graph (the explainer's
+forward pass alone, for the gradient-free CAMs) all hold the classifier's weights. They
 are written to one file, WEIGHTS_FILE, each tensor once (identical tensors are found by their
 bytes, whatever the exporter named them), at page-aligned offsets, and every graph points into
 it; tensors under INLINE_BYTES stay inside their graph. The method graphs hold no weights.
@@ -14,12 +15,17 @@ import tempfile
 from pathlib import Path
 
 import onnx
+import onnx.utils
 from onnx import helper, numpy_helper
 from torch import nn
 
 from modelrepo import (
+    ACTIVATIONS,
+    FEATURES_FILE,
     FORWARD_FILE,
     HEAD_FILE,
+    INPUT,
+    LOGITS,
     METHODS_DIR,
     MODEL_FILE,
     SALIENCY_FILE,
@@ -108,6 +114,11 @@ def write_sharing_weights(graphs: dict[str, onnx.ModelProto], folder: Path) -> d
     return sizes
 
 
+def features_graph(explainer: onnx.ModelProto) -> onnx.ModelProto:
+    """The explainer cut to its forward pass: input -> activations, logits (no backward nodes)."""
+    return onnx.utils.Extractor(explainer).extract_model([INPUT], [ACTIVATIONS, LOGITS])
+
+
 def load_inline(path: Path) -> onnx.ModelProto:
     """An ONNX file with its external tensors read in (for rewriting it elsewhere)."""
     return onnx.load(str(path), load_external_data=True)
@@ -162,6 +173,7 @@ def export_bundle(
         graphs = {FORWARD_FILE: onnx.load(str(scratch / FORWARD_FILE)), MODEL_FILE: explainer}
         for name in (SALIENCY_FILE, HEAD_FILE):
             graphs[name] = onnx.load(str(scratch / name))
+        graphs[FEATURES_FILE] = features_graph(explainer)
         sizes = write_sharing_weights(graphs, folder)
     shapes = Shapes(shape[0], tuple(shape[1:]), tuple(input_shape), num_classes)
     for path in write_method_graphs(shapes, folder / METHODS_DIR):

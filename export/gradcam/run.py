@@ -26,6 +26,8 @@ class MethodRunner:
     def session(self, relative: str) -> ort.InferenceSession:
         """The session of one graph file of the folder (opened once)."""
         if relative not in self._sessions:
+            if not (self.folder / relative).is_file():
+                raise FileNotFoundError(self.folder / relative)
             options = ort.SessionOptions()
             options.intra_op_num_threads = self.threads
             options.inter_op_num_threads = 1

@@ -19,7 +19,13 @@ from pathlib import Path
 import numpy as np
 
 import modelrepo
-from modelrepo.methods import NEEDS_EXPLAINER, check_method, explain_with_graphs, parse_methods
+from modelrepo.methods import (
+    NEEDS_EXPLAINER,
+    TAKES_EXPLAINER_OUTPUTS,
+    check_method,
+    explain_with_graphs,
+    parse_methods,
+)
 
 from ..core.errors import InvalidInput
 from ..core.model import ServedModel
@@ -39,6 +45,8 @@ class MethodGraphs:
         with self._lock:
             session = self._sessions.get(relative)
             if session is None:
+                if not (self.folder / relative).is_file():
+                    raise FileNotFoundError(self.folder / relative)
                 session = OnnxSession(self.folder / relative, intra_op_threads=1, device="cpu")
                 self._sessions[relative] = session
         wanted = {t.name for t in session.inputs}
@@ -110,7 +118,8 @@ def graphs_of(model: ServedModel) -> MethodGraphs:
 
 
 def needs_explainer(method: str) -> bool:
-    """Whether the method starts from the explainer's outputs (the CAMs) or the input gradient."""
+    """Whether the method needs the explainer's gradients first (the gradient CAMs); the others
+    start from a forward pass or the input gradient."""
     return method in NEEDS_EXPLAINER
 
 
@@ -146,7 +155,7 @@ async def replace_maps(
     chosen = check(model, method, steps)
     targets = np.asarray(outputs[modelrepo.EXPLAINED_CLASS]).reshape(-1)
     pixels = inputs[modelrepo.INPUT]
-    first = outputs if needs_explainer(chosen) else None
+    first = outputs if chosen in TAKES_EXPLAINER_OUTPUTS else None
     result = await asyncio.to_thread(
         graphs_of(model).explain, chosen, pixels, targets, steps, first
     )

@@ -28,6 +28,7 @@ from modelrepo import (
     CAM,
     CAM_RAW,
     EXPLAINED_CLASS,
+    FEATURES_FILE,
     FORWARD_FILE,
     HEAD_FILE,
     METHODS_DIR,
@@ -117,7 +118,7 @@ def test_classifier_weights_are_stored_once(mnist_folder: Path, mnist_model: nn.
     weights = (mnist_folder / WEIGHTS_FILE).stat().st_size
     # Each large tensor once (page-aligned), small biases inline in their graphs.
     assert parameters * 0.95 < weights < parameters * 1.05
-    for name in (MODEL_FILE, SALIENCY_FILE, FORWARD_FILE, HEAD_FILE):
+    for name in (MODEL_FILE, SALIENCY_FILE, FORWARD_FILE, HEAD_FILE, FEATURES_FILE):
         proto = onnx.load(str(mnist_folder / name), load_external_data=False)
         inline = [
             t.name
@@ -131,6 +132,30 @@ def test_classifier_weights_are_stored_once(mnist_folder: Path, mnist_model: nn.
         assert locations == {WEIGHTS_FILE}, name
     for path in (mnist_folder / METHODS_DIR).glob("*.onnx"):
         assert path.stat().st_size < 100_000, path  # weight-free (IG's quadrature table aside)
+
+
+@pytest.mark.parametrize("method", ["eigencam", "scorecam", "ablationcam"])
+def test_gradient_free_cams_run_a_forward_pass_and_older_folders_the_explainer(
+    mnist_folder: Path, digits: np.ndarray, method: str, tmp_path: Path
+) -> None:
+    runner = MethodRunner(mnist_folder)
+    targets = explainer_targets(4, NUM_CLASSES)
+    opened: list[str] = []
+    run = runner.run
+
+    def counted(relative: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        opened.append(relative)
+        return run(relative, feeds)
+
+    runner.run = counted  # type: ignore[method-assign]
+    fresh = runner.explain(method, digits[:4], targets)
+    assert FEATURES_FILE in opened and MODEL_FILE not in opened, opened
+    older = tmp_path / "1"
+    shutil.copytree(mnist_folder, older)
+    (older / FEATURES_FILE).unlink()  # a folder exported before the features graph
+    before = MethodRunner(older).explain(method, digits[:4], targets)
+    np.testing.assert_allclose(fresh[CAM_RAW], before[CAM_RAW], rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(fresh[EXPLAINED_CLASS], before[EXPLAINED_CLASS])
 
 
 def test_verification_names_the_method_that_differs(
