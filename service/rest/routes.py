@@ -258,6 +258,7 @@ class RestApi:
             "http_responses", "HTTP API answers by route and status code",
             ("route", "code"), namespace=NAMESPACE, registry=registry,
         )  # fmt: skip
+        self._children: dict[tuple[str, int], Any] = {}  # routes and statuses: a bounded set
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":  # lifespan and websockets are not served
@@ -277,7 +278,7 @@ class RestApi:
             response = json_response({"error": message}, HTTP_STATUS.get(outcome(exc)[0], 400))
             if isinstance(exc, Unauthenticated):
                 response.headers = ((b"www-authenticate", b"Bearer"),)
-        self.responses.labels(route, str(response.status)).inc()
+        self._counter(route, response.status).inc()
         await send(
             {
                 "type": "http.response.start",
@@ -290,6 +291,14 @@ class RestApi:
             }
         )
         await send({"type": "http.response.body", "body": response.body})
+
+    def _counter(self, route: str, status: int) -> Any:
+        """The responses counter's child for (route, status), looked up once."""
+        key = (route, status)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = self.responses.labels(route, str(status))
+        return child
 
     # -- routing ------------------------------------------------------------------------------
 

@@ -92,6 +92,7 @@ class HttpFront:
             access_log=False,
             log_config=None,  # the server configures logging, not uvicorn
             server_header=False,
+            proxy_headers=False,  # no X-Forwarded-* rewriting: one coroutine less per request
             limit_concurrency=limit_concurrency,
             timeout_keep_alive=30,
             ssl_certfile=str(tls[0]) if tls else None,
