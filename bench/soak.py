@@ -7,9 +7,10 @@ busy with ModelInfer (batches of 1-4), ModelStreamInfer (streams of 1-16 message
 Explain calls for `--minutes`, sampling the server's RSS, threads and open file descriptors from
 /proc. After the warm-up it reports the drift: the median of the last tenth of the samples
 against the median of the first tenth. Targets: RSS drift under 5 %, no errors. Prints a table;
-writes bench/results/soak.json. The server inherits the environment: with glibc's default of
-8 malloc arenas a core, RSS creeps for minutes as threads take new arenas (MALLOC_ARENA_MAX=2
-held it flat in a short run), so compare runs with the same setting.
+writes bench/results/soak.json. Malloc arenas: the server limits glibc to 2 by default
+(`--malloc-arena-max`); with glibc's own default of 8 a core RSS creeps for many minutes as
+threads take arenas of their own, so `--malloc-arena-max 0` here shows the server without the
+limit, and runs compare only at the same setting.
 """
 
 from __future__ import annotations
@@ -76,7 +77,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--malloc-arena-max",
         type=int,
-        help="start the server with MALLOC_ARENA_MAX set to this (glibc malloc arenas)",
+        help="start the server with --malloc-arena-max set to this (glibc malloc arenas; 0: "
+        "glibc's default; not set: the server's default, 2)",
     )
     parser.add_argument(
         "--out", type=Path, default=ROOT / "bench" / "results" / "soak.json", help="JSON results"
@@ -258,19 +260,21 @@ def target(args: argparse.Namespace) -> Iterator[tuple[str, int, Any]]:
     if args.url:
         yield args.url, args.pid, None
         return
-    with server_process(args.repository) as (address, proc, _):
+    extra = (
+        () if args.malloc_arena_max is None else ("--malloc-arena-max", str(args.malloc_arena_max))
+    )
+    with server_process(args.repository, *extra) as (address, proc, _):
         yield address, proc.pid, proc
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.malloc_arena_max is not None:  # the server started below inherits it
-        os.environ["MALLOC_ARENA_MAX"] = str(args.malloc_arena_max)
-    arenas = os.environ.get("MALLOC_ARENA_MAX", "glibc default")
+    setting = 2 if args.malloc_arena_max is None else args.malloc_arena_max
+    arenas = os.environ.get("MALLOC_ARENA_MAX") or (str(setting) if setting else "glibc default")
     with target(args) as (address, pid, proc):
         print(
             f"soak: {address} (pid {pid}), {args.concurrency} clients for {args.minutes:g} min "
-            f"(warm-up {args.warmup_minutes:g} min, MALLOC_ARENA_MAX {arenas})"
+            f"(warm-up {args.warmup_minutes:g} min, malloc arenas {arenas})"
         )
         started = time.perf_counter()
         load, samples = asyncio.run(soak(address, pid, args))

@@ -131,6 +131,14 @@ class Settings:
         default=1,
         metadata=_doc("ONNX Runtime intra-op threads per session (1 is best on a shared CPU)"),
     )
+    malloc_arena_max: int = field(
+        default=2,
+        metadata=_doc(
+            "glibc malloc arenas for the process (0: glibc's default of 8 per core); few arenas "
+            "keep a long-running server's memory from creeping as threads allocate in arenas of "
+            "their own. MALLOC_ARENA_MAX in the environment wins"
+        ),
+    )
     latency_threads: int = field(
         default=1,
         metadata=_doc(
@@ -284,6 +292,8 @@ class Settings:
                 raise ValueError(f"{name} must be at least {low}")
         if self.latency_threads < 0:
             raise ValueError("latency_threads must not be negative")
+        if self.malloc_arena_max < 0:
+            raise ValueError("malloc_arena_max must not be negative")
         if self.grace_period_s < 0:
             raise ValueError("grace_period_s must not be negative")
         for name in (

@@ -9,8 +9,11 @@ Exit codes: `EXIT_OK` after a drain, `EXIT_START_FAILED` when the server could n
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
+import os
 import signal
+import sys
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
 
@@ -27,6 +30,22 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 # Runs once the server is up; returns what to undo at the end (after the drain).
 OnStarted = Callable[[InferenceServer], Awaitable[Callable[[], Awaitable[None]]]]
+
+
+M_ARENA_MAX = -8  # glibc's mallopt parameter number
+
+
+def limit_malloc_arenas(count: int) -> bool:
+    """At most `count` glibc malloc arenas from now on (call before threads start); False when
+    not applied: 0, MALLOC_ARENA_MAX already set, or no glibc."""
+    if count <= 0 or "MALLOC_ARENA_MAX" in os.environ or not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    return bool(mallopt(M_ARENA_MAX, count))
 
 
 def loop_factory(use_uvloop: bool) -> Callable[[], asyncio.AbstractEventLoop] | None:

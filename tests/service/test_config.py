@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -124,3 +127,41 @@ def test_max_message_bytes_help_names_one_default(
         line for line in capsys.readouterr().out.splitlines() if "largest gRPC message" in line
     ]
     assert line.count("default") == 1, line
+
+
+ARENAS = """
+import ctypes, sys, threading
+from service.lifecycle import limit_malloc_arenas
+print(limit_malloc_arenas(int(sys.argv[1])), flush=True)
+def work():
+    kept = [bytearray(100_000) for _ in range(20)]
+    barrier.wait()
+barrier = threading.Barrier(6)
+threads = [threading.Thread(target=work) for _ in range(6)]
+for t in threads: t.start()
+for t in threads: t.join()
+ctypes.CDLL(None).malloc_stats()  # one "Arena N:" block per arena, on stderr
+"""
+
+
+@pytest.mark.parametrize(("limit", "most"), [(0, None), (2, 2)])
+def test_malloc_arenas_are_limited_at_start(limit: int, most: int | None) -> None:
+    environ = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
+    done = subprocess.run(
+        [sys.executable, "-c", ARENAS, str(limit)],
+        capture_output=True, text=True, env=environ, timeout=60, check=True,
+    )  # fmt: skip
+    applied = done.stdout.strip() == "True"
+    arenas = done.stderr.count("Arena ")
+    if most is None:  # glibc's default: the six threads allocate in arenas of their own
+        assert not applied and arenas > 2, done.stderr
+    else:
+        assert applied and 1 <= arenas <= most, done.stderr
+
+
+def test_malloc_arena_setting() -> None:
+    assert Settings.from_sources([], environ={}).malloc_arena_max == 2
+    flags = ["--malloc-arena-max", "0"]
+    assert Settings.from_sources(flags, environ={}).malloc_arena_max == 0
+    with pytest.raises(ValueError, match="malloc_arena_max"):
+        Settings.from_sources(["--malloc-arena-max", "-1"], environ={})
