@@ -169,6 +169,7 @@ def test_the_page_draws_a_digit_and_shows_the_prediction(
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
         options.add_argument(flag)
     options.add_argument("--window-size=1000,800")
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
     try:
         driver.get(server.http_url + "/")
@@ -209,8 +210,14 @@ def test_the_page_draws_a_digit_and_shows_the_prediction(
         )
         screenshot = tmp_path / "http_page.png"
         assert driver.save_screenshot(str(screenshot))
+        script_errors = [
+            entry["message"]
+            for entry in driver.get_log("browser")
+            if entry["source"] == "javascript"
+        ]
     finally:
         driver.quit()
+    assert not script_errors, script_errors
     assert len(rows) == 3
     # the page shows what the server says about the very pictures it sent
     status, _, body = post(server, f"/v2/models/{model}/explain", data_url_bytes(blank))

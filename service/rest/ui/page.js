@@ -9,7 +9,8 @@ const methodSelect = document.getElementById("method");
 const stepsLabel = document.getElementById("steps-label");
 const stepsInput = document.getElementById("ig-steps");
 let offered = {}; // model -> the methods its explainer offers (from /ui/models)
-let titles = {}; // method -> its name as people write itconst statusLine = document.getElementById("status");
+let titles = {}; // method -> its name as people write it
+const statusLine = document.getElementById("status");
 let picture = null; // bytes of a chosen file; null: the canvas is the picture
 
 function clearCanvas() {
