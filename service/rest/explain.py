@@ -65,12 +65,14 @@ def _kind(value: Any) -> str:
 
 
 def _choice(value: Any, name: str, allowed: tuple[str, ...]) -> str:
+    """A string option that takes one of a few words."""
     if not isinstance(value, str) or value not in allowed:
         raise InvalidInput(f"'{name}' must be one of {', '.join(allowed)}, not {_kind(value)}")
     return value
 
 
 def _text(value: Any, name: str) -> str:
+    """A free string option (checked further by the pipeline)."""
     if not isinstance(value, str):
         raise InvalidInput(f"'{name}' must be a string (a method name), not {_kind(value)}")
     return value
