@@ -2,6 +2,7 @@
 
 python -m client classify digit.png
 python -m client explain digit.png --out overlay.png --top-k 3 --feature-maps maps.png
+python -m client explain digit.png --method integrated_gradients --ig-steps 16
 python -m client explain-dir photos/ --out-dir overlays/
 """
 
@@ -19,7 +20,7 @@ from typing import Any
 
 import grpc
 
-from modelrepo import ALL_METHODS, DEFAULT_METHOD
+from modelrepo import ALL_METHODS, DEFAULT_IG_STEPS, DEFAULT_METHOD, MAX_IG_STEPS
 from pb import explain_pb2 as ex
 from pb import explain_pb2_grpc as ex_grpc
 
@@ -42,7 +43,21 @@ def _request(args: argparse.Namespace, image: Path, predictions_only: bool) -> e
         request.feature_maps = bool(getattr(args, "feature_maps", None))
         request.annotated = True
         request.heatmap_scale = SCALES[args.scale]
+        request.ig_steps = getattr(args, "ig_steps", None) or 0
     return request
+
+
+def _ig_steps(text: str) -> int:
+    """An --ig-steps value: a whole number of steps (the server holds it to its bound)."""
+    try:
+        steps = int(text)
+    except ValueError:
+        steps = 0
+    if steps < 1:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: a whole number of steps, 1 to {MAX_IG_STEPS} (default {DEFAULT_IG_STEPS})"
+        )
+    return steps
 
 
 def _print_predictions(name: str, response: ex.ExplainResponse) -> None:
@@ -110,13 +125,11 @@ def explain(stub: ex_grpc.ExplainerStub, args: argparse.Namespace) -> int:
     _print_predictions(str(args.image), response)
     suffix = "gradcam" if args.method == DEFAULT_METHOD else args.method
     out = args.out or args.image.with_name(f"{args.image.stem}_{suffix}.png")
+    named = args.method + (f" ({response.ig_steps} steps)" if response.ig_steps else "")
     for path, explanation in zip(
         _write_overlays(response, out), response.explanations, strict=True
     ):
-        print(
-            f"  {args.method} for class {explanation.target.label} ({response.target_layer}): "
-            f"{path}"
-        )
+        print(f"  {named} for class {explanation.target.label} ({response.target_layer}): {path}")
     if args.feature_maps:
         args.feature_maps.write_bytes(response.feature_maps_png)
         print(f"  feature maps of {response.target_layer}: {args.feature_maps}")
@@ -425,6 +438,14 @@ def build_parser() -> argparse.ArgumentParser:
         choices=[*ALL_METHODS, "all"],
         help="explanation method; all: every method the explainer offers, side by side in one "
         "PNG, <image>_methods.png unless --out",
+    )
+    sub.add_argument(
+        "--ig-steps",
+        type=_ig_steps,
+        default=None,
+        metavar="N",
+        help=f"Integrated Gradients' steps, 1 to {MAX_IG_STEPS} (default: the server's, "
+        f"{DEFAULT_IG_STEPS}); more steps, a closer integral and a slower answer",
     )
     _common_options(sub, after_command=True)
     sub.set_defaults(run=explain)

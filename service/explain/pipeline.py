@@ -41,6 +41,7 @@ INPUT, TARGET = modelrepo.INPUT, modelrepo.TARGET_CLASS
 PROBABILITIES, CAM = modelrepo.PROBABILITIES, modelrepo.CAM
 MAX_TOP_K = 100
 PER_CLASS, SHARED = "per_class", "shared"
+INTEGRATED_GRADIENTS = "integrated_gradients"
 T = TypeVar("T")
 
 
@@ -75,6 +76,7 @@ class ExplainQuery:
     top_k: int = 0  # 0: one
     options: ExplainOptions = field(default_factory=ExplainOptions)
     method: str = ""  # "": Grad-CAM; the explainer's config lists the others (explain/methods.py)
+    ig_steps: int = 0  # Integrated Gradients' steps; 0: modelrepo.DEFAULT_IG_STEPS
 
 
 @dataclass(frozen=True)
@@ -111,6 +113,7 @@ class ExplainResult:
     inverted: bool = False
     heatmap_scale: str = "per_class"
     method: str = ""
+    ig_steps: int = 0  # the steps Integrated Gradients ran (0 for the other methods)
 
 
 @dataclass
@@ -244,6 +247,12 @@ async def explain(
     if query.top_k > MAX_TOP_K:
         raise InvalidInput(f"top_k: at most {MAX_TOP_K}, got {query.top_k}")
     top_k = max(int(query.top_k), 1)
+    steps = int(query.ig_steps) or modelrepo.DEFAULT_IG_STEPS
+    if not 1 <= steps <= modelrepo.MAX_IG_STEPS:
+        raise InvalidInput(
+            f"ig_steps: Integrated Gradients takes 1 to {modelrepo.MAX_IG_STEPS} steps "
+            f"(0: the default {modelrepo.DEFAULT_IG_STEPS}), got {steps}"
+        )
     options = query.options
     name = query.model
     suffix = modelrepo.EXPLAINER_SUFFIX
@@ -256,7 +265,7 @@ async def explain(
     _, model = repository.get(served, query.version)
     labels = _check_model(model, explainer=not options.predictions_only)
     _check_counts(model, query, top_k)
-    method = "" if options.predictions_only else methods.check(model, query.method)
+    method = "" if options.predictions_only else methods.check(model, query.method, steps)
     shared = options.heatmap_scale == SHARED
     if shared and modelrepo.CAM_RAW not in model.signature.outputs_by_name:
         raise InvalidInput(
@@ -302,13 +311,14 @@ async def explain(
             raws.extend(rest[modelrepo.CAM_RAW])
         explained.extend(ranked[1:])
     if method != modelrepo.DEFAULT_METHOD:
-        cams = await _method_cams(model, method, item.pixels, explained, stop)
+        cams = await _method_cams(model, method, item.pixels, explained, steps, stop)
     activations = first.get(modelrepo.ACTIVATIONS) if options.feature_maps else None
     grid = options.feature_maps
     drawn = shared_scale(cams, raws) if shared else cams
     captions = None
     if options.annotated:
-        captions = [_caption(probs, i, labels, shared, item, method) for i in explained]
+        shown = _method_title(method, steps)
+        captions = [_caption(probs, i, labels, shared, item, shown) for i in explained]
     pictures = await _in_thread(stop, _draw, item, drawn, activations, grid, stop, captions)
     for cam, index, overlay, annotated in zip(
         cams, explained, pictures.overlays, pictures.annotated, strict=True
@@ -323,6 +333,7 @@ async def explain(
         )
     result.feature_maps_png = pictures.feature_maps
     result.method = method
+    result.ig_steps = steps if method == INTEGRATED_GRADIENTS else 0
     layer = model.config.parameters.get(modelrepo.TARGET_LAYER)
     if layer is not None:
         result.target_layer = layer.string_value
@@ -330,7 +341,12 @@ async def explain(
 
 
 async def _method_cams(
-    model: ServedModel, method: str, pixels: np.ndarray, explained: list[int], stop: Stop
+    model: ServedModel,
+    method: str,
+    pixels: np.ndarray,
+    explained: list[int],
+    steps: int,
+    stop: Stop,
 ) -> list[np.ndarray]:
     """The chosen method's heatmaps for each explained class: the explainer through the core
     (batched, counted), then the method's own graphs in a worker thread."""
@@ -340,7 +356,6 @@ async def _method_cams(
     batch = np.repeat(pixels[np.newaxis], len(explained), 0)
     targets = np.asarray(explained, dtype=np.int64)
     graphs = methods.graphs_of(model)
-    steps = modelrepo.DEFAULT_IG_STEPS
     out = await _in_thread(stop, graphs.explain, method, batch, targets, steps, first)
     return [out[CAM][i] for i in range(len(explained))]
 
@@ -352,13 +367,19 @@ class _Pictures:
     annotated: list[bytes]
 
 
+def _method_title(method: str, steps: int) -> str:
+    """How a picture names the method (with Integrated Gradients' steps)."""
+    shown = methods.title(method or modelrepo.DEFAULT_METHOD)
+    return f"{shown} ({steps} steps)" if method == INTEGRATED_GRADIENTS else shown
+
+
 def _caption(
     probs: np.ndarray,
     index: int,
     labels: tuple[str, ...],
     shared: bool,
     item: ModelInput,
-    method: str = "",
+    shown: str,
 ) -> Caption:
     """What the annotated overlay of class `index` says under the picture."""
     label = labels[index] if index < len(labels) else str(index)
@@ -370,7 +391,6 @@ def _caption(
     notes = [f"note: {w}" for w in item.warnings]
     if item.inverted:
         notes.append("inverted: dark on light, the model reads light strokes on black")
-    shown = methods.title(method or modelrepo.DEFAULT_METHOD)
     return Caption(label, float(probs[index]), shown, scale=scale, notes=tuple(notes))
 
 

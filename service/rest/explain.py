@@ -2,13 +2,14 @@
 
 `POST /v2/models/{m}[/versions/{v}]/explain` with the PNG or JPEG bytes as the body takes its
 options from the query string (`top_k`, `target_class` repeated, `feature_maps`, `polarity`,
-`predictions_only`, `timeout`); with `Content-Type: application/json` the body is `{"image": base64}`
-or `{"tensor": {"shape": [...], "data": base64 FP32}}` with the same options as fields (`timeout`
-also as `parameters.timeout`, where infer takes it). `timeout` is in microseconds, as infer's: past
-it the call answers 503 like an expired infer, and the picture work and the explainer stop. The answer
-is JSON (predictions, heatmaps as shape + flat values, overlays and feature maps as base64 PNG),
-or, with `Accept: image/png`, the first overlay itself. The same pipeline, limits and methods as
-the gRPC explain API.
+`predictions_only`, `method`, `ig_steps`, `annotated`, `heatmap_scale`, `timeout`); with
+`Content-Type: application/json` the body is `{"image": base64}` or `{"tensor": {"shape": [...],
+"data": base64 FP32}}` with the same options as fields (`timeout` also as `parameters.timeout`,
+where infer takes it). `timeout` is in microseconds, as infer's: past it the call answers 503 like
+an expired infer, and the picture work and the explainer stop. The answer is JSON (predictions,
+the method, warnings, heatmaps as shape + flat values, overlays, annotated overlays and feature
+maps as base64 PNG), or, with `Accept: image/png`, the first overlay itself (annotated when
+`annotated` was asked). The same pipeline, limits and methods as the gRPC explain API.
 """
 
 from __future__ import annotations
@@ -19,10 +20,19 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from ..core.errors import InvalidInput, shorten
-from ..explain.pipeline import ExplainOptions, ExplainQuery, ExplainResult, RawTensor
+from ..explain.pipeline import (
+    PER_CLASS,
+    SHARED,
+    ExplainOptions,
+    ExplainQuery,
+    ExplainResult,
+    Explanation,
+    RawTensor,
+)
 from .codec import TIMEOUT, parse_json
 
 POLARITIES = ("auto", "as_is", "invert")  # as the gRPC explain API
+SCALES = (PER_CLASS, SHARED)
 _TRUE, _FALSE = ("1", "true", "yes"), ("0", "false", "no", "")
 
 
@@ -42,6 +52,30 @@ def _integer(value: Any, name: str) -> int:
     if isinstance(value, str) and value.lstrip("-").isdigit() and len(value) < 20:
         return int(value)
     raise InvalidInput(f"'{name}' must be an integer")
+
+
+def _kind(value: Any) -> str:
+    """How an unexpected value reads in an error message: a string shortened, else its type."""
+    if isinstance(value, str):
+        return f"'{shorten(value)}'"
+    if value is None:
+        return "null"
+    names = {bool: "boolean", int: "number", float: "number", list: "array", dict: "object"}
+    return f"a JSON {names.get(type(value), type(value).__name__)}"
+
+
+def _choice(value: Any, name: str, allowed: tuple[str, ...]) -> str:
+    """A string option that takes one of a few words."""
+    if not isinstance(value, str) or value not in allowed:
+        raise InvalidInput(f"'{name}' must be one of {', '.join(allowed)}, not {_kind(value)}")
+    return value
+
+
+def _text(value: Any, name: str) -> str:
+    """A free string option (checked further by the pipeline)."""
+    if not isinstance(value, str):
+        raise InvalidInput(f"'{name}' must be a string (a method name), not {_kind(value)}")
+    return value
 
 
 def _base64(value: Any, name: str) -> bytes:
@@ -106,6 +140,7 @@ def explain_query(
         raise InvalidInput(
             f"'polarity' must be one of {', '.join(POLARITIES)}, not '{shorten(polarity)}'"
         )
+    scale = _choice(fields.get("heatmap_scale", PER_CLASS), "heatmap_scale", SCALES)
     if len(targets) > 1000:
         raise InvalidInput(f"{len(targets)} target classes; at most 1000")
     timeout_s = _timeout_s(fields[TIMEOUT]) if TIMEOUT in fields else None
@@ -120,7 +155,11 @@ def explain_query(
             predictions_only=_flag(fields.get("predictions_only", False), "predictions_only"),
             feature_maps=_flag(fields.get("feature_maps", False), "feature_maps"),
             polarity=polarity,
+            annotated=_flag(fields.get("annotated", False), "annotated"),
+            heatmap_scale=scale,
         ),
+        method=_text(fields.get("method", ""), "method"),
+        ig_steps=_integer(fields.get("ig_steps", 0), "ig_steps"),
     )
     return query, timeout_s
 
@@ -131,19 +170,29 @@ def explain_json(result: ExplainResult) -> dict[str, Any]:
     def prediction(p: Any) -> dict[str, Any]:
         return {"class_index": p.class_index, "label": p.label, "probability": p.probability}
 
+    def explanation(e: Explanation) -> dict[str, Any]:
+        one = {
+            "target": prediction(e.target),
+            "heatmap": {"shape": list(e.heatmap.shape), "data": e.heatmap.ravel().tolist()},
+            "overlay_png": base64.b64encode(e.overlay_png).decode(),
+        }
+        if e.annotated_png:
+            one["annotated_png"] = base64.b64encode(e.annotated_png).decode()
+        return one
+
     answer: dict[str, Any] = {
         "model_name": result.model,
         "model_version": result.version,
         "predictions": [prediction(p) for p in result.predictions],
-        "explanations": [
-            {
-                "target": prediction(e.target),
-                "heatmap": {"shape": list(e.heatmap.shape), "data": e.heatmap.ravel().tolist()},
-                "overlay_png": base64.b64encode(e.overlay_png).decode(),
-            }
-            for e in result.explanations
-        ],
+        "explanations": [explanation(e) for e in result.explanations],
+        "warnings": list(result.warnings),
+        "inverted": result.inverted,
+        "heatmap_scale": result.heatmap_scale,
     }
+    if result.method:
+        answer["method"] = result.method
+    if result.ig_steps:
+        answer["ig_steps"] = result.ig_steps
     if result.feature_maps_png:
         answer["feature_maps_png"] = base64.b64encode(result.feature_maps_png).decode()
     if result.target_layer is not None:

@@ -38,6 +38,7 @@ from ..core.model import ServedModel
 from ..core.model_control import ModelControl
 from ..core.repository import ModelRepository
 from ..core.statistics import Duration, VersionStatistics
+from ..explain import methods as explain_methods
 from ..explain.pipeline import explain
 from ..observability.metrics import CALL, NAMESPACE
 from ..rpc.servicers import PeerStatistics
@@ -544,7 +545,9 @@ class RestApi:
         if "image/png" in accept and "json" not in accept:
             if not result.explanations:
                 raise InvalidInput("Accept: image/png needs an explanation (not predictions_only)")
-            return Response(result.explanations[0].overlay_png, content_type=b"image/png")
+            first = result.explanations[0]
+            picture = first.annotated_png if query.options.annotated else first.overlay_png
+            return Response(picture, content_type=b"image/png")
         return json_response(explain_json(result))
 
     async def ui_file(self, scope: Scope, receive: Receive, page: str) -> Response:
@@ -555,10 +558,21 @@ class RestApi:
         return Response(data, content_type=UI_FILES[page], headers=_PAGE_HEADERS)
 
     async def ui_models(self, scope: Scope, receive: Receive) -> Response:
-        """The models the viewer can explain: ready, with a ready explainer beside them."""
+        """The models the viewer can explain (ready, with a ready explainer beside them), the
+        methods each one's explainer offers, and how the page names each method."""
         ready = {row.name for row in self.repository.index(ready_only=True)}
         names = sorted(n for n in ready if modelrepo.explainer_name(n) in ready)
-        return json_response({"models": names})
+        offered: dict[str, list[str]] = {}
+        for name in names:
+            try:
+                _, explainer = self.repository.get(modelrepo.explainer_name(name))
+            except ServingError:  # unloaded since the index was read: not offered this time
+                continue
+            offered[name] = list(explain_methods.offered(explainer))
+        titles = {m: explain_methods.title(m) for ms in offered.values() for m in ms}
+        return json_response(
+            {"models": [n for n in names if n in offered], "methods": offered, "titles": titles}
+        )
 
     async def infer(self, scope: Scope, receive: Receive, name: str, version: str) -> Response:
         model = self._model(name, version)

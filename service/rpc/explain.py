@@ -47,6 +47,7 @@ def explain_query(request: ex.ExplainRequest) -> ExplainQuery:
             heatmap_scale=_SCALES.get(request.heatmap_scale, PER_CLASS),
         ),
         method=request.method,
+        ig_steps=int(request.ig_steps),
     )
 
 
@@ -69,6 +70,8 @@ def explain_response(result: ExplainResult) -> ex.ExplainResponse:
         warnings=result.warnings,
         inverted=result.inverted,
         heatmap_scale=_SCALE_ENUMS[result.heatmap_scale],
+        method=result.method,
+        ig_steps=result.ig_steps,
     )
     for explanation in result.explanations:
         heatmap = explanation.heatmap

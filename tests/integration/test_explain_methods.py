@@ -1,13 +1,22 @@
-"""Every explanation method served: the explain API's `method`, ModelInfer's `method` parameter.
+"""Every explanation method served: the explain API's `method` and `ig_steps` over gRPC and
+HTTP, ModelInfer's `method` parameter, and the client's `--method` and `--ig-steps`.
 
 The served maps are compared with the same folder's graphs run directly (export.gradcam.run),
-which tests/export/test_methods.py holds to pytorch-grad-cam and Captum.
+which tests/export/test_methods.py holds to pytorch-grad-cam and Captum; the HTTP front's with
+the gRPC explain API's for the same picture.
 """
 
 from __future__ import annotations
 
+import base64
+import io
+import json
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -26,7 +35,7 @@ EXPLAINER = "mnist_cnn_gradcam"
 
 @pytest.fixture(scope="module")
 def server(mnist_repository: Path) -> Iterator[ServerThread]:
-    with running_server(mnist_repository) as thread:
+    with running_server(mnist_repository, http_port=0) as thread:
         yield thread
 
 
@@ -184,3 +193,207 @@ def test_client_explain_method_all_draws_every_method(
     ]
     assert main(argv) == 0
     assert one.read_bytes().startswith(b"\x89PNG")
+
+
+def _heatmaps(response: ex.ExplainResponse) -> np.ndarray:
+    return np.stack(
+        [np.frombuffer(e.heatmap, dtype="<f4").reshape(28, 28) for e in response.explanations]
+    )
+
+
+def test_explain_api_integrated_gradients_steps(
+    server: ServerThread, runner: MethodRunner, digits: np.ndarray
+) -> None:
+    method = "integrated_gradients"
+    default = _explain(server, digits[3], method=method)
+    eight = _explain(server, digits[3], method=method, ig_steps=8)
+    assert (default.method, default.ig_steps) == (method, modelrepo.DEFAULT_IG_STEPS)
+    assert (eight.method, eight.ig_steps) == (method, 8)
+    explained = np.array([eight.explanations[0].target.class_index])
+    local = runner.explain(method, digits[3:4], explained, steps=8)
+    np.testing.assert_allclose(_heatmaps(eight), local[modelrepo.CAM], atol=1e-5)
+    assert not np.allclose(_heatmaps(default), _heatmaps(eight), atol=1e-3)
+    explicit = _explain(server, digits[3], method=method, ig_steps=modelrepo.DEFAULT_IG_STEPS)
+    np.testing.assert_allclose(_heatmaps(explicit), _heatmaps(default), atol=1e-6)
+    assert _explain(server, digits[3], method="hirescam").ig_steps == 0
+
+
+@pytest.mark.parametrize("method", ["integrated_gradients", "gradcam"])
+def test_explain_api_refuses_steps_out_of_bounds(
+    server: ServerThread, digits: np.ndarray, method: str
+) -> None:
+    with pytest.raises(grpc.RpcError) as err:
+        _explain(server, digits[0], method=method, ig_steps=500)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    details = err.value.details() or ""
+    assert "ig_steps" in details and f"1 to {modelrepo.MAX_IG_STEPS}" in details
+    assert "got 500" in details
+
+
+# -- the same over HTTP -----------------------------------------------------------------------
+
+
+def _digit_png(pixels: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray((pixels[0] * 255).round().astype(np.uint8)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def _post(
+    server: ServerThread, path: str, body: bytes, headers: dict[str, str] | None = None
+) -> tuple[int, str, bytes]:
+    request = urllib.request.Request(server.http_url + path, data=body, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, response.headers["content-type"], response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.headers["content-type"], error.read()
+
+
+def _http_explain(server: ServerThread, png: bytes, form: str, **fields: Any) -> dict[str, Any]:
+    """One HTTP explain call, its options in the query string (`query`) or the JSON body."""
+    path = "/v2/models/mnist_cnn/explain"
+    if form == "query":
+        query = urllib.parse.urlencode({k: str(v).lower() for k, v in fields.items()})
+        status, _, body = _post(server, f"{path}?{query}", png, {"Content-Type": "image/png"})
+    else:
+        document = {"image": base64.b64encode(png).decode(), **fields}
+        headers = {"Content-Type": "application/json"}
+        status, _, body = _post(server, path, json.dumps(document).encode(), headers)
+    assert status == 200, body[:300]
+    answer: dict[str, Any] = json.loads(body)
+    return answer
+
+
+def _http_heatmaps(answer: dict[str, Any]) -> np.ndarray:
+    maps = [e["heatmap"] for e in answer["explanations"]]
+    return np.stack([np.asarray(m["data"], np.float32).reshape(m["shape"]) for m in maps])
+
+
+@pytest.mark.parametrize(
+    ("method", "form", "extra"),
+    [
+        ("hirescam", "query", {}),
+        ("saliency", "json", {}),
+        ("integrated_gradients", "query", {"ig_steps": 8}),
+        ("integrated_gradients", "json", {"ig_steps": 8}),
+    ],
+)
+def test_http_explain_method_matches_the_grpc_explain_api(
+    server: ServerThread, digits: np.ndarray, method: str, form: str, extra: dict[str, Any]
+) -> None:
+    png = _digit_png(digits[4])
+    answer = _http_explain(server, png, form, method=method, top_k=2, **extra)
+    gradcam = _http_explain(server, png, form, top_k=2)
+    request = ex.ExplainRequest(model_name="mnist_cnn", image=png, method=method, top_k=2, **extra)
+    with server.channel() as channel:
+        over_grpc = ex_grpc.ExplainerStub(channel).Explain(request, timeout=120)
+    assert answer["method"] == method and gradcam["method"] == "gradcam"
+    assert answer.get("ig_steps", 0) == extra.get("ig_steps", 0) == over_grpc.ig_steps
+    classes = [e["target"]["class_index"] for e in answer["explanations"]]
+    assert classes == [e.target.class_index for e in over_grpc.explanations]
+    assert len(classes) == 2
+    np.testing.assert_allclose(_http_heatmaps(answer), _heatmaps(over_grpc), atol=1e-6)
+    assert not np.allclose(_http_heatmaps(answer), _http_heatmaps(gradcam), atol=1e-3)
+    assert answer["warnings"] == list(over_grpc.warnings)
+    assert answer["inverted"] is False and answer["heatmap_scale"] == "per_class"
+    assert all("annotated_png" not in e for e in answer["explanations"])
+
+
+def test_http_explain_annotated_and_shared_scale(server: ServerThread, digits: np.ndarray) -> None:
+    from PIL import Image
+
+    png = _digit_png(digits[5])
+    answer = _http_explain(server, png, "json", annotated=True, heatmap_scale="shared", top_k=2)
+    assert answer["heatmap_scale"] == "shared"
+    annotated = [base64.b64decode(e["annotated_png"]) for e in answer["explanations"]]
+    assert len(annotated) == 2
+    pictures = [Image.open(io.BytesIO(a)) for a in annotated]
+    assert all(p.format == "PNG" and min(p.size) >= 224 for p in pictures)
+    path = "/v2/models/mnist_cnn/explain"
+    plain = base64.b64decode(answer["explanations"][0]["overlay_png"])
+    for query, want in (("?annotated=true&method=hirescam", "annotated"), ("", "plain")):
+        status, kind, body = _post(server, path + query, png, {"Accept": "image/png"})
+        assert status == 200 and kind == "image/png", body[:300]
+        size = Image.open(io.BytesIO(body)).size
+        if want == "annotated":
+            assert min(size) >= 224 and body != plain
+        else:
+            assert size == Image.open(io.BytesIO(plain)).size
+
+
+@pytest.mark.parametrize(
+    ("query", "document", "message"),
+    [
+        ("method=fullgrad", None, "'fullgrad' is not offered"),
+        ("method=integrated_gradients&ig_steps=500", None, f"1 to {modelrepo.MAX_IG_STEPS}"),
+        ("ig_steps=-3", None, "got -3"),
+        ("ig_steps=many", None, "'ig_steps' must be an integer"),
+        ("heatmap_scale=sideways", None, "'heatmap_scale' must be one of per_class, shared"),
+        ("annotated=maybe", None, "'annotated' must be true or false"),
+        ("heatmap_scale=shared&method=saliency", None, "use the per-class scale"),
+        ("", {"method": 3}, "'method' must be a string"),
+        ("", {"ig_steps": "8.5"}, "'ig_steps' must be an integer"),
+        ("", {"heatmap_scale": ["shared"]}, "not a JSON array"),
+    ],
+)
+def test_http_explain_refuses_bad_options(
+    server: ServerThread,
+    digits: np.ndarray,
+    query: str,
+    document: dict[str, Any] | None,
+    message: str,
+) -> None:
+    png = _digit_png(digits[0])
+    path = "/v2/models/mnist_cnn/explain"
+    if document is None:
+        status, _, body = _post(server, f"{path}?{query}", png)
+    else:
+        document = {"image": base64.b64encode(png).decode(), **document}
+        headers = {"Content-Type": "application/json"}
+        status, _, body = _post(server, path, json.dumps(document).encode(), headers)
+    assert status == 400, body[:300]
+    assert message in json.loads(body)["error"]
+
+
+def test_the_page_lists_each_models_methods(server: ServerThread) -> None:
+    with urllib.request.urlopen(server.http_url + "/ui/models", timeout=30) as response:
+        listing = json.loads(response.read())
+    assert listing["models"] == ["mnist_cnn"]
+    assert listing["methods"] == {"mnist_cnn": list(modelrepo.ALL_METHODS)}
+    assert listing["titles"]["gradcam_plusplus"] == "Grad-CAM++"
+
+
+def test_client_explain_ig_steps(
+    server: ServerThread, digits: np.ndarray, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from PIL import Image
+
+    from client.__main__ import main
+
+    image = tmp_path / "digit.png"
+    image.write_bytes(_digit_png(digits[2]))
+    common = ["--url", server.address, "--method", "integrated_gradients"]
+    outs = {}
+    for steps in ("8", ""):
+        outs[steps] = tmp_path / f"ig{steps or 'default'}.png"
+        argv = ["explain", str(image), "--out", str(outs[steps]), *common]
+        assert main(argv + (["--ig-steps", steps] if steps else [])) == 0
+    printed = capsys.readouterr().out
+    assert "integrated_gradients (8 steps) for class" in printed
+    assert f"integrated_gradients ({modelrepo.DEFAULT_IG_STEPS} steps) for class" in printed
+    pictures = {k: np.asarray(Image.open(v).convert("RGB")) for k, v in outs.items()}
+    assert pictures["8"].shape == pictures[""].shape
+    assert not np.array_equal(pictures["8"], pictures[""])
+    sheet = tmp_path / "sheet.png"
+    argv = ["explain", str(image), "--method", "all", "--ig-steps", "8", "--out", str(sheet)]
+    assert main([*argv, "--url", server.address]) == 0
+    assert sheet.read_bytes().startswith(b"\x89PNG")
+    argv = ["explain", str(image), "--ig-steps", "500", *common]
+    assert main(argv) == 1
+    refused = capsys.readouterr().err
+    assert "INVALID_ARGUMENT" in refused and f"1 to {modelrepo.MAX_IG_STEPS}" in refused
+    with pytest.raises(SystemExit):
+        main(["explain", str(image), "--ig-steps", "0", *common])

@@ -1,9 +1,10 @@
 """Explain over HTTP and the explanation page: a real server, urllib, and headless Chromium.
 
-The browser test draws a digit on the page's canvas with real pointer events, presses Explain,
-reads the prediction the page shows, checks it against the server's answer for the same picture,
-and saves a screenshot that must not be blank (Debian's chromium and chromium-driver, selenium;
-`make tools` installs them).
+The browser test (on a trained model whose explainer offers every method) first explains the
+blank canvas and reads the warnings the page shows, then draws a digit with real pointer events,
+picks a method other than Grad-CAM, presses Explain, reads the prediction and the method the page
+names, checks them against the server's answer for the same picture, and saves a screenshot that
+must not be blank (Debian's chromium and chromium-driver, selenium; `make tools` installs them).
 """
 
 from __future__ import annotations
@@ -39,6 +40,12 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def server(repository: Path) -> Iterator[ServerThread]:
     with running_server(repository, http_port=0) as thread:
+        yield thread
+
+
+@pytest.fixture(scope="module")
+def methods_server(mnist_repository: Path) -> Iterator[ServerThread]:
+    with running_server(mnist_repository, http_port=0) as thread:
         yield thread
 
 
@@ -111,6 +118,9 @@ def test_explain_takes_base64_json_and_answers_the_overlay_as_png(server: Server
         (f"/v2/models/{MODEL}/explain?top_k=many", b"x", {}, 400),
         (f"/v2/models/{MODEL}/explain?polarity=sideways", b"x", {}, 400),
         (f"/v2/models/{MODEL}/explain?top_k=500", b"x", {}, 400),
+        (f"/v2/models/{MODEL}/explain?method=hirescam", digit_png(), {}, 400),
+        (f"/v2/models/{MODEL}/explain?ig_steps=500", digit_png(), {}, 400),
+        (f"/v2/models/{MODEL}/explain?heatmap_scale=sideways", digit_png(), {}, 400),
         ("/v2/models/nope/explain", b"x", {}, 404),
     ],
 )
@@ -142,7 +152,7 @@ def test_the_page_can_be_turned_off_and_sits_behind_tokens(
 
 
 def test_the_page_draws_a_digit_and_shows_the_prediction(
-    server: ServerThread, tmp_path: Path
+    methods_server: ServerThread, tmp_path: Path
 ) -> None:
     if not CHROMEDRIVER.exists() or shutil.which("chromium") is None:
         pytest.fail("chromium and chromium-driver are missing: `make tools` installs them")
@@ -151,17 +161,32 @@ def test_the_page_draws_a_digit_and_shows_the_prediction(
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions
-    from selenium.webdriver.support.ui import WebDriverWait
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    server, model, method = methods_server, "mnist_cnn", "hirescam"
 
     options = webdriver.ChromeOptions()
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
         options.add_argument(flag)
     options.add_argument("--window-size=1000,800")
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
     try:
         driver.get(server.http_url + "/")
         wait = WebDriverWait(driver, 30)
-        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, f"#model option[value='{MODEL}']"))
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, f"#model option[value='{model}']"))
+        Select(driver.find_element(By.ID, "model")).select_by_value(model)
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, f"#method option[value='{method}']"))
+        # the blank canvas first: the page shows the server's warnings about the picture
+        blank = driver.execute_script(
+            "return document.getElementById('canvas').toDataURL('image/png')"
+        )
+        driver.find_element(By.ID, "explain").click()
+        wait.until(
+            expected_conditions.text_to_be_present_in_element((By.ID, "status"), "Prediction:")
+        )
+        blank_warnings = [e.text for e in driver.find_elements(By.CSS_SELECTOR, "#warnings li")]
+        assert driver.find_element(By.ID, "method-name").text == "Grad-CAM"
         canvas = driver.find_element(By.ID, "canvas")
         # a "1": one stroke down the middle of the 280x280 canvas (offsets from its centre)
         ActionChains(driver).move_to_element_with_offset(
@@ -172,31 +197,51 @@ def test_the_page_draws_a_digit_and_shows_the_prediction(
         drawn = driver.execute_script(
             "return document.getElementById('canvas').toDataURL('image/png')"
         )
+        Select(driver.find_element(By.ID, "method")).select_by_value(method)
         driver.find_element(By.ID, "explain").click()
-        wait.until(
-            expected_conditions.text_to_be_present_in_element((By.ID, "status"), "Prediction:")
-        )
+        named = driver.find_element(By.ID, "method-name")
+        wait.until(lambda d: named.get_attribute("data-method") == method)
         shown = driver.find_element(By.ID, "status").text.removeprefix("Prediction:").strip()
+        shown_method = named.text
+        drawn_warnings = [e.text for e in driver.find_elements(By.CSS_SELECTOR, "#warnings li")]
         rows = driver.find_elements(By.CSS_SELECTOR, "#predictions li")
         wait.until(
             lambda d: d.execute_script("return document.getElementById('overlay').naturalWidth") > 0
         )
         screenshot = tmp_path / "http_page.png"
         assert driver.save_screenshot(str(screenshot))
+        script_errors = [
+            entry["message"]
+            for entry in driver.get_log("browser")
+            if entry["source"] == "javascript"
+        ]
     finally:
         driver.quit()
+    assert not script_errors, script_errors
     assert len(rows) == 3
-    # the page shows what the server says about the very picture that was drawn
-    picture = base64.b64decode(drawn.split(",", 1)[1])
-    status, _, body = post(server, f"/v2/models/{MODEL}/explain?predictions_only=true", picture)
+    # the page shows what the server says about the very pictures it sent
+    status, _, body = post(server, f"/v2/models/{model}/explain", data_url_bytes(blank))
     assert status == 200
-    assert shown == json.loads(body)["predictions"][0]["label"]
+    warned = json.loads(body)["warnings"]
+    assert any("blank" in w for w in warned) and blank_warnings == warned
+    picture = data_url_bytes(drawn)
+    status, _, body = post(server, f"/v2/models/{model}/explain?top_k=3&method={method}", picture)
+    assert status == 200
+    answer = json.loads(body)
+    assert shown == answer["predictions"][0]["label"]
+    assert answer["method"] == method and shown_method == "HiResCAM"
+    assert drawn_warnings == answer["warnings"]
     ink = np.asarray(Image.open(io.BytesIO(picture)).convert("L"))
     assert (ink > 128).sum() > 500, "the stroke reached the canvas"
     # the screenshot is a page, not a blank: many colours, the dark canvas and the light page
     shot = np.asarray(Image.open(screenshot).convert("RGB"))
     assert len(np.unique(shot.reshape(-1, 3), axis=0)) > 50
     assert shot.min() < 40 and shot.max() > 200
+
+
+def data_url_bytes(url: str) -> bytes:
+    """The bytes of a base64 data: URL (what canvas.toDataURL gives)."""
+    return base64.b64decode(url.split(",", 1)[1])
 
 
 def test_explain_honours_the_client_timeout(

@@ -1,9 +1,15 @@
 "use strict";
 // The explanation viewer: draws on a canvas (or takes a picture), posts it to
-// /v2/models/{model}/explain, and shows the top classes, the overlay and the feature maps.
+// /v2/models/{model}/explain with the chosen method, and shows the top classes, the server's
+// warnings about the picture, the overlay (named by its method) and the feature maps.
 const canvas = document.getElementById("canvas");
 const ctx = canvas.getContext("2d");
 const modelSelect = document.getElementById("model");
+const methodSelect = document.getElementById("method");
+const stepsLabel = document.getElementById("steps-label");
+const stepsInput = document.getElementById("ig-steps");
+let offered = {}; // model -> the methods its explainer offers (from /ui/models)
+let titles = {}; // method -> its name as people write it
 const statusLine = document.getElementById("status");
 let picture = null; // bytes of a chosen file; null: the canvas is the picture
 
@@ -22,14 +28,41 @@ async function loadModels() {
   const response = await fetch("/ui/models", { headers: headers() });
   const body = await response.json();
   if (!response.ok) { statusLine.textContent = body.error; return; }
+  offered = body.methods || {};
+  titles = body.titles || {};
   modelSelect.innerHTML = "";
   for (const name of body.models) {
     const option = document.createElement("option");
     option.value = option.textContent = name;
     modelSelect.appendChild(option);
   }
+  showMethods();
   if (!body.models.length) statusLine.textContent = "No model with an explainer is ready.";
 }
+
+function methodTitle(method) {
+  return titles[method] || method;
+}
+
+function showMethods() {
+  const chosen = methodSelect.value;
+  const methods = offered[modelSelect.value] || ["gradcam"];
+  methodSelect.innerHTML = "";
+  for (const method of methods) {
+    const option = document.createElement("option");
+    option.value = method;
+    option.textContent = methodTitle(method);
+    methodSelect.appendChild(option);
+  }
+  if (methods.includes(chosen)) methodSelect.value = chosen;
+  showSteps();
+}
+
+function showSteps() {
+  stepsLabel.hidden = methodSelect.value !== "integrated_gradients";
+}
+modelSelect.addEventListener("change", showMethods);
+methodSelect.addEventListener("change", showSteps);
 
 let drawing = false;
 function point(event) {
@@ -85,12 +118,29 @@ async function explain() {
   if (!model) return;
   statusLine.textContent = "Explaining…";
   const body = picture || await canvasPng();
-  const url = "/v2/models/" + encodeURIComponent(model) + "/explain?top_k=3&feature_maps=true";
+  const query = new URLSearchParams({ top_k: "3", feature_maps: "true" });
+  if (methodSelect.value) query.set("method", methodSelect.value);
+  if (!stepsLabel.hidden && stepsInput.value) query.set("ig_steps", stepsInput.value);
+  const url = "/v2/models/" + encodeURIComponent(model) + "/explain?" + query;
   const response = await fetch(url, {
     method: "POST", body, headers: headers({ "Content-Type": "application/octet-stream" }),
   });
   const answer = await response.json();
+  const warnings = document.getElementById("warnings");
+  warnings.innerHTML = "";
   if (!response.ok) { statusLine.textContent = "Error: " + answer.error; return; }
+  for (const text of answer.warnings || []) {
+    const item = document.createElement("li");
+    item.className = "warning";
+    item.textContent = text;
+    warnings.appendChild(item);
+  }
+  if (answer.inverted) {
+    const item = document.createElement("li");
+    item.className = "warning";
+    item.textContent = "inverted: a dark picture on light paper, as the model reads light on dark";
+    warnings.appendChild(item);
+  }
   const list = document.getElementById("predictions");
   list.innerHTML = "";
   for (const p of answer.predictions) {
@@ -109,6 +159,9 @@ async function explain() {
   statusLine.dataset.classIndex = top.class_index;
   if (answer.explanations.length) {
     document.getElementById("overlay").src = "data:image/png;base64," + answer.explanations[0].overlay_png;
+    const named = document.getElementById("method-name");
+    named.dataset.method = answer.method;
+    named.textContent = methodTitle(answer.method) + (answer.ig_steps ? " (" + answer.ig_steps + " steps)" : "");
   }
   if (answer.feature_maps_png) {
     document.getElementById("features").src = "data:image/png;base64," + answer.feature_maps_png;
