@@ -236,7 +236,7 @@ class Settings:
         default=300.0,
         metadata=_doc(
             "a connection with no RPC in progress for this long is closed with GOAWAY (clients "
-            "reconnect on their next call; 0: never)"
+            "reconnect on their next call; HTTP: an idle keep-alive connection; 0: never)"
         ),
     )
     max_connection_age_s: float = field(
@@ -266,7 +266,8 @@ class Settings:
         default=20.0,
         metadata=_doc(
             "a connection that has not sent its HTTP/2 preface and settings (and finished TLS) "
-            "within this long is closed (gRPC's own default: 120 s)"
+            "within this long is closed (gRPC's own default: 120 s); on the HTTP port, one that "
+            "has not sent a whole request header by then"
         ),
     )
     worker_liveness_timeout_s: float = field(

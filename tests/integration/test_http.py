@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import http.client
 import json
+import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -381,3 +383,70 @@ def test_stop_drains_http_requests_in_flight(repository: Path) -> None:
     assert ok > 0
     assert not [o for o in outcomes if o.startswith("5")], outcomes
     assert model.stats.success.count == ok  # accepted means answered and received
+
+
+def _closed_within(sock: socket.socket, seconds: float) -> float | None:
+    """Seconds until the server closes `sock` (reads until EOF), None if it stays open."""
+    sock.settimeout(0.2)
+    started = time.monotonic()
+    while time.monotonic() - started < seconds:
+        try:
+            if sock.recv(65536) == b"":
+                return time.monotonic() - started
+        except TimeoutError:
+            continue
+        except ConnectionResetError:
+            return time.monotonic() - started
+    return None
+
+
+def test_http_connections_are_given_up_after_their_limits(repository: Path) -> None:
+    """The gRPC port's connection limits hold on the HTTP port: idle keep-alive connections,
+    connections that never finish their request headers (slowloris), and connections older
+    than the maximum age (a busy one after its answer in progress)."""
+    limits = {
+        "max_connection_idle_s": 1.0,
+        "handshake_timeout_s": 1.0,
+        "max_connection_age_s": 3.0,
+        "max_connection_age_grace_s": 1.0,
+    }
+    with running_server(repository, http_port=0, **limits) as thread:
+        assert thread.server is not None and thread.server.http is not None
+        port = thread.server.http.port
+        get = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n"
+
+        idle = socket.create_connection(("127.0.0.1", port))
+        idle.sendall(get)
+        assert idle.recv(65536).startswith(b"HTTP/1.1 200")
+        closed = _closed_within(idle, 4.0)  # keep-alive idle: 1 s
+        assert closed is not None and closed < 3.0, closed
+
+        slow = socket.create_connection(("127.0.0.1", port))
+        slow.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n")  # headers never end
+        closed = _closed_within(slow, 4.0)  # no complete request within 1 s
+        assert closed is not None and 0.8 < closed < 3.0, closed
+
+        # A connection that keeps asking is answered until it is 3 s old, then closed after
+        # an answer (Connection: close or EOF), never in the middle of one.
+        busy = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        started, answered, closed_at = time.monotonic(), 0, None
+        while time.monotonic() - started < 8:
+            try:
+                busy.request("GET", "/v2/health/ready")
+                response = busy.getresponse()
+                assert response.status == 200
+                response.read()
+                answered += 1
+                if response.getheader("connection", "").lower() == "close":
+                    closed_at = time.monotonic() - started
+                    break
+            except (ConnectionError, http.client.RemoteDisconnected):
+                closed_at = time.monotonic() - started
+                break
+            time.sleep(0.2)
+        busy.close()
+        assert closed_at is not None and 2.5 < closed_at < 6.0, (closed_at, answered)
+        assert answered >= 10
+        # The server still answers new connections.
+        status, _, _ = request(thread, "GET", "/v2/health/ready")
+        assert status == 200
