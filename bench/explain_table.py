@@ -33,6 +33,14 @@ PAPERS = {
     "integrated_gradients": "Sundararajan 2017",
 }
 
+NEEDS = {
+    "eigencam": "activations (a forward pass)",
+    "scorecam": "activations, then a forward pass per channel",
+    "ablationcam": "activations, then the head per channel",
+    "saliency": "the input gradient",
+    "integrated_gradients": "`ig_steps` input gradients (50)",
+}
+
 
 def _load(name: str) -> dict[str, Any] | None:
     path = RESULTS / name
@@ -57,9 +65,11 @@ def table(models: list[str]) -> str:
     rows = {row["method"]: row for row in first["rows"]}
     auc = " | ".join(f"deletion / insertion, {m}" for m in present)
     lines = [
-        f"| method | within | sanity, {present[0]} | {auc} | ms/image batch 32 | "
-        "served ms CPU/image (c=16) | reference ms/image |",
-        "| --- | --- | ---: | " + " | ".join("---" for _ in present) + " | ---: | ---: | ---: |",
+        f"| method | needs | within | sanity, {present[0]} | {auc} | ms CPU/image, batch 32 | "
+        "served, ms CPU/image (c=16) | reference, ms CPU/image |",
+        "| --- | --- | --- | ---: | "
+        + " | ".join("---" for _ in present)
+        + " | ---: | ---: | ---: |",
     ]
     last = sanity[present[0]]
     correlation = last["rows"][-1]["correlation"] if last else {}
@@ -80,10 +90,11 @@ def table(models: list[str]) -> str:
         )
         corr = f"{correlation[method]:.2f}" if method in correlation else ""
         cost = "" if method == "random" else _ms(row.get("ms_per_image_batch32"))
+        needs = "" if method == "random" else NEEDS.get(method, "activations, gradients")
         lines.append(
-            f"| {name} | {tolerance} | {corr} | {' | '.join(cells)} | {cost} | "
+            f"| {name} | {needs} | {tolerance} | {corr} | {' | '.join(cells)} | {cost} | "
             f"{_ms(row.get('served_cpu_ms_per_image_c16'))} | "
-            f"{_ms(row.get('reference_ms_per_image'))} |"
+            f"{_ms(row.get('reference_cpu_ms_per_image', row.get('reference_ms_per_image')))} |"
         )
     classifier = first.get("classifier_ms_per_image_batch32")
     if classifier is not None:
