@@ -14,6 +14,7 @@ Writes bench/results/fuzz_http.json.
 from __future__ import annotations
 
 import argparse
+import base64
 import http.client
 import json
 import random
@@ -24,6 +25,7 @@ import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import numpy as np
 
@@ -73,9 +75,29 @@ def seeds(model: str, rng: random.Random) -> list[Request]:
         head + image.tobytes(),
         {"Inference-Header-Content-Length": str(len(head))},
     )
+    picture = (ROOT / "data" / "samples" / "digit0_7.png").read_bytes()
+    explain = f"/v2/models/{model}/explain"
+    explain_json = {
+        "image": base64.b64encode(picture).decode(),
+        "method": "integrated_gradients",
+        "ig_steps": 4,
+        "annotated": True,
+        "top_k": 3,
+        "target_classes": [1, 7],
+        "feature_maps": True,
+        "parameters": {"timeout": 5_000_000},
+    }
     return [
         ("POST", infer, json.dumps(json_infer).encode(), {}),
         binary,
+        (
+            "POST",
+            f"{explain}?method=hirescam&annotated=true&top_k=2&heatmap_scale=per_class",
+            picture,
+            {"Content-Type": "image/png"},
+        ),
+        ("POST", explain, json.dumps(explain_json).encode(), {"Content-Type": "application/json"}),
+        ("POST", f"{explain}?heatmap_scale=shared&top_k=3", picture, {"Accept": "image/png"}),
         ("GET", "/v2/health/live", b"", {}),
         ("GET", "/v2/health/ready", b"", {}),
         ("GET", "/v2", b"", {}),
@@ -151,6 +173,12 @@ def mutate(request: Request, rng: random.Random) -> Request:
     elif roll < 0.82:
         depth = rng.choice([10, 1000, 100_000])
         body = b"[" * depth + b"]" * depth if rng.random() < 0.5 else b'{"inputs":' + b"[" * depth
+    elif roll < 0.86 and "?" in path:
+        base, query = path.split("?", 1)
+        pairs = [p.split("=", 1) for p in query.split("&")]
+        pick = pairs[rng.randrange(len(pairs))]
+        pick[-1] = quote(str(rng.choice(HOSTILE_VALUES))[:300], safe="")
+        path = base + "?" + "&".join("=".join(p) for p in pairs)
     elif roll < 0.9:
         parts = path.split("/")
         index = rng.randrange(len(parts))
