@@ -49,6 +49,7 @@ from training.cli import HelpFormatter
 
 HEADER = "Inference-Header-Content-Length"
 LANES = ("triton-http", "project-http", "project-grpc")
+WORKERS_LANE = "project-http-workers"
 
 
 def binary_request(repository: Path, model: str) -> tuple[bytes, int]:
@@ -113,10 +114,10 @@ def wrk(url: str, script: Path, concurrency: int, seconds: float) -> dict[str, A
 
 
 @contextmanager
-def project(repository: Path, model: str) -> Iterator[tuple[str, int, int]]:
+def project(repository: Path, model: str, *extra: str) -> Iterator[tuple[str, int, int]]:
     """This server (HTTP and gRPC in one process); yields (gRPC address, HTTP port, pid)."""
     port, http_port = free_port(), free_port()
-    cmd = project_command(repository, port, "--http-port", str(http_port))
+    cmd = project_command(repository, port, "--http-port", str(http_port), *extra)
     with running_process(cmd, f"127.0.0.1:{port}", model) as proc:
         yield f"127.0.0.1:{port}", http_port, proc.pid
 
@@ -154,6 +155,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=5.0, help="window per lane and round")
     parser.add_argument("--concurrency", type=int, default=16, help="requests in flight")
     parser.add_argument(
+        "--workers", type=int, default=0,
+        help="also a lane of this server's HTTP front with --workers N (0: no such lane)",
+    )  # fmt: skip
+    parser.add_argument(
         "--perf-analyzer-ms", type=int, default=2000,
         help="perf_analyzer -i http's measurement interval (0: skip it)",
     )  # fmt: skip
@@ -177,6 +182,12 @@ def main(argv: list[str] | None = None) -> int:
         )
         triton_http, triton_pid = stack.enter_context(triton(args.repository, args.model))
         address, our_http, our_pid = stack.enter_context(project(args.repository, args.model))
+        lanes: tuple[str, ...] = LANES
+        if args.workers:
+            lanes = (*LANES, WORKERS_LANE)
+            _, workers_http, workers_pid = stack.enter_context(
+                project(args.repository, args.model, "--workers", str(args.workers))
+            )
         frame = tmp / "infer.frame"
         grpc_request = infer_request(args.repository, args.model)
         frame.write_bytes(grpc_frame(grpc_request))
@@ -185,8 +196,12 @@ def main(argv: list[str] | None = None) -> int:
             "triton-http": f"http://127.0.0.1:{triton_http}/v2/models/{args.model}/infer",
             "project-http": f"http://127.0.0.1:{our_http}/v2/models/{args.model}/infer",
         }
+        if args.workers:
+            urls[WORKERS_LANE] = f"http://127.0.0.1:{workers_http}/v2/models/{args.model}/infer"
         answer_bytes = {lane: check_http(url, body, header_length) for lane, url in urls.items()}
         pids = {"triton-http": triton_pid, "project-http": our_pid, "project-grpc": our_pid}
+        if args.workers:
+            pids[WORKERS_LANE] = workers_pid
 
         def run(lane: str, seconds: float) -> dict[str, Any]:
             with CpuMeter(pids[lane]) as cpu:
@@ -206,11 +221,11 @@ def main(argv: list[str] | None = None) -> int:
                 "p50_ms": got.get("p50_ms"),
             }
 
-        for lane in LANES:  # warm up every lane
+        for lane in lanes:  # warm up every lane
             run(lane, 1.0)
         rows: list[dict[str, Any]] = []
         for round_ in range(args.rounds):
-            order = LANES if round_ % 2 == 0 else tuple(reversed(LANES))
+            order = lanes if round_ % 2 == 0 else tuple(reversed(lanes))
             for lane in order:
                 row = run(lane, args.seconds) | {"round": round_ + 1}
                 rows.append(row)
@@ -231,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
                     )  # fmt: skip
                 pa[lane]["server_cores"] = cpu.cores
     summary = {}
-    for lane in LANES:
+    for lane in lanes:
         mine = [r for r in rows if r["lane"] == lane]
         summary[lane] = {
             "infer_per_s": _spread([r["infer_per_s"] for r in mine]),
@@ -263,8 +278,13 @@ def main(argv: list[str] | None = None) -> int:
             "{median:.0f} [{min:.0f}-{max:.0f}]".format(**summary[lane]["cpu_us_per_infer"]),
             str(summary[lane]["failed"]),
         ]
-        for lane in LANES
+        for lane in lanes
     ]
+    if args.workers:
+        ratios["http_workers_vs_triton_http_throughput"] = _spread([
+            by_round[(n, WORKERS_LANE)]["infer_per_s"] / by_round[(n, "triton-http")]["infer_per_s"]
+            for n in rounds
+        ])  # fmt: skip
     print_table(
         f"concurrency {args.concurrency}, {args.rounds} rounds of {args.seconds:g} s: median [min-max]",
         ["lane", "infer/s", "server CPU us/infer", "failed"],
