@@ -78,7 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--malloc-arena-max",
         type=int,
         help="start the server with --malloc-arena-max set to this (glibc malloc arenas; 0: "
-        "glibc's default; not set: the server's default, 2)",
+        "glibc's own number; unset, the server keeps its own setting of 2)",
     )
     parser.add_argument(
         "--out", type=Path, default=ROOT / "bench" / "results" / "soak.json", help="JSON results"
