@@ -29,16 +29,26 @@ from modelrepo.methods import (
 
 from ..core.errors import InvalidInput
 from ..core.model import ServedModel
+from ..core.ort_options import SHRINKAGE, OrtOptions
 from ..core.runtime import OnnxSession
+
+# Method graphs run now and then, some on hundreds of variants of an image (Integrated
+# Gradients' steps, Score-CAM's masks): ONNX Runtime's arena gives what a run used back at its end,
+# so one large request does not keep its peak for the life of the process.
+SHRINK_AFTER_RUN = OrtOptions(run_entries={SHRINKAGE: "cpu:0"})
 
 
 class MethodGraphs:
     """The sessions of one explainer version's method and weight graphs, opened on first use."""
 
+    # Method runs at once per explainer version: each can hold MAX_VARIANTS images' activations.
+    CONCURRENT_RUNS = 2
+
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self._sessions: dict[str, OnnxSession] = {}
         self._lock = threading.Lock()
+        self._runs = threading.BoundedSemaphore(self.CONCURRENT_RUNS)
 
     def run(self, relative: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run one graph of the folder (blocking: call from a worker thread)."""
@@ -47,7 +57,12 @@ class MethodGraphs:
             if session is None:
                 if not (self.folder / relative).is_file():
                     raise FileNotFoundError(self.folder / relative)
-                session = OnnxSession(self.folder / relative, intra_op_threads=1, device="cpu")
+                session = OnnxSession(
+                    self.folder / relative,
+                    intra_op_threads=1,
+                    device="cpu",
+                    config_options=SHRINK_AFTER_RUN,
+                )
                 self._sessions[relative] = session
         wanted = {t.name for t in session.inputs}
         return session.run({k: v for k, v in feeds.items() if k in wanted})
@@ -61,7 +76,8 @@ class MethodGraphs:
         first: Mapping[str, np.ndarray] | None,
     ) -> dict[str, np.ndarray]:
         """The method's outputs (cam, cam_raw, ...) for a batch (blocking)."""
-        return explain_with_graphs(method, self.run, pixels, targets, steps, first)
+        with self._runs:
+            return explain_with_graphs(method, self.run, pixels, targets, steps, first)
 
 
 # How the pictures name each method (the papers' spellings).

@@ -31,11 +31,13 @@ from modelrepo import (
     FEATURES_FILE,
     FORWARD_FILE,
     HEAD_FILE,
+    INPUT,
     METHODS_DIR,
     MODEL_FILE,
     SALIENCY_FILE,
     WEIGHTS_FILE,
 )
+from modelrepo import methods as method_variants
 from tests.support.gradcam_probes import realistic_init
 from training.mnist import MEAN, STD, load_mnist
 from training.models import MODELS
@@ -220,6 +222,45 @@ def test_integrated_gradients_any_step_count(
     scale = np.abs(want).reshape(4, -1).max(axis=1)
     diff = np.abs(got[CAM_RAW] - want).reshape(4, -1).max(axis=1)
     assert (diff / scale).max() < 1e-3
+
+
+@pytest.mark.parametrize("method", ["integrated_gradients", "scorecam"])
+def test_a_graph_run_holds_at_most_max_variants_and_the_maps_do_not_change(
+    mnist_folder: Path, digits: np.ndarray, method: str
+) -> None:
+    """Large requests are split into runs of at most MAX_VARIANTS images (their memory is what a
+    client controls), and splitting changes no map."""
+    runner = MethodRunner(mnist_folder)
+    rows: list[int] = []
+    run = runner.run
+
+    def counted(relative: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows.append(max(len(v) for v in feeds.values()))
+        return run(relative, feeds)
+
+    runner.run = counted  # type: ignore[method-assign]
+    targets = explainer_targets(6, NUM_CLASSES)
+    split = runner.explain(method, digits[:6], targets, 100)
+    assert max(rows) <= method_variants.MAX_VARIANTS < 6 * 64
+    whole = MethodRunner(mnist_folder)
+    saved = method_variants.MAX_VARIANTS
+    method_variants.MAX_VARIANTS = 10_000
+    try:
+        alone = whole.explain(method, digits[:6], targets, 100)
+    finally:
+        method_variants.MAX_VARIANTS = saved
+    np.testing.assert_allclose(split[CAM_RAW], alone[CAM_RAW], rtol=1e-4, atol=1e-6)
+
+
+def test_served_method_graphs_give_their_arena_back_after_each_run(mnist_folder: Path) -> None:
+    from service.core.ort_options import SHRINKAGE
+    from service.explain.methods import MethodGraphs
+
+    graphs = MethodGraphs(mnist_folder)
+    graphs.run(FEATURES_FILE, {INPUT: np.zeros((1, 1, 28, 28), np.float32)})
+    session = graphs._sessions[FEATURES_FILE]
+    assert session._run_options is not None
+    assert session._run_options.get_run_config_entry(SHRINKAGE) == "cpu:0"
 
 
 @pytest.mark.slow
