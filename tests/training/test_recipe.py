@@ -86,6 +86,8 @@ def test_zero_ranges_leave_the_batch_as_it_was() -> None:
 def test_defaults_and_overrides_of_the_recipes() -> None:
     assert resolve_recipe(MODELS["mnist_cnn"]).name == "modern"
     assert resolve_recipe(MODELS["lenet5"]).name == "modern"
+    assert resolve_recipe(MODELS["convnext"]).name == "modern"
+    assert resolve_recipe(MODELS["alexnet"]).name == "modern"
     classic = resolve_recipe(MODELS["mnist_cnn"], "classic", gamma=0.5)
     assert (classic.optimizer, classic.lr, classic.gamma, classic.augments) == (
         "adadelta",

@@ -59,4 +59,6 @@ SPEC = ModelSpec(
     gradcam_layer="act5",
     description="AlexNet (2012): ReLU, LRN, overlapping max-pool, five convs, dropout fc layers",
     epochs=3,
+    # 98.99% with the classic recipe, 99.42% with the modern one (same 3 epochs).
+    recipe="modern",
 )

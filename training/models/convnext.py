@@ -96,8 +96,10 @@ SPEC = ModelSpec(
     gradcam_layer=f"features.{2 * len(STAGES) - 1}.{STAGES[-1][1] - 1}",
     description="ConvNeXt (2022): 7x7 depthwise conv, LayerNorm, GELU, inverted bottleneck",
     # Adadelta barely moves the near-zero layer scales (37.6% after an epoch); AdamW, as in the
-    # paper, reached 98.08% in 3 epochs here.
+    # paper, reached 98.08% in 3 epochs here and 98.62% in 6 with the classic step schedule; the
+    # modern recipe (one-cycle, label smoothing, shifts and rotations) 99.17% in 6.
     epochs=6,
+    recipe="modern",
     optimizer="adamw",
     lr=2e-3,
     weight_decay=0.05,
