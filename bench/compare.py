@@ -7,7 +7,9 @@ Each round starts every server afresh (in a rotating order) and measures it with
 cheapest client: it replays a pre-built batch-1 ModelInfer frame) at concurrency 1, 16 and 64
 over one HTTP/2 connection. The project also gets the ModelStreamInfer lane (h2load replaying
 `--stream-messages` requests per stream, as many streams as make the concurrency) and, as
-`project-workers2`, `--workers 2` driven over several connections. For every point: infer/s,
+`project-workers2`, `--workers 2` driven over several connections, and `project-http-workers2`,
+`--workers 2` driven over its HTTP front (h2load --h1 replaying a batch-1 infer request of the
+binary tensor extension, one keep-alive connection per request in flight). For every point: infer/s,
 server CPU per inference (the process tree's CPU from /proc over the measured window, divided by
 the inferences), latency percentiles (h2load's per-request log), the executed batch
 (ModelStatistics), and how busy the host was meanwhile (all cores, from /proc/stat, less the
@@ -36,9 +38,11 @@ from typing import Any
 import grpc
 
 from bench import servers, triton_server
+from bench.http_compare import HEADER, binary_request, check_http
 from bench.loadgen import (
     PERF_ANALYZER,
     CpuMeter,
+    free_port,
     grpc_frame,
     h2load,
     infer_request,
@@ -63,6 +67,7 @@ class Lane:
     name: str
     stream: bool = False
     connections: int = 1
+    http: bool = False
 
 
 UNARY = Lane("unary")
@@ -119,6 +124,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def lanes(name: str, args: argparse.Namespace) -> list[tuple[Lane, int]]:
     """The (lane, concurrency) points measured on one server."""
     levels = [int(c) for c in args.concurrency.split(",") if c]
+    if name == "project-http-workers2":
+        return [(Lane("http/1.1", http=True), c) for c in levels]
     if name == "project-workers2":
         spread = Lane(f"unary x{args.connections} conn", connections=args.connections)
         return [(UNARY if c < args.connections else spread, c) for c in levels]
@@ -130,12 +137,13 @@ def lanes(name: str, args: argparse.Namespace) -> list[tuple[Lane, int]]:
 
 
 @contextmanager
-def server(name: str, args: argparse.Namespace) -> Iterator[tuple[str, int]]:
-    """Start one of SERVERS or VARIANTS with this run's arguments; yield (address, pid)."""
-    with servers.server(
-        name, args.repository, args.model, args.server_args, args.before
-    ) as started:
-        yield started
+def server(name: str, args: argparse.Namespace) -> Iterator[tuple[str, int, int]]:
+    """Start one of SERVERS or VARIANTS with this run's arguments; yield (gRPC address, pid, HTTP
+    port: 0 unless the variant is driven over HTTP)."""
+    http_port = free_port() if "-http" in name else 0
+    extra = f"{args.server_args} --http-port {http_port}" if http_port else args.server_args
+    with servers.server(name, args.repository, args.model, extra, args.before) as started:
+        yield (*started, http_port)
 
 
 def stream_response_frame_size(address: str, request: pb.ModelInferRequest) -> int:
@@ -165,7 +173,7 @@ def children_cpu() -> float:
 def measure(name: str, args: argparse.Namespace, frames: dict[str, Path]) -> list[dict[str, Any]]:
     """Every point for one server, started fresh."""
     rows: list[dict[str, Any]] = []
-    with server(name, args) as (address, pid):
+    with server(name, args) as (address, pid, http_port):
         request = infer_request(args.repository, args.model)
         unary_bytes = response_frame_size(address, request)
         points = lanes(name, args)
@@ -173,11 +181,22 @@ def measure(name: str, args: argparse.Namespace, frames: dict[str, Path]) -> lis
             stream_response_frame_size(address, request) if any(p.stream for p, _ in points) else 0
         )
         h2load(address, frames["unary"], unary_bytes, 16, 1.0)  # warm the server up
+        if http_port:
+            path = f"/v2/models/{args.model}/infer"
+            body, header_length = binary_request(args.repository, args.model)  # as in main
+            http_bytes = check_http(f"http://127.0.0.1:{http_port}{path}", body, header_length)
+            http1 = {HEADER: str(header_length), "content-type": "application/octet-stream"}
+            h2load(f"127.0.0.1:{http_port}", frames["http"], http_bytes, 16, 1.0, method=path,
+                   http1_headers=http1)  # fmt: skip
         for lane, concurrency in points:
             before = executed(address, args.model)
             busy0, client0 = host_busy_seconds(), children_cpu()
             with CpuMeter(pid) as cpu:
-                if lane.stream:
+                if lane.http:
+                    row = h2load(f"127.0.0.1:{http_port}", frames["http"], http_bytes,
+                                 concurrency, args.seconds, method=path,
+                                 http1_headers=http1)  # fmt: skip
+                elif lane.stream:
                     row = h2load(address, frames["stream"], stream_bytes, concurrency,
                                  args.seconds, method=STREAM,
                                  messages=args.stream_messages)  # fmt: skip
@@ -242,7 +261,7 @@ def summarise(rounds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
 # (series, reference) pairs whose per-round ratios are the goals: (server, lane, concurrency).
 def comparisons(summary: list[dict[str, Any]]) -> list[tuple[tuple[str, str, int], ...]]:
     have = {(e["server"], e["lane"], e["concurrency"]) for e in summary}
-    pairs = []
+    pairs: list[tuple[tuple[str, str, int], ...]] = []
     for name, lane, concurrency in sorted(have):
         if not name.startswith("project"):
             continue
@@ -312,7 +331,7 @@ def print_summary(summary: list[dict[str, Any]], ratio_rows: list[dict[str, Any]
     )
 
 
-ORDER = (*SERVERS, *VARIANTS)
+ORDER = tuple(dict.fromkeys((*SERVERS, *VARIANTS)))
 
 
 def plot(summary: list[dict[str, Any]], title: str, path: Path) -> None:
@@ -326,7 +345,8 @@ def plot(summary: list[dict[str, Any]], title: str, path: Path) -> None:
     levels = sorted({e["concurrency"] for e in summary})
     by_key = {(e["server"], e["lane"], e["concurrency"]): e for e in summary}
     colours = {"minimal": "tab:blue", "triton": "tab:green", "project": "tab:orange",
-               "project-workers2": "tab:red", "project-nofastpath": "tab:purple",
+               "project-workers2": "tab:red", "project-http-workers2": "tab:brown",
+               "project-nofastpath": "tab:purple",
                "project-before": "tab:gray"}  # fmt: skip
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
     width = 0.8 / max(len(series), 1)
@@ -358,6 +378,10 @@ def plot(summary: list[dict[str, Any]], title: str, path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     names = [s for s in args.servers.split(",") if s]
+    unknown = [s for s in names if s not in (*SERVERS, *VARIANTS)]
+    if unknown:  # a misspelt name must not quietly measure the project under another label
+        print(f"unknown server(s) {', '.join(unknown)}; known: {', '.join(ORDER)}", file=sys.stderr)
+        return 2
     if "triton" in names and not triton_server.available():
         print("Triton is not installed (make triton): skipping it", file=sys.stderr)
         names.remove("triton")
@@ -378,6 +402,8 @@ def main(argv: list[str] | None = None) -> int:
         frames = {"unary": Path(tmp) / "infer.grpc", "stream": Path(tmp) / "stream.grpc"}
         frames["unary"].write_bytes(grpc_frame(request))
         frames["stream"].write_bytes(grpc_frame(request) * args.stream_messages)
+        frames["http"] = Path(tmp) / "infer.http"
+        frames["http"].write_bytes(binary_request(args.repository, args.model)[0])
         for round_index in range(args.repeat):
             measured: list[dict[str, Any]] = []
             # rotate the order so that no server always runs first (or last) in a round

@@ -222,11 +222,15 @@ def _seconds(text: str) -> float:
 def h2load(
     address: str, frame: Path, response_bytes: int, concurrency: int, seconds: float,
     method: str = "/inference.GRPCInferenceService/ModelInfer", connections: int = 1,
-    messages: int = 1,
+    messages: int = 1, http1_headers: dict[str, str] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """h2load with `concurrency` requests in flight over `connections` HTTP/2 connections,
     replaying `frame` (`messages` gRPC messages per stream: one for ModelInfer, several on
     ModelStreamInfer, where `concurrency` then counts messages and streams are fewer).
+
+    With `http1_headers`, HTTP/1.1 instead: `frame` is a request body POSTed to `method` (a path)
+    with those headers over `concurrency` keep-alive connections, one request in flight on each;
+    `response_bytes` is then the answer's body length.
 
     gRPC errors come back as HTTP 200 with no message, so successes are counted from the response
     DATA bytes (`response_bytes` per answered message), not from HTTP status. Latency
@@ -234,12 +238,16 @@ def h2load(
     until the last answer). (h2load's --warm-up-time is not used: its data byte count includes
     the warm-up; warm the server up with a separate run.)
     """
+    if http1_headers is None:
+        protocol = ["-H", "content-type: application/grpc", "-H", "te: trailers"]
+    else:
+        connections, messages = concurrency, 1
+        protocol = ["--h1", *(a for k, v in http1_headers.items() for a in ("-H", f"{k}: {v}"))]
     streams = max(1, concurrency // (connections * messages))
     with tempfile.NamedTemporaryFile("w+", suffix=".log") as log:
         cmd = ["h2load", "-c", str(connections), "-t", "1", "-m", str(streams),
-               "-D", f"{int(seconds * 1000)}ms", "--log-file", log.name,
-               "-H", "content-type: application/grpc", "-H", "te: trailers", "-d", str(frame),
-               f"http://{address}{method}"]  # fmt: skip
+               "-D", f"{int(seconds * 1000)}ms", "--log-file", log.name, *protocol,
+               "-d", str(frame), f"http://{address}{method}"]  # fmt: skip
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
         times = [int(line.split("\t")[2]) for line in Path(log.name).read_text().splitlines()
                  if line.count("\t") >= 2 and not line.split("\t")[1].startswith("-")]  # fmt: skip
@@ -253,6 +261,9 @@ def h2load(
     wall = _seconds(finished.group(1))
     completed = int(requests.group(3)) * messages
     successes = min(int(data.group(1)) // response_bytes, completed)
+    ok = re.search(r"status codes: (\d+) 2xx", out)
+    if http1_headers is not None and ok:  # HTTP/1.1 error answers have bodies of their own
+        successes = min(successes, int(ok.group(1)))
     row = {
         "concurrency": concurrency,
         "connections": connections,

@@ -21,6 +21,7 @@ SERVERS = ("project", "minimal", "triton", "project-workers2")
 # Project configurations one can add to --servers, e.g. to test a hypothesis in the same run.
 VARIANTS = {
     "project-workers2": ["--workers", "2"],
+    "project-http-workers2": ["--workers", "2"],  # driven over HTTP/1.1 (bench/compare.py)
     "project-nofastpath": ["--latency-threads", "0"],
     "project-fastpath1": ["--latency-threads", "1"],
     "project-fastpath2": ["--latency-threads", "2"],
@@ -37,6 +38,9 @@ def server(
     before: Path | None = None,
 ) -> Iterator[tuple[str, int]]:
     """Start one of SERVERS or VARIANTS; yield (address, pid)."""
+    if name not in (*SERVERS, *VARIANTS):
+        known = ", ".join(dict.fromkeys((*SERVERS, *VARIANTS)))
+        raise ValueError(f"unknown server {name!r} (known: {known})")
     if name == "triton":
         with triton_server.running_triton(repository, model) as (address, proc):
             yield address, proc.pid

@@ -1,4 +1,5 @@
-"""The benchmark's minimal reference server answers correctly, so its figures mean something."""
+"""The benchmark's reference server and load harness answer and count correctly, so their figures
+mean something."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import grpc
 import numpy as np
 import pytest
 
+from bench import compare, http_compare
+from bench.http_compare import HEADER, binary_request, check_http
 from bench.loadgen import (
     free_port,
     grpc_frame,
@@ -79,3 +82,29 @@ def test_h2load_counts_successes_from_response_bytes(minimal_server, tmp_path: P
     frame.write_bytes(grpc_frame(request))
     bad = h2load(address, frame, size, 4, 0.5)
     assert bad["infer_per_s"] == 0 and bad["failed"] == bad["requests"] > 0
+
+
+@pytest.mark.skipif(shutil.which("h2load") is None, reason="h2load (nghttp2-client) not installed")
+def test_h2load_over_http1_counts_only_successful_answers(tmp_path: Path) -> None:
+    """compare.py's HTTP lane: the binary-extension request replayed over keep-alive HTTP/1.1."""
+    repository = tmp_path / "repo"
+    write_model(repository, classifier_config("classifier"), classifier_graph())
+    body, header_length = binary_request(repository, "classifier")
+    frame = tmp_path / "infer.http"
+    frame.write_bytes(body)
+    path = "/v2/models/classifier/infer"
+    with http_compare.project(repository, "classifier") as (_, http_port, _):
+        address = f"127.0.0.1:{http_port}"
+        size = check_http(f"http://{address}{path}", body, header_length)
+        headers = {HEADER: str(header_length), "content-type": "application/octet-stream"}
+        ok = h2load(address, frame, size, 4, 0.5, method=path, http1_headers=headers)
+        assert ok["infer_per_s"] > 0 and ok["failed"] == 0 and ok["connections"] == 4
+        headers[HEADER] = str(header_length - 1)  # a header that does not parse: 400
+        bad = h2load(address, frame, size, 4, 0.5, method=path, http1_headers=headers)
+    assert bad["infer_per_s"] == 0 and bad["failed"] == bad["requests"] > 0
+
+
+def test_compare_refuses_a_server_it_does_not_know(capsys: pytest.CaptureFixture[str]) -> None:
+    """A misspelt --servers name must not quietly measure the project under that label."""
+    assert compare.main(["--servers", "project,kserve", "--quick"]) == 2
+    assert "unknown server(s) kserve" in capsys.readouterr().err
