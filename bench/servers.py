@@ -23,6 +23,7 @@ VARIANTS = {
     "project-workers2": ["--workers", "2"],
     "project-http-workers2": ["--workers", "2"],  # driven over HTTP/1.1 (bench/compare.py)
     "project-nofastpath": ["--latency-threads", "0"],
+    "project-gil5ms": ["--gil-switch-s", "0.005"],  # Python's default GIL switch interval
     "project-fastpath1": ["--latency-threads", "1"],
     "project-fastpath2": ["--latency-threads", "2"],
     "project-before": [],  # needs --before: a checkout of an older commit (git worktree add)

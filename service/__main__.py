@@ -17,7 +17,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"python -m service: error: {exc}", file=sys.stderr)
         return lifecycle.EXIT_START_FAILED
-    lifecycle.limit_malloc_arenas(settings.malloc_arena_max)
+    lifecycle.tune_interpreter(settings)
     configure_logging(settings.log_level, settings.log_format)
     if settings.workers > 1:
         from .workers.supervisor import supervise

@@ -139,6 +139,13 @@ class Settings:
             "their own. MALLOC_ARENA_MAX in the environment wins"
         ),
     )
+    gil_switch_s: float = field(
+        default=0.0005,
+        metadata=_doc(
+            "how long a thread waiting for the GIL lets the running one keep it (Python's default: "
+            "0.005); shorter hands a finished batch back sooner while the event loop is busy"
+        ),
+    )
     latency_threads: int = field(
         default=1,
         metadata=_doc(
@@ -295,6 +302,8 @@ class Settings:
             raise ValueError("latency_threads must not be negative")
         if self.malloc_arena_max < 0:
             raise ValueError("malloc_arena_max must not be negative")
+        if not 0 < self.gil_switch_s <= 1:
+            raise ValueError("gil_switch_s must be above 0 and at most 1")
         if self.grace_period_s < 0:
             raise ValueError("grace_period_s must not be negative")
         for name in (

@@ -35,6 +35,12 @@ OnStarted = Callable[[InferenceServer], Awaitable[Callable[[], Awaitable[None]]]
 M_ARENA_MAX = -8  # glibc's mallopt parameter number
 
 
+def tune_interpreter(settings: Settings) -> None:
+    """Process-wide settings, applied before any thread starts: malloc arenas, GIL switch time."""
+    limit_malloc_arenas(settings.malloc_arena_max)
+    sys.setswitchinterval(settings.gil_switch_s)
+
+
 def limit_malloc_arenas(count: int) -> bool:
     """At most `count` glibc malloc arenas from now on (call before threads start); False when
     not applied: 0, MALLOC_ARENA_MAX already set, or no glibc."""

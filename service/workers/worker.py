@@ -21,7 +21,7 @@ from prometheus_client import start_http_server
 
 from ..app import InferenceServer
 from ..config import Settings
-from ..lifecycle import StopSignals, limit_malloc_arenas, run, serve
+from ..lifecycle import StopSignals, run, serve, tune_interpreter
 from ..observability.logs import configure_logging
 from .peers import Peers, statistics_handler
 from .rundir import WorkerInfo, publish
@@ -87,7 +87,7 @@ def worker_main(settings: Settings, index: int, run_dir: Path, metrics: bool) ->
     """Entry point of a worker process (spawned by the supervisor)."""
     # Ctrl-C in a terminal reaches the whole process group; the supervisor forwards it once.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    limit_malloc_arenas(settings.malloc_arena_max)
+    tune_interpreter(settings)
     configure_logging(settings.log_level, settings.log_format)
     handler = logging.getLogger().handlers[0]
     handler.addFilter(_WorkerTag(index))

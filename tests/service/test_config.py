@@ -165,3 +165,22 @@ def test_malloc_arena_setting() -> None:
     assert Settings.from_sources(flags, environ={}).malloc_arena_max == 0
     with pytest.raises(ValueError, match="malloc_arena_max"):
         Settings.from_sources(["--malloc-arena-max", "-1"], environ={})
+
+
+def test_gil_switch_interval_is_half_a_millisecond_and_bounded() -> None:
+    assert Settings.from_sources([], environ={}).gil_switch_s == 0.0005
+    assert Settings.from_sources(["--gil-switch-s", "0.005"], environ={}).gil_switch_s == 0.005
+    for bad in ("0", "-1", "2"):
+        with pytest.raises(ValueError, match="gil_switch_s"):
+            Settings.from_sources(["--gil-switch-s", bad], environ={})
+
+
+def test_the_interpreter_takes_the_gil_switch_interval() -> None:
+    from service import lifecycle
+
+    before = sys.getswitchinterval()
+    try:
+        lifecycle.tune_interpreter(Settings.from_sources(["--malloc-arena-max", "0"], environ={}))
+        assert sys.getswitchinterval() == pytest.approx(0.0005)
+    finally:
+        sys.setswitchinterval(before)
