@@ -30,7 +30,12 @@ RELATIVE_TOL = 1e-4
 # Integrated Gradients sums 50 input gradients taken at scaled inputs; near black (small alpha)
 # a ReLU pre-activation sits at its kink, and float32 rounding (PyTorch's or ONNX Runtime's)
 # decides its side: most images agree to ~1e-7, a few to ~2e-4, while Captum in float32 differs
-# from Captum in float64 by up to ~1e-3 on the same images (mnist_cnn, 32 digits).
+# from Captum in float64 by up to ~1e-3 on the same images (mnist_cnn, 32 digits). On mobilenet
+# trained to 99.08% (ReLU6: two kinks per unit) one image of 32 differed by 2.1e-3 from Captum
+# in float32 and in float64 alike, while Captum's float32 missed its own float64 by 9.8e-4 on
+# another: a side taken differently on one image, not a different method. So the bound is 1e-2,
+# and most images must still agree to 1e-4 (MOST_WITHIN_1E4): a wrong step, baseline or weight
+# would move every image.
 # Grad-CAM++ (alpha = g^2 / (2 g^2 + sum(A) g^3)) and XGrad-CAM (sum(g A) / sum(A)) divide by
 # per-channel sums that are tiny for channels a trained model barely uses: on mnist_cnn trained to
 # 99.44% they differed by 5.5e-4 and 2.1e-4 relative (1-epoch checkpoints: under 1e-5).
@@ -38,12 +43,14 @@ RELATIVE_TOL = 1e-4
 # library calls LAPACK's SVD: not the same arithmetic (EigenGradCAM: 1.75e-4 on that model).
 TOLERANCES = {
     "ablationcam": 1e-3,
-    "integrated_gradients": 1e-3,
+    "integrated_gradients": 1e-2,
     "gradcam_plusplus": 1e-3,
     "xgradcam": 1e-3,
     "eigencam": 1e-3,
     "eigengradcam": 1e-3,
 }
+# Methods whose bound allows a few outlying images: the share of images that must agree to 1e-4.
+MOST_WITHIN_1E4 = {"integrated_gradients": 0.9}
 CHUNK = 8  # images per reference call: IG holds 50 gradients of each
 
 
@@ -153,6 +160,11 @@ def verify_methods(
         checks[method] = check
         if not worst_rel <= check.tolerance:
             failed.append(f"{method} by {worst_rel:.3g} (max abs {worst_abs:.3g})")
+        elif check.within_1e4 < MOST_WITHIN_1E4.get(method, 0.0):
+            failed.append(
+                f"{method} on {len(x) - close} of {len(x)} images by more than 1e-4 (at most "
+                f"{1 - MOST_WITHIN_1E4[method]:.0%} may)"
+            )
     if failed:
         raise ExportVerificationError(
             f"{folder}: methods differ from their reference libraries over {len(x)} images, "

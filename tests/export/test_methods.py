@@ -172,6 +172,25 @@ def test_verification_names_the_method_that_differs(
         verify_methods(broken, mnist_model, "act2", digits[:6], targets, MEAN, STD)
 
 
+def test_integrated_gradients_off_by_a_little_on_every_image_fails(
+    mnist_folder: Path, mnist_model: nn.Module, digits: np.ndarray
+) -> None:
+    """IG's bound (1e-2) leaves room for a kink taken the other way on a few images; a model
+    0.1% off on every logit (the same classes explained) is within it and must still fail."""
+    import copy
+
+    scaled = copy.deepcopy(mnist_model)
+    with torch.no_grad():
+        scaled.fc2.weight.mul_(1.001)
+        scaled.fc2.bias.mul_(1.001)
+    targets = explainer_targets(6, NUM_CLASSES)
+    with pytest.raises(ExportVerificationError, match=r"integrated_gradients on 6 of 6 images"):
+        verify_methods(
+            mnist_folder, scaled, "act2", digits[:6], targets, MEAN, STD,
+            methods=("integrated_gradients",),
+        )  # fmt: skip
+
+
 @pytest.mark.parametrize(("layer", "channels"), [((15, 20), 16), ((3, 3), 40), ((7, 7), 64)])
 def test_first_component_equals_the_svd_with_its_sign_corrected(
     layer: tuple[int, int], channels: int
