@@ -33,9 +33,10 @@ RELATIVE_TOL = 1e-4
 # from Captum in float64 by up to ~1e-3 on the same images (mnist_cnn, 32 digits). On mobilenet
 # trained to 99.08% (ReLU6: two kinks per unit) one image of 32 differed by 2.1e-3 from Captum
 # in float32 and in float64 alike, while Captum's float32 missed its own float64 by 9.8e-4 on
-# another: a side taken differently on one image, not a different method. So the bound is 1e-2,
-# and most images must still agree to 1e-4 (MOST_WITHIN_1E4): a wrong step, baseline or weight
-# would move every image.
+# another: a side taken differently on one image, not a different method (untrained zoo models,
+# He-initialised, do it on up to 3 images of 8). So the bound is 1e-2, and at least half the
+# images must still agree to 1e-4 (MOST_WITHIN_1E4): a wrong step, baseline or weight would move
+# every image.
 # Grad-CAM++ (alpha = g^2 / (2 g^2 + sum(A) g^3)) and XGrad-CAM (sum(g A) / sum(A)) divide by
 # per-channel sums that are tiny for channels a trained model barely uses: on mnist_cnn trained to
 # 99.44% they differed by 5.5e-4 and 2.1e-4 relative (1-epoch checkpoints: under 1e-5).
@@ -50,7 +51,7 @@ TOLERANCES = {
     "eigengradcam": 1e-3,
 }
 # Methods whose bound allows a few outlying images: the share of images that must agree to 1e-4.
-MOST_WITHIN_1E4 = {"integrated_gradients": 0.9}
+MOST_WITHIN_1E4 = {"integrated_gradients": 0.5}
 CHUNK = 8  # images per reference call: IG holds 50 gradients of each
 
 
