@@ -17,7 +17,7 @@ from bench.loadgen import ROOT, free_port, project_command, running_process
 from pb import grpc_service_pb2 as pb
 from pb import grpc_service_pb2_grpc as pb_grpc
 
-SERVERS = ("project", "minimal", "triton", "project-workers2")
+SERVERS = ("project", "minimal", "triton", "project-workers2", "project-http-workers2")
 # Project configurations one can add to --servers, e.g. to test a hypothesis in the same run.
 VARIANTS = {
     "project-workers2": ["--workers", "2"],
