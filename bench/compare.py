@@ -21,6 +21,7 @@ each round, then summarised. Prints tables; writes bench/results/compare.json an
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -50,7 +51,7 @@ from bench.loadgen import (
     print_table,
     response_frame_size,
 )
-from bench.servers import SERVERS, VARIANTS, executed
+from bench.servers import KNOWN, SERVERS, VARIANTS, executed
 from pb import grpc_service_pb2 as pb
 from pb import grpc_service_pb2_grpc as pb_grpc
 from training.cli import HelpFormatter
@@ -186,16 +187,15 @@ def measure(name: str, args: argparse.Namespace, frames: dict[str, Path]) -> lis
             body, header_length = binary_request(args.repository, args.model)  # as in main
             http_bytes = check_http(f"http://127.0.0.1:{http_port}{path}", body, header_length)
             http1 = {HEADER: str(header_length), "content-type": "application/octet-stream"}
-            h2load(f"127.0.0.1:{http_port}", frames["http"], http_bytes, 16, 1.0, method=path,
-                   http1_headers=http1)  # fmt: skip
+            over_http = functools.partial(h2load, f"127.0.0.1:{http_port}", frames["http"],
+                                          http_bytes, method=path, http1_headers=http1)  # fmt: skip
+            over_http(16, 1.0)  # warm the HTTP front up
         for lane, concurrency in points:
             before = executed(address, args.model)
             busy0, client0 = host_busy_seconds(), children_cpu()
             with CpuMeter(pid) as cpu:
                 if lane.http:
-                    row = h2load(f"127.0.0.1:{http_port}", frames["http"], http_bytes,
-                                 concurrency, args.seconds, method=path,
-                                 http1_headers=http1)  # fmt: skip
+                    row = over_http(concurrency, args.seconds)
                 elif lane.stream:
                     row = h2load(address, frames["stream"], stream_bytes, concurrency,
                                  args.seconds, method=STREAM,
@@ -299,7 +299,7 @@ def _fmt(entry: dict[str, Any], metric: str, spec: str) -> str:
 
 
 def print_summary(summary: list[dict[str, Any]], ratio_rows: list[dict[str, Any]]) -> None:
-    order = {name: i for i, name in enumerate((*SERVERS, *VARIANTS))}
+    order = {name: i for i, name in enumerate(KNOWN)}
     rows = []
     for e in sorted(summary, key=lambda e: (e["concurrency"], e["lane"] != "unary",
                                             order.get(e["server"], 99), e["lane"])):  # fmt: skip
@@ -331,7 +331,7 @@ def print_summary(summary: list[dict[str, Any]], ratio_rows: list[dict[str, Any]
     )
 
 
-ORDER = tuple(dict.fromkeys((*SERVERS, *VARIANTS)))
+ORDER = KNOWN
 
 
 def plot(summary: list[dict[str, Any]], title: str, path: Path) -> None:
@@ -378,7 +378,7 @@ def plot(summary: list[dict[str, Any]], title: str, path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     names = [s for s in args.servers.split(",") if s]
-    unknown = [s for s in names if s not in (*SERVERS, *VARIANTS)]
+    unknown = [s for s in names if s not in KNOWN]
     if unknown:  # a misspelt name must not quietly measure the project under another label
         print(f"unknown server(s) {', '.join(unknown)}; known: {', '.join(ORDER)}", file=sys.stderr)
         return 2

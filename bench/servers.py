@@ -28,6 +28,7 @@ VARIANTS = {
     "project-fastpath2": ["--latency-threads", "2"],
     "project-before": [],  # needs --before: a checkout of an older commit (git worktree add)
 }
+KNOWN = tuple(dict.fromkeys((*SERVERS, *VARIANTS)))  # every name, each once, in that order
 
 
 @contextmanager
@@ -39,9 +40,8 @@ def server(
     before: Path | None = None,
 ) -> Iterator[tuple[str, int]]:
     """Start one of SERVERS or VARIANTS; yield (address, pid)."""
-    if name not in (*SERVERS, *VARIANTS):
-        known = ", ".join(dict.fromkeys((*SERVERS, *VARIANTS)))
-        raise ValueError(f"unknown server {name!r} (known: {known})")
+    if name not in KNOWN:
+        raise ValueError(f"unknown server {name!r} (known: {', '.join(KNOWN)})")
     if name == "triton":
         with triton_server.running_triton(repository, model) as (address, proc):
             yield address, proc.pid
