@@ -84,8 +84,9 @@ async def project_handler(repository: Path, model: str) -> tuple[Handler, Callab
         return serialize(await call(raw, context))
 
     def stats() -> Any:
-        served = server.repository.get(model)[1]
-        return served.stats.to_proto()
+        from service.rpc.statistics import statistics_message
+
+        return statistics_message(server.repository.get(model)[1].stats)
 
     return handle, stats
 

@@ -147,7 +147,7 @@ class Settings:
         ),
     )
     latency_threads: int = field(
-        default=1,
+        default=0,
         metadata=_doc(
             "intra-op threads of the extra CPU session that runs a request arriving at an idle "
             "model at once, on the event loop (0 turns this fast path off)"

@@ -110,9 +110,7 @@ class ServedModel:
             trace.batch(b.start_ns, b.input_ns, b.infer_ns, b.output_ns)
         elapsed = time.perf_counter_ns() - start
         self.stats.request_succeeded(elapsed, result, batch_size)
-        self.metrics.request_done("success", elapsed / 1e9)
-        self.metrics.queue_seconds.observe(result.queue_ns / 1e9)
-        self.metrics.inferences.inc(batch_size)
+        self.metrics.request_succeeded(elapsed / 1e9, result.queue_ns / 1e9, batch_size)
         return result.outputs
 
     def request_failed(self, started_ns: int, cause: BaseException) -> None:
@@ -145,10 +143,8 @@ class ServedModel:
     def _batch_done(self, record: BatchRecord) -> None:
         self.stats.batch_executed(record)
         if record.error is None:
-            self.metrics.batch_size.observe(record.size)
-            self.metrics.compute_seconds.observe(
-                (record.input_ns + record.infer_ns + record.output_ns) / 1e9
-            )
+            compute_ns = record.input_ns + record.infer_ns + record.output_ns
+            self.metrics.batch_done(record.size, compute_ns / 1e9)
 
     async def close(self) -> None:
         """Finish the accepted requests, then stop the batcher and drop live metrics."""

@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
+import math
+from bisect import bisect_left
 from collections.abc import Callable, Iterable
 
 from prometheus_client import (
@@ -20,8 +22,14 @@ from prometheus_client import (
     ProcessCollector,
     disable_created_metrics,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
+from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from ..core.errors import REJECT_REASONS, REQUEST_FAILURES
 
@@ -46,38 +54,85 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 OUTCOMES = ("success", *REQUEST_FAILURES)
 
 
+class _Histogram:
+    """Bucket counts and a sum, as plain numbers: updated on the event loop, read at scrape time."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one: above every bound (+Inf only)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        """Count one value in the first bucket whose upper bound holds it (`le`, inclusive)."""
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def sample(self) -> tuple[list[tuple[str, float]], float]:
+        """Cumulative buckets as Prometheus writes them, and the sum."""
+        counts, total = list(self.counts), self.sum  # one consistent copy
+        running, buckets = 0, []
+        for bound, count in zip((*self.bounds, math.inf), counts, strict=True):
+            running += count
+            buckets.append((floatToGoString(bound), running))
+        return buckets, total
+
+
+class _VersionSeries:
+    """One model version's request and batch series (they outlive an unload, like any counter)."""
+
+    __slots__ = ("batch_size", "compute", "durations", "inferences", "outcomes", "queue")
+
+    def __init__(self) -> None:
+        self.outcomes: dict[tuple[str, str], int] = {}  # (call, outcome) -> requests
+        self.durations: dict[str, _Histogram] = {}  # call -> request durations
+        self.queue = _Histogram(LATENCY_BUCKETS)
+        self.compute = _Histogram(LATENCY_BUCKETS)
+        self.batch_size = _Histogram(BATCH_BUCKETS)
+        self.inferences = 0
+
+
 class VersionMetrics:
-    """Label-bound children for one model version, so the hot path skips label lookups."""
+    """One model version's series, updated with a few plain additions per request.
+
+    The request path's series (requests, durations, queue and compute time, batch sizes,
+    inferences) are counts kept on the event loop and turned into Prometheus families only when
+    scraped (`_RequestCollector`): prometheus_client's own counters and histograms take a lock per
+    increment, six of them per request here.
+    """
 
     def __init__(self, metrics: ServingMetrics, model: str, version: str) -> None:
         self._metrics = metrics
         self.labels = (model, version)
-        self.queue_seconds = metrics.queue_seconds.labels(model, version)
-        self.compute_seconds = metrics.compute_seconds.labels(model, version)
-        self.batch_size = metrics.batch_size.labels(model, version)
-        self.inferences = metrics.inferences.labels(model, version)
-        self._outcomes: dict[tuple[str, str], Counter] = {}
-        self._seconds: dict[str, Histogram] = {}
+        self._series = metrics.series.setdefault(self.labels, _VersionSeries())
         self._providers: set[str] = set()
+
+    def request_succeeded(self, seconds: float, queue_seconds: float, images: int) -> None:
+        """One request answered: its duration, its wait for a batch and its images."""
+        series = self._series
+        self.request_done("success", seconds)
+        series.queue.observe(queue_seconds)
+        series.inferences += images
 
     def request_done(self, outcome: str, seconds: float) -> None:
         """Count one finished request and observe its duration, under the current call."""
         call = CALL.get()
-        counter = self._outcomes.get((call, outcome))
-        if counter is None:
+        outcomes = self._series.outcomes
+        key = (call, outcome)
+        if key not in outcomes:
             # A call's first request creates all its outcome series at zero, so that error
             # ratios are 0 rather than missing.
             for known in (*OUTCOMES, outcome):
-                if (call, known) not in self._outcomes:
-                    child = self._metrics.requests.labels(*self.labels, known, call)
-                    self._outcomes[(call, known)] = child
-            counter = self._outcomes[(call, outcome)]
-        counter.inc()
-        histogram = self._seconds.get(call)
-        if histogram is None:
-            histogram = self._metrics.request_seconds.labels(*self.labels, call)
-            self._seconds[call] = histogram
-        histogram.observe(seconds)
+                outcomes.setdefault((call, known), 0)
+            self._series.durations.setdefault(call, _Histogram(LATENCY_BUCKETS))
+        outcomes[key] += 1
+        self._series.durations[call].observe(seconds)
+
+    def batch_done(self, size: int, seconds: float) -> None:
+        """One batch executed: its size in images and how long it took."""
+        self._series.batch_size.observe(size)
+        self._series.compute.observe(seconds)
 
     def watch(self, queue_depth: Callable[[], float], in_flight: Callable[[], float]) -> None:
         """Report queue depth and in-flight requests from these callables at scrape time."""
@@ -109,35 +164,12 @@ class ServingMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
         per_version = ("model", "version")
-        self.requests = Counter(
-            "requests", "Requests that reached a model version, by outcome and by the call "
-            "they came in through", (*per_version, "outcome", "call"),
-            namespace=NAMESPACE, registry=registry,
-        )  # fmt: skip
-        self.inferences = Counter(
-            "inferences", "Images (batch elements) inferred successfully", per_version,
-            namespace=NAMESPACE, registry=registry,
-        )  # fmt: skip
-        self.request_seconds = Histogram(
-            "request_duration_seconds", "Time of a request at a model version, decode to encode "
-            "(for Explain: each model call, not the picture work)",
-            (*per_version, "call"), namespace=NAMESPACE, registry=registry, buckets=LATENCY_BUCKETS,
-        )  # fmt: skip
+        # The request path's families: plain numbers per version, read at scrape time.
+        self.series: dict[tuple[str, str], _VersionSeries] = {}
+        registry.register(_RequestCollector(self.series))
         self.explain_seconds = Histogram(
             "explain_duration_seconds", "Whole Explain call: decode, model calls and drawing",
             ("model", "outcome"), namespace=NAMESPACE, registry=registry, buckets=EXPLAIN_BUCKETS,
-        )  # fmt: skip
-        self.queue_seconds = Histogram(
-            "queue_duration_seconds", "Time a request waited for its batch to start",
-            per_version, namespace=NAMESPACE, registry=registry, buckets=LATENCY_BUCKETS,
-        )  # fmt: skip
-        self.compute_seconds = Histogram(
-            "compute_duration_seconds", "Time to run one batch (merge, run, split)",
-            per_version, namespace=NAMESPACE, registry=registry, buckets=LATENCY_BUCKETS,
-        )  # fmt: skip
-        self.batch_size = Histogram(
-            "batch_size", "Executed batch sizes, in images", per_version,
-            namespace=NAMESPACE, registry=registry, buckets=BATCH_BUCKETS,
         )  # fmt: skip
         self.queue_depth = Gauge(
             "queue_depth", "Requests waiting for a batch", per_version,
@@ -202,6 +234,49 @@ class ServingMetrics:
         self.registry.register(collector)
         self._gpu = collector
         return True
+
+
+class _RequestCollector(Collector):
+    """The request path's counters and histograms, made from `_VersionSeries` at scrape time."""
+
+    def __init__(self, series: dict[tuple[str, str], _VersionSeries]) -> None:
+        self._series = series
+
+    def collect(self) -> Iterable[Metric]:
+        def family(kind: type[Metric], name: str, text: str, *labels: str) -> Metric:
+            return kind(f"{NAMESPACE}_{name}", text, labels=("model", "version", *labels))
+
+        requests = family(
+            CounterMetricFamily, "requests", "Requests that reached a model version, by outcome "
+            "and by the call they came in through", "outcome", "call",
+        )  # fmt: skip
+        inferences = family(
+            CounterMetricFamily, "inferences", "Images (batch elements) inferred successfully"
+        )
+        durations = family(
+            HistogramMetricFamily, "request_duration_seconds", "Time of a request at a model "
+            "version, decode to encode (for Explain: each model call, not the picture work)",
+            "call",
+        )  # fmt: skip
+        histograms = [
+            (family(HistogramMetricFamily, "queue_duration_seconds",
+                    "Time a request waited for its batch to start"), "queue"),
+            (family(HistogramMetricFamily, "compute_duration_seconds",
+                    "Time to run one batch (merge, run, split)"), "compute"),
+            (family(HistogramMetricFamily, "batch_size", "Executed batch sizes, in images"),
+             "batch_size"),
+        ]  # fmt: skip
+        for labels, series in list(self._series.items()):
+            for (call, outcome), count in list(series.outcomes.items()):
+                requests.add_metric((*labels, outcome, call), count)
+            for call, histogram in list(series.durations.items()):
+                buckets, total = histogram.sample()
+                durations.add_metric((*labels, call), buckets, total)
+            for metric, attribute in histograms:
+                buckets, total = getattr(series, attribute).sample()
+                metric.add_metric(labels, buckets, total)
+            inferences.add_metric(labels, series.inferences)
+        return [requests, inferences, durations, *(metric for metric, _ in histograms)]
 
 
 class GpuCollector(Collector):
