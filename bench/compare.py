@@ -265,9 +265,11 @@ def comparisons(summary: list[dict[str, Any]]) -> list[tuple[tuple[str, str, int
     for name, lane, concurrency in sorted(have):
         if not name.startswith("project"):
             continue
-        for ref in ("minimal", "triton"):
+        for ref in ("minimal", "minimal-poller", "triton"):
             if lane == "unary" and (ref, "unary", concurrency) in have:
                 pairs.append(((name, lane, concurrency), (ref, "unary", concurrency)))
+        if name == "project" and ("project-before", lane, concurrency) in have:
+            pairs.append(((name, lane, concurrency), ("project-before", lane, concurrency)))
         if lane != "unary" and ("triton", "unary", concurrency) in have:
             pairs.append(((name, lane, concurrency), ("triton", "unary", concurrency)))
     return pairs

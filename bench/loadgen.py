@@ -12,7 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,10 +47,13 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_process(cmd: list[str], address: str, model: str = "") -> Iterator[subprocess.Popen]:
-    """Start a gRPC inference server; wait until it (and `model`, if given) is ready; yield the
-    process; SIGTERM it afterwards."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+def running_process(
+    cmd: list[str], address: str, model: str = "", env: Mapping[str, str] | None = None
+) -> Iterator[subprocess.Popen]:
+    """Start a gRPC inference server (with `env` over this environment); wait until it (and
+    `model`, if given) is ready; yield the process; SIGTERM it afterwards."""
+    environ = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=environ)
     try:
         with grpc.insecure_channel(address) as channel:
             stub = pb_grpc.GRPCInferenceServiceStub(channel)

@@ -16,6 +16,7 @@ from bench import triton_server
 from bench.loadgen import ROOT, free_port, project_command, running_process
 from pb import grpc_service_pb2 as pb
 from pb import grpc_service_pb2_grpc as pb_grpc
+from service.grpc_env import CLASSIC_POLLER
 
 SERVERS = ("project", "minimal", "triton", "project-workers2", "project-http-workers2")
 # Project configurations one can add to --servers, e.g. to test a hypothesis in the same run.
@@ -28,7 +29,10 @@ VARIANTS = {
     "project-fastpath2": ["--latency-threads", "2"],
     "project-before": [],  # needs --before: a checkout of an older commit (git worktree add)
 }
-KNOWN = tuple(dict.fromkeys((*SERVERS, *VARIANTS)))  # every name, each once, in that order
+# The minimal server with the gRPC poller the project picks (service/__main__.py), to show what
+# that setting alone gives any grpc.aio server.
+MINIMAL = {"minimal": {}, "minimal-poller": {"GRPC_EXPERIMENTS": CLASSIC_POLLER}}
+KNOWN = tuple(dict.fromkeys((*SERVERS, *VARIANTS, *MINIMAL)))  # every name, each once
 
 
 @contextmanager
@@ -48,7 +52,8 @@ def server(
         return
     port = free_port()
     address = f"127.0.0.1:{port}"
-    if name == "minimal":
+    env = MINIMAL.get(name, {})
+    if name in MINIMAL:
         cmd = [sys.executable, str(ROOT / "bench" / "minimal_server.py"), "--repository",
                str(repository), "--model", model, "--port", str(port)]  # fmt: skip
     else:
@@ -57,7 +62,7 @@ def server(
             start = f"import sys; sys.path.insert(0, {str(before)!r}); "
             start += "from service.__main__ import main; sys.exit(main())"
             cmd[1:3] = ["-c", start]
-    with running_process(cmd, address, model) as proc:
+    with running_process(cmd, address, model, env) as proc:
         yield address, proc.pid
 
 

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Sequence
 
-# gRPC reads this once, when it is first imported. Its EventEngine listener moves every
-# connection's reads and writes onto threads of its own, one more thread hop per RPC on top of
-# grpc.aio's poller thread; the classic poller does the I/O in that thread (measured here: p50 at
-# one request in flight 0.87x, CPU per inference at 16 in flight 0.97x). A value the user set
-# wins; worker processes inherit it.
-os.environ.setdefault("GRPC_EXPERIMENTS", "-event_engine_listener,-event_engine_for_all_other_endpoints")
+from .grpc_env import prefer_classic_poller
+
+prefer_classic_poller()  # before anything imports grpc
 
 from . import lifecycle  # noqa: E402  (imports grpc)
 from .config import Settings  # noqa: E402

@@ -199,7 +199,7 @@ class DynamicBatcher:
             raise ValueError(f"request of {size} exceeds max_batch_size {self.max_batch_size}")
         if timeout_s is not None and timeout_s <= 0:
             raise DeadlineExceeded("deadline exceeded before the request was queued")
-        nbytes = sum(a.nbytes for a in inputs.values())
+        nbytes = sum([a.nbytes for a in inputs.values()])
         if (
             self.max_queue_bytes
             and self._queued_bytes + nbytes > self.max_queue_bytes

@@ -71,8 +71,8 @@ class _Histogram:
 
     def sample(self) -> tuple[list[tuple[str, float]], float]:
         """Cumulative buckets as Prometheus writes them, and the sum."""
-        counts, total = list(self.counts), self.sum  # one consistent copy
-        running, buckets = 0, []
+        counts, total = list(self.counts), self.sum  # copied: the loop goes on adding
+        running, buckets = 0.0, []
         for bound, count in zip((*self.bounds, math.inf), counts, strict=True):
             running += count
             buckets.append((floatToGoString(bound), running))
@@ -243,40 +243,43 @@ class _RequestCollector(Collector):
         self._series = series
 
     def collect(self) -> Iterable[Metric]:
-        def family(kind: type[Metric], name: str, text: str, *labels: str) -> Metric:
-            return kind(f"{NAMESPACE}_{name}", text, labels=("model", "version", *labels))
-
-        requests = family(
-            CounterMetricFamily, "requests", "Requests that reached a model version, by outcome "
-            "and by the call they came in through", "outcome", "call",
+        labels = ("model", "version")
+        requests = CounterMetricFamily(
+            f"{NAMESPACE}_requests", "Requests that reached a model version, by outcome and by "
+            "the call they came in through", labels=(*labels, "outcome", "call"),
         )  # fmt: skip
-        inferences = family(
-            CounterMetricFamily, "inferences", "Images (batch elements) inferred successfully"
+        inferences = CounterMetricFamily(
+            f"{NAMESPACE}_inferences",
+            "Images (batch elements) inferred successfully",
+            labels=labels,
         )
-        durations = family(
-            HistogramMetricFamily, "request_duration_seconds", "Time of a request at a model "
-            "version, decode to encode (for Explain: each model call, not the picture work)",
-            "call",
+        durations = HistogramMetricFamily(
+            f"{NAMESPACE}_request_duration_seconds", "Time of a request at a model version, "
+            "decode to encode (for Explain: each model call, not the picture work)",
+            labels=(*labels, "call"),
         )  # fmt: skip
-        histograms = [
-            (family(HistogramMetricFamily, "queue_duration_seconds",
-                    "Time a request waited for its batch to start"), "queue"),
-            (family(HistogramMetricFamily, "compute_duration_seconds",
-                    "Time to run one batch (merge, run, split)"), "compute"),
-            (family(HistogramMetricFamily, "batch_size", "Executed batch sizes, in images"),
-             "batch_size"),
-        ]  # fmt: skip
-        for labels, series in list(self._series.items()):
+        per_version = {
+            "queue": HistogramMetricFamily(
+                f"{NAMESPACE}_queue_duration_seconds",
+                "Time a request waited for its batch to start", labels=labels,
+            ),
+            "compute": HistogramMetricFamily(
+                f"{NAMESPACE}_compute_duration_seconds",
+                "Time to run one batch (merge, run, split)", labels=labels,
+            ),
+            "batch_size": HistogramMetricFamily(
+                f"{NAMESPACE}_batch_size", "Executed batch sizes, in images", labels=labels
+            ),
+        }  # fmt: skip
+        for version, series in list(self._series.items()):
             for (call, outcome), count in list(series.outcomes.items()):
-                requests.add_metric((*labels, outcome, call), count)
+                requests.add_metric([*version, outcome, call], count)
             for call, histogram in list(series.durations.items()):
-                buckets, total = histogram.sample()
-                durations.add_metric((*labels, call), buckets, total)
-            for metric, attribute in histograms:
-                buckets, total = getattr(series, attribute).sample()
-                metric.add_metric(labels, buckets, total)
-            inferences.add_metric(labels, series.inferences)
-        return [requests, inferences, durations, *(metric for metric, _ in histograms)]
+                durations.add_metric([*version, call], *histogram.sample())
+            for attribute, family in per_version.items():
+                family.add_metric(list(version), *getattr(series, attribute).sample())
+            inferences.add_metric(list(version), series.inferences)
+        return [requests, inferences, durations, *per_version.values()]
 
 
 class GpuCollector(Collector):

@@ -148,11 +148,14 @@ class InferenceServicer(ExtensionServicer, pb_grpc.GRPCInferenceServiceServicer)
         trace = self.extensions.tracing.start(model.name, model.version, request.id, start)
         try:
             decoded = decode_request(request, model.signature, shm)
-            placements = output_placements(request)
+            # (Both read fields the common request leaves empty: skipped when they are.)
+            placements = output_placements(request) if request.outputs else {}
             # An explainer's `method` parameter: its maps from another method's graphs.
-            method = explain_methods.requested(method_parameters(request))
-            if method is not None:
-                explain_methods.check(model, *method)
+            method = None
+            if request.parameters:
+                method = explain_methods.requested(method_parameters(request))
+                if method is not None:
+                    explain_methods.check(model, *method)
         except Exception as exc:
             model.request_failed(start, exc)
             raise

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 import sys
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from service.config import Settings
+from service.grpc_env import CLASSIC_POLLER
 
 
 def test_defaults() -> None:
@@ -178,9 +180,36 @@ def test_gil_switch_interval_is_half_a_millisecond_and_bounded() -> None:
 def test_the_interpreter_takes_the_gil_switch_interval() -> None:
     from service import lifecycle
 
-    before = sys.getswitchinterval()
+    before, thresholds = sys.getswitchinterval(), gc.get_threshold()
     try:
         lifecycle.tune_interpreter(Settings.from_sources(["--malloc-arena-max", "0"], environ={}))
         assert sys.getswitchinterval() == pytest.approx(0.0005)
+        assert gc.get_threshold() == (lifecycle.GC_YOUNG_THRESHOLD, *thresholds[1:])
     finally:
         sys.setswitchinterval(before)
+        gc.set_threshold(*thresholds)
+
+
+GRPC_IMPORT_SEES = """
+import os, sys
+seen = []
+class Watch:  # notes the variable at the moment grpc is first imported
+    def find_spec(self, name, path=None, target=None):
+        if name == "grpc" and not seen:
+            seen.append(os.environ.get("GRPC_EXPERIMENTS", "(unset)"))
+sys.meta_path.insert(0, Watch())
+import service.__main__
+print(seen[0])
+"""
+
+
+@pytest.mark.parametrize("given", [None, "-event_engine_dns"])
+def test_the_server_picks_grpcs_classic_poller_unless_told_otherwise(given: str | None) -> None:
+    """grpc reads GRPC_EXPERIMENTS once, when first imported: it must be set by then; a value
+    the user gave wins."""
+    environ = {k: v for k, v in os.environ.items() if k != "GRPC_EXPERIMENTS"}
+    if given is not None:
+        environ["GRPC_EXPERIMENTS"] = given
+    done = subprocess.run([sys.executable, "-c", GRPC_IMPORT_SEES], capture_output=True,
+                          text=True, env=environ, timeout=60, check=True)  # fmt: skip
+    assert done.stdout.strip() == (given or CLASSIC_POLLER)

@@ -165,6 +165,66 @@ def test_metrics_per_version_and_removal() -> None:
     assert registry.get_sample_value("cnnserve_queue_depth", labels) is None
 
 
+def test_request_series_read_as_prometheus_clients_own_would() -> None:
+    """The request path keeps plain counts (no lock per increment); scraped, they must say what
+    prometheus_client's Counter and Histogram say for the same observations, bucket for bucket
+    (a value on a bound counts in that bound's bucket)."""
+    from prometheus_client import Counter, Histogram, generate_latest
+
+    from service.observability.metrics import BATCH_BUCKETS, CALL, LATENCY_BUCKETS
+
+    ours, theirs = CollectorRegistry(), CollectorRegistry()
+    version = ServingMetrics(ours).version("m", "1")
+    per_version = ("model", "version")
+    kw = {"namespace": "cnnserve", "registry": theirs}
+    requests = Counter("requests", "r", (*per_version, "outcome", "call"), **kw)
+    inferences = Counter("inferences", "i", per_version, **kw)
+    durations = Histogram("request_duration_seconds", "d", (*per_version, "call"),
+                          buckets=LATENCY_BUCKETS, **kw)  # fmt: skip
+    queue = Histogram("queue_duration_seconds", "q", per_version, buckets=LATENCY_BUCKETS, **kw)
+    compute = Histogram("compute_duration_seconds", "c", per_version, buckets=LATENCY_BUCKETS, **kw)
+    batch = Histogram("batch_size", "b", per_version, buckets=BATCH_BUCKETS, **kw)
+    values = [0.0, 0.0001, 0.00011, 0.0005, 0.003, 0.25, 2.5, 7.0, 1e-9]
+    token = CALL.set("ModelInfer")
+    try:
+        for index, seconds in enumerate(values):
+            version.request_succeeded(seconds, seconds / 2, index + 1)
+            requests.labels("m", "1", "success", "ModelInfer").inc()
+            durations.labels("m", "1", "ModelInfer").observe(seconds)
+            queue.labels("m", "1").observe(seconds / 2)
+            inferences.labels("m", "1").inc(index + 1)
+            version.batch_done(2**index, seconds)
+            batch.labels("m", "1").observe(2**index)
+            compute.labels("m", "1").observe(seconds)
+        version.request_done("not_found", 0.004)
+        requests.labels("m", "1", "not_found", "ModelInfer").inc()
+        durations.labels("m", "1", "ModelInfer").observe(0.004)
+    finally:
+        CALL.reset(token)
+
+    REQUEST_SERIES = tuple(
+        f"cnnserve_{name}" for name in ("request", "inferences", "queue", "compute", "batch")
+    )
+
+    def samples(registry: CollectorRegistry) -> dict[tuple, float]:
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in registry.collect()
+            for s in family.samples
+            if s.name.startswith(REQUEST_SERIES) and s.value  # ours: every outcome, even at 0
+        }
+
+    assert samples(ours) == samples(theirs)
+    assert len(samples(ours)) > 60
+    text = generate_latest(ours).decode()
+    assert 'cnnserve_batch_size_bucket{le="256.0",model="m",version="1"} 9.0' in text
+    assert "# TYPE cnnserve_request_duration_seconds histogram" in text
+    assert (
+        'cnnserve_requests_total{call="ModelInfer",model="m",outcome="internal",version="1"} 0.0'
+        in text
+    )
+
+
 @pytest.mark.parametrize("reason", ["malformed", "unauthenticated", "internal"])
 def test_rejection_reasons_exist_at_zero(reason: str) -> None:
     registry = CollectorRegistry()
