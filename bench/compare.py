@@ -348,7 +348,7 @@ def plot(summary: list[dict[str, Any]], title: str, path: Path) -> None:
     by_key = {(e["server"], e["lane"], e["concurrency"]): e for e in summary}
     colours = {"minimal": "tab:blue", "triton": "tab:green", "project": "tab:orange",
                "project-workers2": "tab:red", "project-http-workers2": "tab:brown",
-               "project-nofastpath": "tab:purple",
+               "minimal-poller": "tab:cyan", "project-eventengine": "tab:purple",
                "project-before": "tab:gray"}  # fmt: skip
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
     width = 0.8 / max(len(series), 1)

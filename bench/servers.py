@@ -23,15 +23,20 @@ SERVERS = ("project", "minimal", "triton", "project-workers2", "project-http-wor
 VARIANTS = {
     "project-workers2": ["--workers", "2"],
     "project-http-workers2": ["--workers", "2"],  # driven over HTTP/1.1 (bench/compare.py)
-    "project-nofastpath": ["--latency-threads", "0"],
     "project-gil5ms": ["--gil-switch-s", "0.005"],  # Python's default GIL switch interval
-    "project-fastpath1": ["--latency-threads", "1"],
+    "project-fastpath1": ["--latency-threads", "1"],  # the idle fast path (off by default)
     "project-fastpath2": ["--latency-threads", "2"],
+    "project-eventengine": [],  # gRPC's default I/O threads (ENVIRONMENT below)
     "project-before": [],  # needs --before: a checkout of an older commit (git worktree add)
 }
-# The minimal server with the gRPC poller the project picks (service/__main__.py), to show what
-# that setting alone gives any grpc.aio server.
-MINIMAL = {"minimal": {}, "minimal-poller": {"GRPC_EXPERIMENTS": CLASSIC_POLLER}}
+# Environment over the bench's own, by server: gRPC's classic poller, which the project picks
+# (service/grpc_env.py), given to the minimal server to show what that setting alone gives any
+# grpc.aio server; and taken from the project (an empty GRPC_EXPERIMENTS: gRPC's defaults).
+ENVIRONMENT = {
+    "minimal-poller": {"GRPC_EXPERIMENTS": CLASSIC_POLLER},
+    "project-eventengine": {"GRPC_EXPERIMENTS": ""},
+}
+MINIMAL = ("minimal", "minimal-poller")
 KNOWN = tuple(dict.fromkeys((*SERVERS, *VARIANTS, *MINIMAL)))  # every name, each once
 
 
@@ -52,7 +57,6 @@ def server(
         return
     port = free_port()
     address = f"127.0.0.1:{port}"
-    env = MINIMAL.get(name, {})
     if name in MINIMAL:
         cmd = [sys.executable, str(ROOT / "bench" / "minimal_server.py"), "--repository",
                str(repository), "--model", model, "--port", str(port)]  # fmt: skip
@@ -62,7 +66,7 @@ def server(
             start = f"import sys; sys.path.insert(0, {str(before)!r}); "
             start += "from service.__main__ import main; sys.exit(main())"
             cmd[1:3] = ["-c", start]
-    with running_process(cmd, address, model, env) as proc:
+    with running_process(cmd, address, model, ENVIRONMENT.get(name)) as proc:
         yield address, proc.pid
 
 
