@@ -3,6 +3,7 @@ mean something."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -108,3 +109,35 @@ def test_compare_refuses_a_server_it_does_not_know(capsys: pytest.CaptureFixture
     """A misspelt --servers name must not quietly measure the project under that label."""
     assert compare.main(["--servers", "project,kserve", "--quick"]) == 2
     assert "unknown server(s) kserve" in capsys.readouterr().err
+
+
+def test_the_minimal_server_variant_runs_with_the_classic_poller(minimal_server) -> None:
+    """`minimal-poller` is the minimal server with the gRPC setting `python -m service` picks,
+    given through its environment (gRPC reads it at import, so nothing later would do)."""
+    from bench.servers import server
+    from service.grpc_env import CLASSIC_POLLER
+
+    _, repository = minimal_server
+    inherited = os.environ.get("GRPC_EXPERIMENTS")  # what the plain minimal server gets
+    for name, expected in (("minimal-poller", CLASSIC_POLLER), ("minimal", inherited)):
+        with server(name, repository, "classifier") as (_, pid):
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            values = [v.split(b"=", 1)[1].decode() for v in environ
+                      if v.startswith(b"GRPC_EXPERIMENTS=")]  # fmt: skip
+            assert values == ([expected] if expected else []), name
+
+
+def test_hotpath_measures_both_request_paths(minimal_server, tmp_path: Path) -> None:
+    """bench/hotpath.py drives the project's handler and the minimal server's without gRPC."""
+    import json
+
+    from bench import hotpath
+
+    _, repository = minimal_server
+    argv = ["--repository", str(repository), "--model", "classifier", "--concurrency", "4",
+            "--seconds", "0.2", "--repeat", "1", "--out", str(tmp_path)]  # fmt: skip
+    assert hotpath.main(argv) == 0
+    rows = json.loads((tmp_path / "hotpath.json").read_text())["rows"]
+    assert sorted(r["server"] for r in rows) == ["minimal", "project"]
+    for row in rows:
+        assert row["requests"] > 0 and row["loop_us"] > 0 and 1 <= row["avg_batch"] <= 4
