@@ -123,12 +123,18 @@ def test_cancelled_loads_leave_the_model_serving_and_leak_nothing(server: Server
         client.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="classifier"))
         time.sleep(0.5)
         before = threads()
+        given_up = 0
         for _ in range(8):  # the client gives up almost at once, every time
-            with pytest.raises(grpc.RpcError) as err:
+            try:
                 client.RepositoryModelLoad(
                     pb.RepositoryModelLoadRequest(model_name="classifier"), timeout=0.001
                 )
-            assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            except grpc.RpcError as err:
+                assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                given_up += 1
+        # A call that joins a load already under way (the one a previous call gave up on) can
+        # finish inside the millisecond; the first starts a load of its own, which takes longer.
+        assert given_up >= 1
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             index = client.RepositoryIndex(pb.RepositoryIndexRequest())
