@@ -36,13 +36,14 @@ proto: pb/.generated  ## Generate pb/ from proto/*.proto
 
 # Debian packages the tests use: promtool and prometheus (prometheus), libb64 (perf_analyzer),
 # buildah and debootstrap (the container image test builds and runs the image without a daemon),
-# chromium and its driver (the HTTP page's browser test).
-SYSDEPS := prometheus libb64-0d buildah debootstrap chromium chromium-driver
+# chromium and its driver (the HTTP page's browser test), h2load (nghttp2-client: the benchmarks'
+# load, whose harness the tests check).
+SYSDEPS := prometheus libb64-0d buildah debootstrap chromium chromium-driver nghttp2-client
 
 sysdeps:  ## Install the system packages the tests need (apt, as root)
 	@if ! command -v promtool >/dev/null || ! ldconfig -p | grep -q libb64 \
 		|| ! command -v buildah >/dev/null || ! command -v debootstrap >/dev/null \
-		|| ! command -v chromedriver >/dev/null; then \
+		|| ! command -v chromedriver >/dev/null || ! command -v h2load >/dev/null; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(SYSDEPS) >/dev/null; \
 	fi
 
@@ -113,10 +114,8 @@ perf: $(TOOLS_VENV)/.installed perfdeps  ## perf_analyzer against a running serv
 	LD_LIBRARY_PATH=$(CUDART) $(TOOLS_VENV)/bin/perf_analyzer -m $(MODEL) -i grpc -u $(URL) \
 		--concurrency-range $(CONCURRENCY)
 
-# Benchmark-only system packages (CI never runs the benchmarks): h2load, the cheapest gRPC load.
+# h2load, the cheapest gRPC load, comes with the system packages (the tests check the harness).
 benchdeps: sysdeps  ## Install h2load (nghttp2-client) for the benchmarks (apt, as root)
-	@command -v h2load >/dev/null || { apt-get update -qq && \
-		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nghttp2-client >/dev/null; }
 
 # Real NVIDIA Triton 2.51 for the benchmarks: the nvidia-pytriton wheel bundles the tritonserver
 # binary and its Python backend; the backend stub takes numpy (< 2) and onnxruntime from this venv.

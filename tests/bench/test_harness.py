@@ -4,7 +4,6 @@ mean something."""
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -70,7 +69,6 @@ def test_concurrent_requests_each_get_their_own_answer(minimal_server) -> None:
     assert metadata.inputs[0].shape == [-1, 1, 28, 28]
 
 
-@pytest.mark.skipif(shutil.which("h2load") is None, reason="h2load (nghttp2-client) not installed")
 def test_h2load_counts_successes_from_response_bytes(minimal_server, tmp_path: Path) -> None:
     address, repository = minimal_server
     request = infer_request(repository, "classifier")
@@ -85,7 +83,6 @@ def test_h2load_counts_successes_from_response_bytes(minimal_server, tmp_path: P
     assert bad["infer_per_s"] == 0 and bad["failed"] == bad["requests"] > 0
 
 
-@pytest.mark.skipif(shutil.which("h2load") is None, reason="h2load (nghttp2-client) not installed")
 def test_h2load_over_http1_counts_only_successful_answers(tmp_path: Path) -> None:
     """compare.py's HTTP lane: the binary-extension request replayed over keep-alive HTTP/1.1."""
     repository = tmp_path / "repo"
