@@ -1,9 +1,12 @@
 """An asyncio dynamic batcher over plain numpy functions; it knows nothing of gRPC.
 
-Requests queue with their own future. Each worker (one per model instance, with its own thread)
-takes everything queued, up to `max_batch_size` images, concatenates it, runs its function in its
-thread and splits the outputs back, one slice per request. By default an idle worker does not wait
-for more requests: under load, batches grow by themselves while the previous one runs.
+Requests queue with their own future. Each model instance has its own thread, which takes
+everything queued, up to `max_batch_size` images, concatenates it, runs its function and splits
+the outputs back, one slice per request; the loop answers them. The thread takes its next batch
+itself as soon as it is free, without waiting for the loop to answer the last one, so under load
+the function runs back to back and batches grow by themselves while the previous one runs. By
+default a free thread does not wait for more requests (`wait_for_preferred`: a batch smaller
+than the smallest preferred size waits up to `max_queue_delay_s` for more).
 
 Optionally, a request that finds the batcher idle (nothing queued, nothing running, no other
 request arriving in the same turn of the event loop, and the last batch not just finished) runs
@@ -17,13 +20,13 @@ path is taken only while the model is calm: a moving average of the arrivals tha
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import queue
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
+from queue import Empty
 from typing import NamedTuple
 
 import numpy as np
@@ -89,45 +92,126 @@ class _Pending:
 
 
 Outcome = tuple[list[dict[str, np.ndarray]], BatchRecord]
-_Job = tuple["asyncio.Future[Outcome]", BatchFunction, list[_Pending]]
+
+
+class _Feed:
+    """The requests waiting for a batch, shared by the loop and the instance threads.
+
+    The loop appends; a thread that finishes a batch takes the next one itself, at once, from
+    whatever has queued while it ran: no trip through the event loop between two batches, so
+    under load ONNX Runtime runs back to back while the loop answers the batch just done. All
+    of it under one lock, held for a few list operations at a time.
+    """
+
+    def __init__(self, max_batch_size: int, hold_below: int, delay_s: float) -> None:
+        self.lock = threading.Lock()
+        self.queue: deque[_Pending] = deque()
+        self.queued_bytes = 0
+        self.max_batch_size = max_batch_size
+        self.hold_below = hold_below  # delay mode: a smaller batch waits up to delay_s
+        self.delay_s = delay_s
+        self._sleeping = 0  # threads waiting for a wake-up token
+        self._tokens: queue.SimpleQueue[bool | None] = queue.SimpleQueue()
+
+    def put(self, item: _Pending) -> None:
+        """Queue one request (on the loop); wake a sleeping thread if there is one."""
+        with self.lock:
+            self.queue.append(item)
+            self.queued_bytes += item.nbytes
+            wake = self._sleeping > 0
+            if wake:
+                self._sleeping -= 1
+        if wake:
+            self._tokens.put(True)
+
+    def remove(self, item: _Pending) -> bool:
+        """Take a request back before a thread has taken it; False once it has."""
+        with self.lock:
+            try:
+                self.queue.remove(item)
+            except ValueError:
+                return False
+            self.queued_bytes -= item.nbytes
+            return True
+
+    def stop(self, threads: int) -> None:
+        """Tell `threads` threads to end once they are done with what they run."""
+        for _ in range(threads):
+            self._tokens.put(None)
+
+    def next_batch(self) -> tuple[list[_Pending], int] | None:
+        """(Thread side) Block until there is a batch to run: its requests, and how many
+        cancelled ones were dropped on the way; None when told to stop."""
+        while True:
+            wait: float | None = None
+            with self.lock:
+                queue = self.queue
+                if queue and self.hold_below:
+                    queued = sum(item.size for item in queue)
+                    left = self.delay_s - (time.perf_counter_ns() - queue[0].enqueued_ns) / 1e9
+                    if queued < self.hold_below and left > 0:
+                        wait = left
+                if queue and wait is None:
+                    items: list[_Pending] = []
+                    dropped = total = 0
+                    while queue and total + queue[0].size <= self.max_batch_size:
+                        item = queue.popleft()
+                        self.queued_bytes -= item.nbytes
+                        if item.future is None or item.future.done():  # cancelled, not yet removed
+                            dropped += 1
+                            continue
+                        items.append(item)
+                        total += item.size
+                    return items, dropped
+                self._sleeping += 1
+            try:
+                token = self._tokens.get(timeout=wait)
+            except Empty:  # a held batch's delay is over: unregister, unless a token is coming
+                with self.lock:
+                    claimed = self._sleeping == 0
+                    if not claimed:
+                        self._sleeping -= 1
+                token = self._tokens.get() if claimed else True
+            if token is None:
+                return None
 
 
 class _InstanceThread:
-    """One model instance's thread: batches go in through a SimpleQueue and their outcome comes
-    back with `call_soon_threadsafe`. What `run_in_executor` does, without a concurrent Future,
-    its locks and callbacks per batch: about a third of the CPU per hand-off."""
+    """One model instance's thread: it takes each batch from the feed as soon as it is free and
+    posts the outcome to the loop with `call_soon_threadsafe`."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, name: str) -> None:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        fn: BatchFunction,
+        feed: _Feed,
+        deliver: Callable[[list[_Pending], int, Outcome], None],
+        name: str,
+    ) -> None:
         self._loop = loop
-        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._fn = fn
+        self._feed = feed
+        self._deliver = deliver
         self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
         self._thread.start()
 
-    def run(self, fn: BatchFunction, items: list[_Pending]) -> asyncio.Future[Outcome]:
-        """Run one batch in the thread; the future resolves on the loop with its outcome."""
-        future: asyncio.Future[Outcome] = self._loop.create_future()
-        self._jobs.put((future, fn, items))
-        return future
-
-    def close(self) -> None:
-        """Let the thread end once the batch it runs (if any) is done."""
-        self._jobs.put(None)
-
     def _serve(self) -> None:
-        get, reply = self._jobs.get, self._loop.call_soon_threadsafe
-        while (job := get()) is not None:
-            future, fn, items = job
-            outcome = _execute(fn, items)
+        next_batch, reply, deliver = (
+            self._feed.next_batch,
+            self._loop.call_soon_threadsafe,
+            self._deliver,
+        )
+        while (batch := next_batch()) is not None:
+            items, dropped = batch
+            outcome = _execute(self._fn, items) if items else ([], _EMPTY)
             try:
-                reply(_deliver, future, outcome)
+                reply(deliver, items, dropped, outcome)
             except RuntimeError:  # the loop is closed: nobody waits any more
                 return
-            del job, future, items, outcome  # hold no batch while waiting for the next
+            del batch, items, outcome  # hold no batch while waiting for the next
 
 
-def _deliver(future: asyncio.Future[Outcome], outcome: Outcome) -> None:
-    if not future.done():  # a cancelled waiter has gone
-        future.set_result(outcome)
+_EMPTY = BatchRecord(0, 0, 0, 0, 0)
 
 
 class DynamicBatcher:
@@ -155,11 +239,11 @@ class DynamicBatcher:
         self.max_batch_size = max_batch_size
         self.max_queue_size = max_queue_size  # 0: unbounded
         self.max_queue_bytes = max_queue_bytes  # 0: unbounded
-        self._queued_bytes = 0
-        self._functions = list(functions)
-        self._delay_s = max_queue_delay_s
         fitting = [p for p in preferred_batch_sizes if 0 < p <= max_batch_size]
-        self._hold_below = min(fitting) if (wait_for_preferred and fitting) else 0
+        hold_below = min(fitting) if (wait_for_preferred and fitting) else 0
+        self._feed = _Feed(
+            max_batch_size, hold_below if max_queue_delay_s > 0 else 0, max_queue_delay_s
+        )
         self._on_batch = on_batch
         self._idle_function = idle_function
         self._idle_max_size = idle_max_size  # larger requests would hold up the event loop
@@ -167,23 +251,20 @@ class DynamicBatcher:
         self._last_done_ns = 0
         self._calm = 1.0
         self._name = name
-        self._queue: deque[_Pending] = deque()
-        self._wake = asyncio.Event()
+        self._pending = 0  # requests queued or running, until answered (on the loop)
         self._idle = asyncio.Event()
         self._idle.set()
-        self._busy = 0
         self._closed = False
-        loop = asyncio.get_running_loop()
-        self._threads = [_InstanceThread(loop, f"{name}-{i}") for i in range(len(functions))]
-        self._workers = [
-            loop.create_task(self._work(fn, thread), name=f"{name}-batcher-{i}")
-            for i, (fn, thread) in enumerate(zip(self._functions, self._threads, strict=True))
+        self._loop = asyncio.get_running_loop()
+        self._threads = [
+            _InstanceThread(self._loop, fn, self._feed, self._delivered, f"{name}-{i}")
+            for i, fn in enumerate(functions)
         ]
 
     @property
     def queue_depth(self) -> int:
         """Requests waiting for a batch (not counting those running)."""
-        return len(self._queue)
+        return len(self._feed.queue)
 
     async def submit(
         self, inputs: Arrays, size: int, timeout_s: float | None = None
@@ -191,7 +272,8 @@ class DynamicBatcher:
         """Queue one request of `size` images (leading dim of every input) and await its outputs."""
         if self._closed:
             raise ModelNotReady(f"model '{self._name}' is not accepting requests")
-        if self.max_queue_size and len(self._queue) >= self.max_queue_size:
+        feed = self._feed
+        if self.max_queue_size and len(feed.queue) >= self.max_queue_size:
             raise QueueFull(
                 f"model '{self._name}': queue is full ({self.max_queue_size} requests waiting)"
             )
@@ -202,11 +284,11 @@ class DynamicBatcher:
         nbytes = sum([a.nbytes for a in inputs.values()])
         if (
             self.max_queue_bytes
-            and self._queued_bytes + nbytes > self.max_queue_bytes
-            and self._queue
+            and feed.queued_bytes + nbytes > self.max_queue_bytes
+            and feed.queue
         ):
             raise QueueFull(
-                f"model '{self._name}': queue is full ({self._queued_bytes:,} bytes waiting, "
+                f"model '{self._name}': queue is full ({feed.queued_bytes:,} bytes waiting, "
                 f"limit {self.max_queue_bytes:,})"
             )
         if self._idle_function is not None and size <= self._idle_max_size:
@@ -218,15 +300,13 @@ class DynamicBatcher:
                     return result
                 alone = False
             self._calm += CALM_WEIGHT * (float(alone) - self._calm)
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[BatchResult] = loop.create_future()
+        future: asyncio.Future[BatchResult] = self._loop.create_future()
         item = _Pending(inputs, size, future, nbytes)
-        self._queued_bytes += nbytes
         if timeout_s is not None:
-            item.timer = loop.call_later(timeout_s, self._expire, item)
-        self._queue.append(item)
+            item.timer = self._loop.call_later(timeout_s, self._expire, item)
+        self._pending += 1
         self._idle.clear()
-        self._wake.set()
+        feed.put(item)
         try:
             return await future
         except asyncio.CancelledError:
@@ -234,7 +314,7 @@ class DynamicBatcher:
             raise
 
     def _is_idle(self) -> bool:
-        return not self._queue and not self._busy and not self._arriving
+        return not self._pending and not self._arriving
 
     async def _run_if_alone(
         self, fn: BatchFunction, inputs: Arrays, size: int
@@ -249,18 +329,16 @@ class DynamicBatcher:
             self._check_idle()
             raise
         self._arriving -= 1
-        if self._arriving or self._queue or self._busy:
+        if self._arriving or self._pending:
             return None  # not alone after all: queue for a batch like everyone else
-        self._busy += 1
+        self._pending += 1
         item = _Pending(inputs, size, None)
         try:
             results, record = _execute(fn, [item])
         finally:
-            self._busy -= 1
+            self._pending -= 1
         self._observe(record)
         self._check_idle()
-        if self._queue:
-            self._wake.set()
         if record.error is not None:
             raise record.error
         return BatchResult(results[0], 0, record)
@@ -268,20 +346,15 @@ class DynamicBatcher:
     def _discard(self, item: _Pending) -> None:
         if item.timer is not None:
             item.timer.cancel()
-        with contextlib.suppress(ValueError):
-            self._queue.remove(item)
-            self._queued_bytes -= item.nbytes
+        if self._feed.remove(item):
+            self._pending -= 1
             self._check_idle()
 
     def _expire(self, item: _Pending) -> None:
         assert item.future is not None
-        if item.future.done():
-            return
-        try:
-            self._queue.remove(item)
-        except ValueError:
-            return  # already running: it will finish
-        self._queued_bytes -= item.nbytes
+        if item.future.done() or not self._feed.remove(item):
+            return  # answered, or already running: it will finish
+        self._pending -= 1
         item.future.set_exception(DeadlineExceeded("deadline exceeded while queued"))
         self._check_idle()
 
@@ -289,78 +362,26 @@ class DynamicBatcher:
         if self._is_idle():
             self._idle.set()
 
-    def _take(self) -> list[_Pending]:
-        items: list[_Pending] = []
-        total = 0
-        queue = self._queue
-        while queue and total + queue[0].size <= self.max_batch_size:
-            item = queue.popleft()
-            self._queued_bytes -= item.nbytes
-            if item.future is None or item.future.done():
-                continue
+    def _delivered(self, items: list[_Pending], dropped: int, outcome: Outcome) -> None:
+        """(On the loop) Answer the requests of one batch."""
+        self._pending -= len(items) + dropped
+        results, record = outcome
+        error = record.error
+        for index, item in enumerate(items):
             if item.timer is not None:
                 item.timer.cancel()
-            items.append(item)
-            total += item.size
-        return items
-
-    async def _hold(self) -> None:
-        """In delay mode, let a small batch wait for more, up to max_queue_delay from its oldest."""
-        while self._queue:
-            queued = sum(item.size for item in self._queue)
-            if queued >= self._hold_below:
-                return
-            left = self._delay_s - (time.perf_counter_ns() - self._queue[0].enqueued_ns) / 1e9
-            if left <= 0:
-                return
-            self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), left)
-
-    async def _work(self, fn: BatchFunction, thread: _InstanceThread) -> None:
-        while True:
-            while not self._queue:
-                self._wake.clear()
-                await self._wake.wait()
-            if self._hold_below and self._delay_s > 0:
-                await self._hold()
-            items = self._take()
-            if not items:
-                self._check_idle()
+            future = item.future
+            if future is None or future.done():  # a cancelled waiter has gone
                 continue
-            self._busy += 1
-            start_ns = time.perf_counter_ns()
-            try:
-                outcome = await thread.run(fn, items)
-            except BaseException as exc:  # a cancelled worker still answers its requests
-                outcome = ([], BatchRecord(sum(i.size for i in items), len(items), 0, 0, 0, exc))
-                if isinstance(exc, asyncio.CancelledError):
-                    self._finish(items, start_ns, outcome)
-                    raise
-            self._finish(items, start_ns, outcome)
-
-    def _finish(
-        self,
-        items: list[_Pending],
-        start_ns: int,
-        outcome: Outcome,
-    ) -> None:
-        self._busy -= 1
-        results, record = outcome
-        if record.error is not None:
-            for item in items:
-                if item.future is not None and not item.future.done():
-                    item.future.set_exception(record.error)
-        else:
-            for item, outputs in zip(items, results, strict=True):
-                if item.future is not None and not item.future.done():
-                    item.future.set_result(
-                        BatchResult(outputs, start_ns - item.enqueued_ns, record)
-                    )
-        self._observe(record)
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(
+                    BatchResult(results[index], record.start_ns - item.enqueued_ns, record)
+                )
+        if items:
+            self._observe(record)
         self._check_idle()
-        if self._queue:
-            self._wake.set()
 
     def _observe(self, record: BatchRecord) -> None:
         self._last_done_ns = time.perf_counter_ns()
@@ -378,17 +399,11 @@ class DynamicBatcher:
         await self._idle.wait()
 
     async def close(self) -> None:
-        """Drain, then stop the workers and their threads."""
+        """Drain, then stop the instance threads (each once its batch, if any, is done)."""
         await self.drain()
-        for task in self._workers:
-            task.cancel()
-        for task in self._workers:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        for thread in self._threads:
-            thread.close()
+        self._feed.stop(len(self._threads))
         # Drop the functions (and the sessions they hold) now, not whenever a cycle is collected.
-        self._functions, self._idle_function = [], None
+        self._threads, self._idle_function = [], None
 
 
 def _execute(fn: BatchFunction, items: list[_Pending]) -> Outcome:

@@ -344,7 +344,7 @@ def test_fast_path_failure_fails_only_that_request() -> None:
         batcher = DynamicBatcher([double], max_batch_size=8, idle_function=broken)
         with pytest.raises(RuntimeError, match="no"):
             await batcher.submit(rows(0, 1), 1)
-        assert batcher._busy == 0  # the failed fast run released its slot
+        assert batcher._pending == 0  # the failed fast run released its slot
         await asyncio.wait_for(batcher.drain(), 1)  # nothing left behind
 
     asyncio.run(scenario())
@@ -371,5 +371,43 @@ def test_queue_is_bounded_in_bytes_as_well_as_requests() -> None:
             await future
         await batcher.submit(rows(4, 1), 1)  # room again once the queue has drained
         await batcher.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_free_thread_takes_the_next_batch_without_the_loop() -> None:
+    """While the loop is busy (here: blocked), a thread that finishes a batch starts the next
+    one from what queued meanwhile; only the answers wait for the loop."""
+
+    async def scenario() -> None:
+        gate = Gate()
+        batcher = DynamicBatcher([gate], max_batch_size=16)
+        first = asyncio.create_task(batcher.submit(rows(0, 1), 1))
+        await asyncio.to_thread(gate.entered.wait, 5)
+        queued = [asyncio.create_task(batcher.submit(rows(10 * i, 1), 1)) for i in range(1, 4)]
+        await wait_for(lambda: batcher.queue_depth == 3)
+        gate.entered.clear()
+        gate.release.set()
+        # The loop does nothing until the second batch has started in the thread.
+        assert gate.entered.wait(5), "the second batch waited for the event loop"
+        assert gate.sizes == [1, 3]
+        results = await asyncio.gather(first, *queued)
+        assert [r.outputs["y"][0, 0] for r in results] == [0, 20, 40, 60]
+        assert [r.batch.size for r in results] == [1, 3, 3, 3]
+        await batcher.close()
+
+    asyncio.run(scenario())
+
+
+def test_close_ends_the_instance_threads() -> None:
+    async def scenario() -> None:
+        before = threading.active_count()
+        batcher = DynamicBatcher([double, double], max_batch_size=4, name="ending")
+        assert threading.active_count() == before + 2
+        await batcher.submit(rows(0, 2), 2)
+        await batcher.close()
+        await wait_for(lambda: threading.active_count() == before)
+        with pytest.raises(ModelNotReady):
+            await batcher.submit(rows(0, 1), 1)
 
     asyncio.run(scenario())
