@@ -12,7 +12,7 @@ ORT_EXTRA   := $(if $(filter 1,$(GPU)),gpu,cpu)
 PY          := $(VENV)/bin/python
 PIP_FLAGS   ?= --disable-pip-version-check -q
 
-.PHONY: help venv tools sysdeps perfdeps benchdeps triton proto model serve test lint typecheck zoo perf bench image clean
+.PHONY: help venv tools sysdeps perfdeps benchdeps triton kserve proto model serve test lint typecheck zoo perf bench image clean
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -128,12 +128,22 @@ $(TRITON_VENV)/.installed: Makefile
 
 triton: $(TRITON_VENV)/.installed  ## Install real Triton (nvidia-pytriton) for the benchmarks
 
+# KServe 0.21's Python server for the benchmarks, in its own venv (it pins its own protobuf).
+KSERVE_VENV ?= .venv-kserve
+
+$(KSERVE_VENV)/.installed: Makefile
+	$(PYTHON) -m venv $(KSERVE_VENV)
+	$(KSERVE_VENV)/bin/pip install $(PIP_FLAGS) 'kserve==0.21.0' onnxruntime
+	touch $@
+
+kserve: $(KSERVE_VENV)/.installed  ## Install KServe's Python server for the benchmarks
+
 # QUICK=1: one short round of everything (checks the harness, not a figure to quote).
 QUICK       ?= 0
 BENCH_QUICK := $(if $(filter 1,$(QUICK)),--quick,)
 PROFILE_S   := $(if $(filter 1,$(QUICK)),3,10)
 
-bench: model tools benchdeps triton  ## Benchmarks: tables on stdout, JSON and plots under bench/results/ (QUICK=1)
+bench: model tools benchdeps triton kserve  ## Benchmarks: tables on stdout, JSON and plots under bench/results/ (QUICK=1)
 	$(PY) -m bench.serving --repository $(REPO) --streaming $(BENCH_QUICK)
 	$(PY) -m bench.compare --repository $(REPO) $(BENCH_QUICK)
 	$(PY) -m bench.profile_server --repository $(REPO) --seconds $(PROFILE_S)
@@ -143,4 +153,4 @@ image: model  ## Build the container image (docker, or buildah where no engine r
 	deploy/build-image.sh $(if $(filter 1,$(GPU)),--gpu -t cnnserve:gpu,-t cnnserve:latest) .
 
 clean:  ## Remove the venvs and generated code (keeps the model repository)
-	rm -rf $(VENV) $(TOOLS_VENV) $(DEPLOY_VENV) $(TRITON_VENV) pb
+	rm -rf $(VENV) $(TOOLS_VENV) $(DEPLOY_VENV) $(TRITON_VENV) $(KSERVE_VENV) pb

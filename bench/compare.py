@@ -1,5 +1,6 @@
 """The project's server beside its reference points, in one run: a minimal server of the same
-design (bench/minimal_server.py) and real NVIDIA Triton 2.51 (bench/triton_server.py).
+design (bench/minimal_server.py), real NVIDIA Triton 2.51 (bench/triton_server.py) and, when
+named, KServe 0.21's Python server (`kserve`: bench/kserve_server.py, `make kserve`).
 
     .venv/bin/python -m bench.compare --repository model_repository [--repeat 6] [--seconds 6]
 
@@ -51,7 +52,7 @@ from bench.loadgen import (
     print_table,
     response_frame_size,
 )
-from bench.servers import KNOWN, SERVERS, VARIANTS, executed
+from bench.servers import KNOWN, SERVERS, executed
 from pb import grpc_service_pb2 as pb
 from pb import grpc_service_pb2_grpc as pb_grpc
 from training.cli import HelpFormatter
@@ -83,7 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", default="mnist_cnn", help="model (default: mnist_cnn)")
     parser.add_argument("--servers", default=",".join(SERVERS),
                         help=f"servers to measure (default: {','.join(SERVERS)}; also "
-                        f"{', '.join(v for v in VARIANTS if v not in SERVERS)})")  # fmt: skip
+                        f"{', '.join(v for v in KNOWN if v not in SERVERS)})")  # fmt: skip
     parser.add_argument("--concurrency", default="1,16,64",
                         help="requests in flight, unary, one connection (default: 1,16,64)")  # fmt: skip
     parser.add_argument("--stream-concurrency", default="64",
@@ -265,7 +266,7 @@ def comparisons(summary: list[dict[str, Any]]) -> list[tuple[tuple[str, str, int
     for name, lane, concurrency in sorted(have):
         if not name.startswith("project"):
             continue
-        for ref in ("minimal", "minimal-poller", "triton"):
+        for ref in ("minimal", "minimal-poller", "triton", "kserve"):
             if lane == "unary" and (ref, "unary", concurrency) in have:
                 pairs.append(((name, lane, concurrency), (ref, "unary", concurrency)))
         if name == "project" and ("project-before", lane, concurrency) in have:
@@ -349,7 +350,7 @@ def plot(summary: list[dict[str, Any]], title: str, path: Path) -> None:
     colours = {"minimal": "tab:blue", "triton": "tab:green", "project": "tab:orange",
                "project-workers2": "tab:red", "project-http-workers2": "tab:brown",
                "minimal-poller": "tab:cyan", "project-eventengine": "tab:purple",
-               "project-before": "tab:gray"}  # fmt: skip
+               "project-before": "tab:gray", "kserve": "tab:pink"}  # fmt: skip
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
     width = 0.8 / max(len(series), 1)
     for i, (name, lane) in enumerate(series):
@@ -387,6 +388,9 @@ def main(argv: list[str] | None = None) -> int:
     if "triton" in names and not triton_server.available():
         print("Triton is not installed (make triton): skipping it", file=sys.stderr)
         names.remove("triton")
+    if "kserve" in names and not servers.KSERVE_PYTHON.exists():
+        print("KServe is not installed (make kserve): skipping it", file=sys.stderr)
+        names.remove("kserve")
     if args.perf_analyzer and not PERF_ANALYZER.exists():
         print(f"{PERF_ANALYZER} is missing (make tools): h2load only", file=sys.stderr)
         args.perf_analyzer = False

@@ -37,7 +37,9 @@ ENVIRONMENT = {
     "project-eventengine": {"GRPC_EXPERIMENTS": ""},
 }
 MINIMAL = ("minimal", "minimal-poller")
-KNOWN = tuple(dict.fromkeys((*SERVERS, *VARIANTS, *MINIMAL)))  # every name, each once
+# KServe 0.21's Python server (bench/kserve_server.py), in its own venv (`make kserve`).
+KSERVE_PYTHON = ROOT / ".venv-kserve" / "bin" / "python"
+KNOWN = tuple(dict.fromkeys((*SERVERS, *VARIANTS, *MINIMAL, "kserve")))  # every name, each once
 
 
 @contextmanager
@@ -57,9 +59,13 @@ def server(
         return
     port = free_port()
     address = f"127.0.0.1:{port}"
-    if name in MINIMAL:
-        cmd = [sys.executable, str(ROOT / "bench" / "minimal_server.py"), "--repository",
-               str(repository), "--model", model, "--port", str(port)]  # fmt: skip
+    if name in MINIMAL or name == "kserve":
+        python, script = (
+            (KSERVE_PYTHON, "kserve_server.py") if name == "kserve"
+            else (Path(sys.executable), "minimal_server.py")
+        )  # fmt: skip
+        cmd = [str(python), str(ROOT / "bench" / script), "--repository", str(repository),
+               "--model", model, "--port", str(port)]  # fmt: skip
     else:
         cmd = project_command(repository, port, *VARIANTS.get(name, []), *server_args.split())
         if name == "project-before":  # the same command, run from an older checkout's code
@@ -71,8 +77,14 @@ def server(
 
 
 def executed(address: str, model: str) -> tuple[int, int]:
-    """(images, batches) executed so far, from ModelStatistics (every server answers it)."""
+    """(images, batches) executed so far, from ModelStatistics; (0, 0) from a server without it
+    (KServe)."""
     with grpc.insecure_channel(address) as channel:
-        stats = pb_grpc.GRPCInferenceServiceStub(channel).ModelStatistics(
-            pb.ModelStatisticsRequest(name=model), timeout=10).model_stats  # fmt: skip
+        try:
+            stats = pb_grpc.GRPCInferenceServiceStub(channel).ModelStatistics(
+                pb.ModelStatisticsRequest(name=model), timeout=10).model_stats  # fmt: skip
+        except grpc.RpcError as error:
+            if error.code() != grpc.StatusCode.UNIMPLEMENTED:
+                raise
+            return 0, 0
     return sum(s.inference_count for s in stats), sum(s.execution_count for s in stats)

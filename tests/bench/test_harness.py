@@ -22,6 +22,7 @@ from bench.loadgen import (
     response_frame_size,
     running_process,
 )
+from bench.servers import executed
 from pb import grpc_service_pb2 as pb
 from pb import grpc_service_pb2_grpc as pb_grpc
 from tests.support.onnx_models import (
@@ -104,8 +105,8 @@ def test_h2load_over_http1_counts_only_successful_answers(tmp_path: Path) -> Non
 
 def test_compare_refuses_a_server_it_does_not_know(capsys: pytest.CaptureFixture[str]) -> None:
     """A misspelt --servers name must not quietly measure the project under that label."""
-    assert compare.main(["--servers", "project,kserve", "--quick"]) == 2
-    assert "unknown server(s) kserve" in capsys.readouterr().err
+    assert compare.main(["--servers", "project,tritton", "--quick"]) == 2
+    assert "unknown server(s) tritton" in capsys.readouterr().err
 
 
 def test_the_minimal_server_variant_runs_with_the_classic_poller(minimal_server) -> None:
@@ -138,3 +139,17 @@ def test_hotpath_measures_both_request_paths(minimal_server, tmp_path: Path) -> 
     assert sorted(r["server"] for r in rows) == ["minimal", "project"]
     for row in rows:
         assert row["requests"] > 0 and row["loop_us"] > 0 and 1 <= row["avg_batch"] <= 4
+
+
+def test_executed_reads_a_server_without_statistics_as_none_counted(minimal_server) -> None:
+    """compare.py asks every server for ModelStatistics; KServe has none (UNIMPLEMENTED)."""
+    address, _ = minimal_server
+    images, batches = executed(address, "classifier")
+    assert images >= batches > 0  # the minimal server counts what it ran
+    bare = grpc.server(ThreadPoolExecutor(max_workers=1))  # no services at all
+    port = bare.add_insecure_port("127.0.0.1:0")
+    bare.start()
+    try:
+        assert executed(f"127.0.0.1:{port}", "classifier") == (0, 0)
+    finally:
+        bare.stop(None)
