@@ -13,13 +13,15 @@ take.
 
 from __future__ import annotations
 
-import argparse
 import logging
-import socket
 import sys
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.reference_cli import free_port, reference_parser
 
 
 def serve(repository: Path, model: str, port: int) -> None:
@@ -78,19 +80,8 @@ def serve(repository: Path, model: str, port: int) -> None:
     server.start([OnnxModel(model, versions[-1])])
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repository", type=Path, default=Path("model_repository"),
-                        help="model repository (default: model_repository)")  # fmt: skip
-    parser.add_argument("--model", default="mnist_cnn", help="model (default: mnist_cnn)")
-    parser.add_argument("--port", type=int, default=8001, help="gRPC port (default: 8001)")
-    args = parser.parse_args()
+    args = reference_parser(__doc__.splitlines()[0]).parse_args()
     serve(args.repository, args.model, args.port)
 
 

@@ -7,7 +7,6 @@ import asyncio
 import csv
 import os
 import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,6 +20,7 @@ from typing import Any
 import grpc
 import numpy as np
 
+from bench.reference_cli import free_port
 from pb import grpc_service_pb2 as pb
 from pb import grpc_service_pb2_grpc as pb_grpc
 
@@ -38,12 +38,6 @@ def latest_model(repository: Path, name: str) -> Path:
             f"no version of {name} in {repository}: export it first (make model / make zoo)"
         )
     return versions[-1]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @contextmanager

@@ -12,7 +12,6 @@ No validation, statistics, metrics or deadlines: that is the point of it.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +25,7 @@ from google.protobuf import text_format
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.reference_cli import reference_parser
 from pb import grpc_service_pb2 as pb
 from pb import grpc_service_pb2_grpc as pb_grpc
 from pb import model_config_pb2
@@ -164,11 +164,7 @@ async def serve(repository: Path, model: str, port: int, max_batch: int) -> None
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repository", type=Path, default=Path("model_repository"),
-                        help="model repository (default: model_repository)")  # fmt: skip
-    parser.add_argument("--model", default="mnist_cnn", help="model (default: mnist_cnn)")
-    parser.add_argument("--port", type=int, default=8001, help="gRPC port (default: 8001)")
+    parser = reference_parser(__doc__.splitlines()[0])
     parser.add_argument("--max-batch", type=int, default=32,
                         help="largest executed batch (default: 32)")  # fmt: skip
     args = parser.parse_args()
