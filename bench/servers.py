@@ -24,8 +24,8 @@ VARIANTS = {
     "project-workers2": ["--workers", "2"],
     "project-http-workers2": ["--workers", "2"],  # driven over HTTP/1.1 (bench/compare.py)
     "project-gil5ms": ["--gil-switch-s", "0.005"],  # Python's default GIL switch interval
-    "project-fastpath1": ["--latency-threads", "1"],  # the idle fast path (off by default)
-    "project-fastpath2": ["--latency-threads", "2"],
+    "project-nofastpath": ["--latency-threads", "0"],  # the idle fast path off
+    "project-fastpath2": ["--latency-threads", "2"],  # on a separate 2-thread session
     "project-eventengine": [],  # gRPC's default I/O threads (ENVIRONMENT below)
     "project-before": [],  # needs --before: a checkout of an older commit (git worktree add)
 }

@@ -147,11 +147,12 @@ class Settings:
         ),
     )
     latency_threads: int = field(
-        default=0,
+        default=1,
         metadata=_doc(
-            "intra-op threads of an extra CPU session that runs a request arriving at an idle "
-            "model at once, on the event loop (0: off, the default: on 2 cores, handing a lone "
-            "request to the batch thread answered it sooner)"
+            "intra-op threads of the ONNX Runtime session that runs a request arriving at an "
+            "idle CPU model at once, on the event loop, instead of handing it to the batch thread "
+            "(the first instance's own session when this matches its thread count, else an extra "
+            "one; 0: off, every request goes through the batch thread)"
         ),
     )
     device: str = field(

@@ -177,6 +177,25 @@ def test_idle_fast_path_session_only_for_quick_cpu_models(
     asyncio.run(run())
 
 
+def test_idle_fast_path_shares_the_instance_session_when_threads_match(tmp_path: Path) -> None:
+    """The default (1 thread, as the instances): no second copy of the model; another count: one."""
+    write_model(tmp_path, classifier_config("m"), classifier_graph())
+    metrics = ServingMetrics(CollectorRegistry())
+
+    async def run() -> None:
+        spec = read_model(tmp_path / "m")
+        shared = await load_version(spec, 1, Settings(model_repository=tmp_path), metrics)
+        assert shared.latency_session is shared.sessions[0]
+        await shared.close()
+        settings = Settings(model_repository=tmp_path, latency_threads=2)
+        separate = await load_version(spec, 1, settings, metrics)
+        assert separate.latency_session is not None
+        assert separate.latency_session not in separate.sessions
+        await separate.close()
+
+    asyncio.run(run())
+
+
 @pytest.mark.parametrize("stray", ["²", "v2", "٣", "2a", ".git"])
 def test_a_stray_version_folder_is_ignored(tmp_path: Path, stray: str) -> None:
     """Only folders named with ASCII digits are versions; others holding a model are ignored."""
