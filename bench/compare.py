@@ -269,8 +269,10 @@ def comparisons(summary: list[dict[str, Any]]) -> list[tuple[tuple[str, str, int
         for ref in ("minimal", "minimal-poller", "triton", "kserve"):
             if lane == "unary" and (ref, "unary", concurrency) in have:
                 pairs.append(((name, lane, concurrency), (ref, "unary", concurrency)))
-        if name == "project" and ("project-before", lane, concurrency) in have:
-            pairs.append(((name, lane, concurrency), ("project-before", lane, concurrency)))
+        if name == "project":  # against each one-process variant measured beside it
+            variants = sorted({n for n, _, _ in have if n.startswith("project-")} - set(SERVERS))
+            pairs += [((name, lane, concurrency), (v, lane, concurrency)) for v in variants
+                      if (v, lane, concurrency) in have]  # fmt: skip
         if lane != "unary" and ("triton", "unary", concurrency) in have:
             pairs.append(((name, lane, concurrency), ("triton", "unary", concurrency)))
     return pairs

@@ -27,6 +27,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .workers.supervisor import supervise
 
         return supervise(settings)
+    lifecycle.place_threads(settings)  # this thread runs the loop; gRPC's poller starts from it
     signals = lifecycle.StopSignals()
     return lifecycle.run(lifecycle.serve(settings, signals), settings.uvloop, signals)
 

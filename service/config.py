@@ -155,6 +155,16 @@ class Settings:
             "one; 0: off, every request goes through the batch thread)"
         ),
     )
+    pin_threads: str = field(
+        default="auto",
+        metadata=_doc(
+            "CPU placement: on pins the event loop and gRPC's poller thread to the first CPU the "
+            "process may use and the model instances and worker threads to the others (fewer "
+            "cross-CPU wake-ups per RPC); auto does so on 2-4 CPUs with one worker process and "
+            "one intra-op thread; off leaves every thread to the OS",
+            ("auto", "on", "off"),
+        ),
+    )
     device: str = field(
         default="auto",
         metadata=_doc(

@@ -20,6 +20,7 @@ from typing import Any
 
 from .app import InferenceServer, create_server
 from .config import Settings
+from .core import placement
 from .core.errors import ModelLoadError
 from .rpc.servicers import PeerStatistics
 
@@ -47,6 +48,22 @@ def tune_interpreter(settings: Settings) -> None:
     limit_malloc_arenas(settings.malloc_arena_max)
     sys.setswitchinterval(settings.gil_switch_s)
     gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
+
+
+def place_threads(settings: Settings) -> placement.Placement | None:
+    """Pin the calling thread (the event loop's, before gRPC's poller starts) to the front CPU
+    under `--pin-threads`; the computing threads go to the others as they start."""
+    chosen = placement.plan(
+        settings.pin_threads,
+        workers=settings.workers,
+        intra_op_threads=settings.intra_op_threads,
+    )
+    if chosen is None:
+        log.debug("threads: placed by the OS (--pin-threads %s)", settings.pin_threads)
+        return None
+    placement.pin_front(chosen)
+    log.info("threads: %s (--pin-threads %s)", chosen.describe(), settings.pin_threads)
+    return chosen
 
 
 def limit_malloc_arenas(count: int) -> bool:
@@ -117,7 +134,10 @@ async def serve(
     on_started: OnStarted | None = None,
 ) -> int:
     """Start a server, serve until `signals` says stop, drain; return the exit code."""
-    signals.install(asyncio.get_running_loop())
+    loop = asyncio.get_running_loop()
+    signals.install(loop)
+    if (pool := placement.worker_pool()) is not None:
+        loop.set_default_executor(pool)  # loading and explanations compute on the back CPUs
     try:
         server = await create_server(settings, peer_statistics=peer_statistics)
     except (ModelLoadError, OSError) as exc:

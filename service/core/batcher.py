@@ -32,6 +32,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .errors import DeadlineExceeded, ModelNotReady, QueueFull
+from .placement import enter_back
 
 log = logging.getLogger(__name__)
 
@@ -196,6 +197,7 @@ class _InstanceThread:
         self._thread.start()
 
     def _serve(self) -> None:
+        enter_back()  # off the event loop's CPU, under --pin-threads
         next_batch, reply, deliver = (
             self._feed.next_batch,
             self._loop.call_soon_threadsafe,

@@ -153,3 +153,19 @@ def test_executed_reads_a_server_without_statistics_as_none_counted(minimal_serv
         assert executed(f"127.0.0.1:{port}", "classifier") == (0, 0)
     finally:
         bare.stop(None)
+
+
+def test_the_project_is_compared_with_each_variant_on_the_same_lane() -> None:
+    summary = [
+        {"server": server, "lane": lane, "concurrency": c}
+        for server, lane, c in [
+            ("project", "unary", 16), ("project", "stream", 64), ("project-unpinned", "unary", 16),
+            ("project-unpinned", "stream", 64), ("project-workers2", "unary", 16),
+            ("minimal", "unary", 16), ("triton", "unary", 64),
+        ]
+    ]  # fmt: skip
+    pairs = compare.comparisons(summary)
+    assert (("project", "unary", 16), ("project-unpinned", "unary", 16)) in pairs
+    assert (("project", "stream", 64), ("project-unpinned", "stream", 64)) in pairs
+    assert (("project", "unary", 16), ("minimal", "unary", 16)) in pairs
+    assert not [p for p in pairs if p[1][0] == "project-workers2"]  # another lane, not a variant

@@ -1,0 +1,80 @@
+"""Which CPUs the server's threads run on (`--pin-threads`).
+
+A unary RPC crosses between gRPC's poller thread and the event loop four times (one wake-up per
+completed operation). When the scheduler puts the two on different CPUs, each crossing is a
+cross-CPU wake-up, which on a virtual machine is an interrupt through the hypervisor; on one CPU
+the woken thread simply runs when the other one blocks. So the loop and the poller share one
+CPU, the *front*, and the threads that compute (the model instances' batch threads, the worker
+pool behind `asyncio.to_thread`: loading, explanations) run on the others, the *back*, where
+they neither preempt the loop nor lose their caches to it.
+
+CPU affinity belongs to the process, and so does this module's state: `pin_front` pins the
+calling thread (the one that will run the event loop, before gRPC starts its poller thread, which
+inherits the CPU), and from then on `enter_back` moves whichever thread calls it to the back.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+# `auto` pins only where the CPUs are, in effect, the server's own: a small machine or cpuset
+# (larger shared hosts: other processes may pin to the same first CPUs), one server process (the
+# workers would all pick the same CPUs), one ONNX Runtime thread per session (more want several
+# back CPUs each).
+AUTO_MAX_CPUS = 4
+MODES = ("auto", "on", "off")
+
+_back: frozenset[int] | None = None  # set by pin_front: where computing threads go
+
+
+@dataclass(frozen=True)
+class Placement:
+    """The front CPU (event loop, gRPC poller) and the back CPUs (everything that computes)."""
+
+    front: int
+    back: frozenset[int]
+
+    def describe(self) -> str:
+        back = ",".join(str(c) for c in sorted(self.back))
+        return (
+            f"event loop and gRPC poller on CPU {self.front}, model instances and worker threads "
+            f"on CPU {back}"
+        )
+
+
+def plan(
+    mode: str, *, workers: int, intra_op_threads: int, cpus: Sequence[int] | None = None
+) -> Placement | None:
+    """The placement for `mode` on `cpus` (default: the CPUs this process may use); None: the
+    scheduler places every thread (off, one CPU, several workers, or `auto` not applying)."""
+    if mode not in MODES:
+        raise ValueError(f"pin_threads: expected one of {', '.join(MODES)}")
+    allowed = sorted(os.sched_getaffinity(0) if cpus is None else cpus)
+    if mode == "off" or len(allowed) < 2 or workers > 1:
+        return None
+    if mode == "auto" and (len(allowed) > AUTO_MAX_CPUS or intra_op_threads > 1):
+        return None
+    return Placement(allowed[0], frozenset(allowed[1:]))
+
+
+def pin_front(placement: Placement) -> None:
+    """Pin the calling thread, and so every thread it starts from now on, to the front CPU;
+    threads that compute move themselves with `enter_back`."""
+    global _back
+    os.sched_setaffinity(0, {placement.front})
+    _back = placement.back
+
+
+def enter_back() -> None:
+    """Move the calling thread to the back CPUs (nothing when no placement is in force)."""
+    if _back is not None:
+        os.sched_setaffinity(0, _back)
+
+
+def worker_pool() -> ThreadPoolExecutor | None:
+    """The event loop's default executor under a placement (its threads start on the back CPUs);
+    None when none is in force."""
+    return None if _back is None else ThreadPoolExecutor(initializer=enter_back)

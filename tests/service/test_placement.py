@@ -1,0 +1,67 @@
+"""--pin-threads: which placement each mode gives on which CPUs (the placing itself is checked on
+a real server in tests/integration/test_placement.py)."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+
+from service.config import Settings
+from service.core import placement
+from service.core.placement import Placement, plan
+
+
+@pytest.mark.parametrize(
+    ("mode", "cpus", "workers", "intra", "expected"),
+    [
+        ("auto", [0, 1], 1, 1, Placement(0, frozenset({1}))),
+        ("auto", [2, 5, 3], 1, 1, Placement(2, frozenset({3, 5}))),  # a cpuset: its first CPU
+        ("auto", [0, 1, 2, 3], 1, 1, Placement(0, frozenset({1, 2, 3}))),
+        ("auto", list(range(8)), 1, 1, None),  # a large host may be shared: left to the OS
+        ("on", list(range(8)), 1, 1, Placement(0, frozenset(range(1, 8)))),
+        ("auto", [0, 1], 1, 2, None),  # ONNX Runtime's own threads want several CPUs each
+        ("on", [0, 1], 1, 2, Placement(0, frozenset({1}))),
+        ("auto", [0, 1], 2, 1, None),  # workers would all pick the same CPUs
+        ("on", [0, 1], 2, 1, None),
+        ("on", [4], 1, 1, None),  # one CPU: nothing to place
+        ("off", [0, 1], 1, 1, None),
+    ],
+)
+def test_plan(
+    mode: str, cpus: list[int], workers: int, intra: int, expected: Placement | None
+) -> None:
+    assert plan(mode, workers=workers, intra_op_threads=intra, cpus=cpus) == expected
+
+
+def test_an_unknown_mode_is_refused() -> None:
+    with pytest.raises(ValueError, match="pin_threads"):
+        plan("always", workers=1, intra_op_threads=1, cpus=[0, 1])
+    with pytest.raises(ValueError, match="auto, on, off"):
+        Settings.from_sources(["--model-repository", "."], {"CNNSERVE_PIN_THREADS": "always"})
+
+
+def test_the_default_is_auto_and_describes_itself() -> None:
+    assert Settings.from_sources(["--model-repository", "."], {}).pin_threads == "auto"
+    text = Placement(0, frozenset({2, 1})).describe()
+    assert text == (
+        "event loop and gRPC poller on CPU 0, model instances and worker threads on CPU 1,2"
+    )
+
+
+def test_without_a_placement_threads_stay_where_they_are() -> None:
+    """In a process that never pinned (this test process), a batch thread's `enter_back` and the
+    loop's executor leave every thread as it was."""
+    before = os.sched_getaffinity(0)
+    seen: list[set[int]] = []
+
+    def thread() -> None:
+        placement.enter_back()
+        seen.append(os.sched_getaffinity(0))
+
+    worker = threading.Thread(target=thread)
+    worker.start()
+    worker.join()
+    assert seen == [before] and os.sched_getaffinity(0) == before
+    assert placement.worker_pool() is None
