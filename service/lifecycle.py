@@ -61,7 +61,8 @@ def place_threads(settings: Settings) -> placement.Placement | None:
     if chosen is None:
         log.debug("threads: placed by the OS (--pin-threads %s)", settings.pin_threads)
         return None
-    placement.pin_front(chosen)
+    if not placement.pin_front(chosen):
+        return None
     log.info("threads: %s (--pin-threads %s)", chosen.describe(), settings.pin_threads)
     return chosen
 

@@ -15,6 +15,7 @@ inherits the CPU), and from then on `enter_back` moves whichever thread calls it
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +27,8 @@ from dataclasses import dataclass
 # back CPUs each).
 AUTO_MAX_CPUS = 4
 MODES = ("auto", "on", "off")
+
+log = logging.getLogger(__name__)
 
 _back: frozenset[int] | None = None  # set by pin_front: where computing threads go
 
@@ -60,18 +63,28 @@ def plan(
     return Placement(allowed[0], frozenset(allowed[1:]))
 
 
-def pin_front(placement: Placement) -> None:
+def pin_front(placement: Placement) -> bool:
     """Pin the calling thread, and so every thread it starts from now on, to the front CPU;
-    threads that compute move themselves with `enter_back`."""
+    threads that compute move themselves with `enter_back`. False (and nothing changed) where
+    the system refuses (a sandbox without sched_setaffinity, a CPU taken away meanwhile)."""
     global _back
-    os.sched_setaffinity(0, {placement.front})
+    try:
+        os.sched_setaffinity(0, {placement.front})
+    except OSError as exc:
+        log.warning("threads left to the OS: cannot pin to CPU %d (%s)", placement.front, exc)
+        return False
     _back = placement.back
+    return True
 
 
 def enter_back() -> None:
-    """Move the calling thread to the back CPUs (nothing when no placement is in force)."""
+    """Move the calling thread to the back CPUs (nothing when no placement is in force, or when
+    the system refuses: the thread then runs where it is, and the log says so)."""
     if _back is not None:
-        os.sched_setaffinity(0, _back)
+        try:
+            os.sched_setaffinity(0, _back)
+        except OSError as exc:
+            log.warning("a thread stays on the event loop's CPU: %s", exc)
 
 
 def worker_pool() -> ThreadPoolExecutor | None:

@@ -65,3 +65,22 @@ def test_without_a_placement_threads_stay_where_they_are() -> None:
     worker.join()
     assert seen == [before] and os.sched_getaffinity(0) == before
     assert placement.worker_pool() is None
+
+
+def test_a_refused_pin_leaves_the_threads_to_the_os(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A sandbox without sched_setaffinity (or a CPU gone): the server starts unpinned, and a
+    batch thread that cannot move keeps running where it is, instead of dying with its batches."""
+
+    def refuse(pid: int, cpus: object) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "sched_setaffinity", refuse)
+    assert placement.pin_front(Placement(0, frozenset({1}))) is False
+    assert placement.worker_pool() is None  # nothing in force
+    monkeypatch.setattr(placement, "_back", frozenset({1}))
+    placement.enter_back()  # no exception
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("threads left to the OS: cannot pin to CPU 0" in m for m in messages)
+    assert any("stays on the event loop's CPU" in m for m in messages)
