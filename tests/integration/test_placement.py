@@ -33,6 +33,14 @@ def threads(pid: int) -> dict[int, tuple[frozenset[int], int]]:
     return found
 
 
+def named(pid: int, name: str) -> frozenset[int]:
+    """The CPUs of the thread of `pid` that the OS knows as `name`."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        if (task / "comm").read_text().strip() == name:
+            return frozenset(os.sched_getaffinity(int(task.name)))
+    raise AssertionError(f"no thread named {name}")
+
+
 def infer(address: str) -> None:
     """Requests of eight images each, from four clients at once: the batch thread's work."""
     request = infer_request("mnist_cnn", np.random.default_rng(0).random((8, 1, 28, 28)))
@@ -78,8 +86,10 @@ def test_the_loop_and_poller_share_the_first_cpu_and_the_work_runs_on_the_others
         inferred = threads(srv.pid)
         explain(srv.address)
         explained = threads(srv.pid)
+        batch_thread = named(srv.pid, "mnist_cnn:1-0")  # model:version-instance
     assert explained[srv.pid][0] == front  # the event loop's thread
-    assert busiest(start, inferred, srv.pid) == back  # the batch thread
+    assert batch_thread == back
+    assert busiest(start, inferred, srv.pid) == back  # the batch thread, again
     assert busiest(inferred, explained, srv.pid) == back  # a worker thread
     # every thread that worked at all: the loop and the poller in front, the rest behind
     worked = {cpus for tid, (cpus, ticks) in explained.items() if ticks > start.get(tid, (0, 0))[1]}

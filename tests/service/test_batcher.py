@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from collections.abc import Mapping
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -409,5 +411,22 @@ def test_close_ends_the_instance_threads() -> None:
         await wait_for(lambda: threading.active_count() == before)
         with pytest.raises(ModelNotReady):
             await batcher.submit(rows(0, 1), 1)
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="thread names live in /proc")
+def test_instance_threads_carry_their_model_version_and_number_where_the_os_shows_them() -> None:
+    """`top -H` shows a batch thread as model:version-instance; a long model name is cut, not
+    the version and instance (Linux keeps 15 bytes)."""
+
+    def names() -> set[str]:
+        ids = [t.native_id for t in threading.enumerate() if t.name.startswith("a_long_model")]
+        return {Path(f"/proc/self/task/{i}/comm").read_text().strip() for i in ids}
+
+    async def scenario() -> None:
+        batcher = DynamicBatcher([double, double], max_batch_size=4, name="a_long_model_name:12")
+        await wait_for(lambda: names() == {"a_long_mod:12-0", "a_long_mod:12-1"})
+        await batcher.close()
 
     asyncio.run(scenario())
