@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.loadgen import ROOT, closed_loop, latest_model, print_table, running_server, save_grid
+from bench.loadgen import ROOT, closed_loop, print_table, running_server, save_grid
+from bench.reference_cli import latest_model
 from modelrepo import CAM, INPUT, TARGET_CLASS, explainer_name
 from pb import grpc_service_pb2 as pb
 from service.core.runtime import session_options

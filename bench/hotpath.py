@@ -28,7 +28,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.loadgen import grpc_frame, infer_request, latest_model, print_table  # noqa: E402
+from bench.loadgen import grpc_frame, infer_request, print_table  # noqa: E402
+from bench.reference_cli import latest_model  # noqa: E402
 from training.cli import HelpFormatter  # noqa: E402
 
 Handler = Callable[[bytes], Awaitable[bytes]]

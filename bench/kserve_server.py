@@ -21,7 +21,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.reference_cli import free_port, reference_parser
+from bench.reference_cli import free_port, latest_model, reference_parser
 
 
 def serve(repository: Path, model: str, port: int) -> None:
@@ -63,11 +63,7 @@ def serve(repository: Path, model: str, port: int) -> None:
                 model_name=self.name, infer_outputs=outputs, response_id=payload.id
             )
 
-    versions = sorted(
-        (repository / model).glob("[0-9]*/model.onnx"), key=lambda p: int(p.parent.name)
-    )
-    if not versions:
-        sys.exit(f"no {repository}/{model}/<version>/model.onnx")
+    model_file = latest_model(repository, model)
     server = kserve.ModelServer(
         grpc_port=port,
         http_port=free_port(),
@@ -77,7 +73,7 @@ def serve(repository: Path, model: str, port: int) -> None:
     )
     logging.getLogger("kserve").setLevel(logging.WARNING)  # it logs every gRPC call at INFO
     print(f"KServe on 127.0.0.1:{port} serving {model}", flush=True)
-    server.start([OnnxModel(model, versions[-1])])
+    server.start([OnnxModel(model, model_file)])
 
 
 def main() -> None:

@@ -28,18 +28,6 @@ ROOT = Path(__file__).resolve().parent.parent
 MAX_MESSAGE = 64 * 1024 * 1024
 
 
-def latest_model(repository: Path, name: str) -> Path:
-    """The model.onnx of a model's highest version in a repository."""
-    versions = sorted(
-        (repository / name).glob("[0-9]*/model.onnx"), key=lambda p: int(p.parent.name)
-    )
-    if not versions:
-        raise SystemExit(
-            f"no version of {name} in {repository}: export it first (make model / make zoo)"
-        )
-    return versions[-1]
-
-
 @contextmanager
 def running_process(
     cmd: list[str], address: str, model: str = "", env: Mapping[str, str] | None = None

@@ -25,7 +25,7 @@ from google.protobuf import text_format
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.reference_cli import reference_parser
+from bench.reference_cli import latest_model, reference_parser
 from pb import grpc_service_pb2 as pb
 from pb import grpc_service_pb2_grpc as pb_grpc
 from pb import model_config_pb2
@@ -149,13 +149,10 @@ async def serve(repository: Path, model: str, port: int, max_batch: int) -> None
         (repository / model / "config.pbtxt").read_text(), model_config_pb2.ModelConfig()
     )
     config.name = model
-    versions = sorted(
-        (repository / model).glob("[0-9]*/model.onnx"), key=lambda p: int(p.parent.name)
-    )
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20),
                                       ("grpc.max_send_message_length", 64 << 20)])  # fmt: skip
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(
-        Servicer(config, versions[-1], max_batch), server
+        Servicer(config, latest_model(repository, model), max_batch), server
     )
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()

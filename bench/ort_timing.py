@@ -27,7 +27,8 @@ import onnxruntime as ort
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.loadgen import latest_model, print_table  # noqa: E402
+from bench.loadgen import print_table  # noqa: E402
+from bench.reference_cli import latest_model  # noqa: E402
 from training.cli import HelpFormatter  # noqa: E402
 
 Runner = Callable[[np.ndarray], object]

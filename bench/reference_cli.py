@@ -1,5 +1,6 @@
-"""What the reference servers (bench/minimal_server.py, bench/kserve_server.py) share: their
-command line and a free port. Standard library only: kserve_server.py runs in KServe's own venv."""
+"""What the bench's servers and scripts share without the project's dependencies: the reference
+servers' command line, a free port, the newest version of a model. Standard library only:
+kserve_server.py runs in KServe's own venv."""
 
 from __future__ import annotations
 
@@ -13,6 +14,18 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def latest_model(repository: Path, name: str) -> Path:
+    """The model.onnx of a model's highest version in a repository."""
+    versions = sorted(
+        (repository / name).glob("[0-9]*/model.onnx"), key=lambda p: int(p.parent.name)
+    )
+    if not versions:
+        raise SystemExit(
+            f"no version of {name} in {repository}: export it first (make model / make zoo)"
+        )
+    return versions[-1]
 
 
 def reference_parser(description: str) -> argparse.ArgumentParser:

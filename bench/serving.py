@@ -24,11 +24,11 @@ import onnxruntime as ort
 
 from bench.loadgen import (
     PERF_ANALYZER,
-    latest_model,
     perf_analyzer,
     print_table,
     running_server,
 )
+from bench.reference_cli import latest_model
 from pb import grpc_service_pb2 as pb
 from pb import grpc_service_pb2_grpc as pb_grpc
 from service.core.runtime import session_options

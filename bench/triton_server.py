@@ -21,7 +21,8 @@ from pathlib import Path
 import grpc
 from google.protobuf import text_format
 
-from bench.loadgen import free_port, latest_model
+from bench.loadgen import free_port
+from bench.reference_cli import latest_model
 from pb import grpc_service_pb2 as pb
 from pb import grpc_service_pb2_grpc as pb_grpc
 from pb import model_config_pb2

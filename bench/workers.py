@@ -36,7 +36,8 @@ from typing import Any
 import grpc
 import numpy as np
 
-from bench.loadgen import free_port, latest_model, print_table
+from bench.loadgen import free_port, print_table
+from bench.reference_cli import latest_model
 from pb import grpc_service_pb2 as pb
 from pb import grpc_service_pb2_grpc as pb_grpc
 from training.cli import HelpFormatter

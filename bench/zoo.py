@@ -19,7 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from bench.loadgen import ROOT, latest_model, save_grid
+from bench.loadgen import ROOT, save_grid
+from bench.reference_cli import latest_model
 from modelrepo import CAM, INPUT, LOGITS, PROBABILITIES, TARGET_CLASS, explainer_name
 from service.core.runtime import session_options
 from training.cli import HelpFormatter
