@@ -50,7 +50,7 @@ def tune_interpreter(settings: Settings) -> None:
     gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
 
 
-def place_threads(settings: Settings) -> placement.Placement | None:
+def place_threads(settings: Settings) -> None:
     """Pin the calling thread (the event loop's, before gRPC's poller starts) to the front CPU
     under `--pin-threads`; the computing threads go to the others as they start."""
     chosen = placement.plan(
@@ -60,11 +60,8 @@ def place_threads(settings: Settings) -> placement.Placement | None:
     )
     if chosen is None:
         log.debug("threads: placed by the OS (--pin-threads %s)", settings.pin_threads)
-        return None
-    if not placement.pin_front(chosen):
-        return None
-    log.info("threads: %s (--pin-threads %s)", chosen.describe(), settings.pin_threads)
-    return chosen
+    elif placement.pin_front(chosen):
+        log.info("threads: %s (--pin-threads %s)", chosen.describe(), settings.pin_threads)
 
 
 def limit_malloc_arenas(count: int) -> bool:
