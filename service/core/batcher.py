@@ -424,6 +424,33 @@ class DynamicBatcher:
         self._threads, self._idle_function = [], None
 
 
+def _stack(arrays: list[np.ndarray]) -> np.ndarray:
+    """The requests' arrays one after another along the batch axis, as `np.concatenate` makes
+    them, but copied without letting go of the GIL.
+
+    numpy lets the GIL go to copy each array of more than a few hundred elements (an MNIST image
+    is 784), and the busy event loop takes it at once: the batch thread then waits for it back,
+    up to the switch interval, once per request in the batch. `bytes.join` copies them all in
+    one go under the GIL, and faster; the batch is read-only, which ONNX Runtime does not mind.
+    Arrays that do not line up (another dtype or trailing shape, objects, a foreign byte order,
+    a strided view) go to `np.concatenate`, which also raises its own error for those that must.
+    """
+    first = arrays[0]
+    dtype, tail = first.dtype, first.shape[1:]
+    if (
+        dtype.hasobject
+        or not dtype.isnative
+        or first.ndim == 0
+        or 0 in tail
+        or not all(
+            a.dtype == dtype and a.shape[1:] == tail and a.flags.c_contiguous for a in arrays
+        )
+    ):
+        return np.concatenate(arrays)
+    joined = b"".join(arrays)  # type: ignore[arg-type]  # arrays are buffers; the stubs omit it
+    return np.frombuffer(joined, dtype).reshape(-1, *tail)
+
+
 def _execute(fn: BatchFunction, items: list[_Pending]) -> Outcome:
     """Concatenate, run and split one batch (in the instance's thread); never raises."""
     size = sum(item.size for item in items)
@@ -434,8 +461,7 @@ def _execute(fn: BatchFunction, items: list[_Pending]) -> Outcome:
             batch = dict(items[0].inputs)
         else:
             batch = {
-                name: np.concatenate([item.inputs[name] for item in items])
-                for name in items[0].inputs
+                name: _stack([item.inputs[name] for item in items]) for name in items[0].inputs
             }
         t1 = time.perf_counter_ns()
         outputs = fn(batch)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -430,3 +431,59 @@ def test_instance_threads_carry_their_model_version_and_number_where_the_os_show
         await batcher.close()
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    "arrays",
+    [
+        [
+            np.arange(i * 784, (i + 1) * 784, dtype=np.float32).reshape(1, 1, 28, 28)
+            for i in range(7)
+        ],
+        [np.ones((2, 3), np.int64), np.zeros((1, 3), np.int64), np.full((4, 3), 7, np.int64)],
+        [np.array([[True, False]]), np.array([[False, True]])],
+        [np.ones((1, 4), ">f4"), np.zeros((2, 4), ">f4")],  # big-endian, as a client may send
+        [np.arange(12, dtype=np.float32).reshape(3, 4)[:, ::2], np.ones((1, 2), np.float32)],
+        [np.array([[b"a"]], dtype=object), np.array([[b"bc"]], dtype=object)],
+        [np.ones((1, 0), np.float32), np.ones((2, 0), np.float32)],
+        [np.ones((1, 2), np.float32), np.ones((1, 2), np.float64)],
+    ],
+    ids=["images", "int64", "bool", "big-endian", "strided", "objects", "empty", "mixed-dtype"],
+)
+def test_stacking_a_batch_matches_numpy_concatenate(arrays: list[np.ndarray]) -> None:
+    stacked = batcher_module._stack(arrays)
+    expected = np.concatenate(arrays)
+    assert stacked.dtype == expected.dtype and stacked.shape == expected.shape
+    np.testing.assert_array_equal(stacked, expected)
+
+
+def test_stacking_refuses_what_concatenate_refuses() -> None:
+    with pytest.raises(ValueError):
+        batcher_module._stack([np.ones((1, 2), np.float32), np.ones((1, 3), np.float32)])
+
+
+def test_stacking_a_batch_keeps_the_gil() -> None:
+    """The batch thread copies the requests into one batch without letting the loop in: a thread
+    waiting for the GIL gets no turn while `_stack` runs, though it does while np.concatenate
+    copies the same arrays (which shows the check can fail)."""
+    arrays = [np.full((1, 20_000), i, np.float32) for i in range(200)]
+
+    def turns_taken_during(stack: Callable[[list[np.ndarray]], np.ndarray]) -> int:
+        wake, turns = threading.Event(), []
+        waiter = threading.Thread(target=lambda: (wake.wait(5), turns.append(1)))
+        waiter.start()
+        time.sleep(0.01)  # the waiter now sleeps in wake.wait, without the GIL
+        wake.set()
+        for _ in range(20):
+            stack(arrays)
+        taken = len(turns)  # read before anything here lets go of the GIL
+        waiter.join()
+        return taken
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(30)  # no forced switch: the waiter runs only if the GIL is let go
+    try:
+        assert turns_taken_during(np.concatenate) == 1
+        assert turns_taken_during(batcher_module._stack) == 0
+    finally:
+        sys.setswitchinterval(interval)
