@@ -32,7 +32,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .errors import DeadlineExceeded, ModelNotReady, QueueFull
-from .placement import enter_back
+from .placement import enter_back, name_os_thread
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +198,7 @@ class _InstanceThread:
 
     def _serve(self) -> None:
         enter_back()  # off the event loop's CPU, under --pin-threads
-        _name_os_thread(self._thread.name)
+        name_os_thread(self._thread.name)
         next_batch, reply, deliver = (
             self._feed.next_batch,
             self._loop.call_soon_threadsafe,
@@ -215,21 +215,6 @@ class _InstanceThread:
 
 
 _EMPTY = BatchRecord(0, 0, 0, 0, 0)
-OS_NAME_MAX = 15  # Linux keeps 15 bytes of a thread's name
-
-
-def _name_os_thread(name: str) -> None:
-    """Give the calling thread `name` where `top -H`, `ps -L` and /proc show it (Linux; Python
-    3.11 names threads for itself only). A long `model:version-instance` loses the end of the
-    model's name, not the version and instance."""
-    cut = name.rfind(":") if ":" in name else name.rfind("-")
-    tail = name[cut:] if cut > 0 and len(name) - cut < OS_NAME_MAX else ""
-    short = name[: OS_NAME_MAX - len(tail)] + tail if len(name) > OS_NAME_MAX else name
-    try:
-        with open(f"/proc/self/task/{threading.get_native_id()}/comm", "w") as comm:
-            comm.write(short)
-    except OSError:  # not Linux, or /proc not mounted: the name is cosmetic
-        pass
 
 
 class DynamicBatcher:
