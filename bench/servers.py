@@ -27,7 +27,6 @@ VARIANTS = {
     "project-nofastpath": ["--latency-threads", "0"],  # the idle fast path off
     "project-fastpath2": ["--latency-threads", "2"],  # on a separate 2-thread session
     "project-unpinned": ["--pin-threads", "off"],  # every thread left to the OS
-    "project-normal-poller": ["--no-batch-poller"],  # gRPC's poller preempts the loop as before
     "project-eventengine": [],  # gRPC's default I/O threads (ENVIRONMENT below)
     "project-before": [],  # needs --before: a checkout of an older commit (git worktree add)
 }

@@ -165,14 +165,6 @@ class Settings:
             ("auto", "on", "off"),
         ),
     )
-    batch_poller: bool = field(
-        default=True,
-        metadata=_doc(
-            "run gRPC's poller thread under the SCHED_BATCH policy (Linux), so that its wake-ups, "
-            "about four per RPC, no longer preempt the event loop mid-work: it runs when the "
-            "loop blocks, on a free CPU, or at the scheduler's tick"
-        ),
-    )
     device: str = field(
         default="auto",
         metadata=_doc(

@@ -142,12 +142,7 @@ async def serve(
         log.error("cannot start: %s", exc)
         return EXIT_START_FAILED
     signals.server = server
-    if settings.batch_poller and (pollers := placement.yield_to_loop()):
-        log.info(
-            "threads: gRPC's poller (thread %d) waits for the event loop instead of "
-            "preempting it (SCHED_BATCH, --batch-poller)",
-            pollers[0],
-        )
+    placement.name_grpc_poller()  # `top -H` shows it as grpc_poller
     # What start-up made (modules, descriptors, the first models) lives as long as the process:
     # out of the collector's way, so that a full collection does not walk it again and again.
     gc.freeze()

@@ -12,8 +12,7 @@ CPU affinity belongs to the process, and so does this module's state: `pin_front
 calling thread (the one that will run the event loop, before gRPC starts its poller thread, which
 inherits the CPU), and from then on `enter_back` moves whichever thread calls it to the back.
 
-Apart from where the threads run, `yield_to_loop` changes how the poller is scheduled
-(`--batch-poller`): each of its wake-ups would otherwise preempt the event loop on the spot.
+`name_grpc_poller` gives gRPC's poller thread a name the OS shows (`top -H`: `grpc_poller`).
 """
 
 from __future__ import annotations
@@ -103,30 +102,14 @@ def worker_pool() -> ThreadPoolExecutor | None:
     return None if _back is None else ThreadPoolExecutor(initializer=enter_back)
 
 
-def yield_to_loop() -> list[int]:
-    """Run gRPC's poller thread(s) under SCHED_BATCH and name them `grpc_poller` for the OS;
-    returns their native ids (none where the policy cannot be set: not Linux, or refused).
-
-    The poller wakes about four times per unary RPC (the loop kicks it to start each operation;
-    it then posts the completion to the loop), and a woken thread of the normal policy preempts
-    the one running on its CPU, most often the event loop in the middle of its work: at
-    concurrency 16 the loop was preempted ~13,000 times a second. A SCHED_BATCH thread does not
-    preempt on waking; it runs when the loop blocks (waiting for I/O or the GIL), on another CPU
-    that is free, or at the scheduler's tick, and takes its fair share of the CPU as before.
-    """
-    changed = []
+def name_grpc_poller() -> list[int]:
+    """Name gRPC's poller thread(s) `grpc_poller` where the OS shows threads; their native ids."""
+    named = []
     for thread in threading.enumerate():
-        tid = thread.native_id
-        if not thread.name.endswith(GRPC_POLLER_SUFFIX) or tid is None:
-            continue
-        try:
-            os.sched_setscheduler(tid, os.SCHED_BATCH, os.sched_param(0))
-        except (AttributeError, OSError) as exc:  # no SCHED_BATCH here, or a sandbox refusing
-            log.warning("gRPC's poller thread keeps the normal scheduling policy: %s", exc)
-            continue
-        name_os_thread(GRPC_POLLER_OS_NAME, tid)
-        changed.append(tid)
-    return changed
+        if thread.name.endswith(GRPC_POLLER_SUFFIX) and thread.native_id is not None:
+            name_os_thread(GRPC_POLLER_OS_NAME, thread.native_id)
+            named.append(thread.native_id)
+    return named
 
 
 def name_os_thread(name: str, tid: int | None = None) -> None:
