@@ -86,6 +86,7 @@ def test_a_refused_pin_leaves_the_threads_to_the_os(
     assert any("stays on the event loop's CPU" in m for m in messages)
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="thread names live in /proc")
 def test_the_grpc_poller_is_named_for_the_os() -> None:
     """A thread named as grpc.aio names its poller shows as grpc_poller in /proc; others keep
     their names."""
@@ -95,7 +96,8 @@ def test_the_grpc_poller_is_named_for_the_os() -> None:
     poller.start()
     other.start()
     try:
-        assert placement.name_grpc_poller() == [poller.native_id]
+        named = placement.name_grpc_poller()  # also a real poller, if a test here started one
+        assert poller.native_id in named and other.native_id not in named
         with open("/proc/self/comm") as process:
             inherited = process.read().strip()  # what an unnamed thread shows: the process's name
         for thread, expected in ((poller, "grpc_poller"), (other, inherited)):
