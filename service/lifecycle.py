@@ -142,7 +142,6 @@ async def serve(
         log.error("cannot start: %s", exc)
         return EXIT_START_FAILED
     signals.server = server
-    placement.name_grpc_poller()  # `top -H` shows it as grpc_poller
     # What start-up made (modules, descriptors, the first models) lives as long as the process:
     # out of the collector's way, so that a full collection does not walk it again and again.
     gc.freeze()
