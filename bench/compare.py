@@ -15,8 +15,9 @@ server CPU per inference (the process tree's CPU from /proc over the measured wi
 the inferences), latency percentiles (h2load's per-request log), the executed batch
 (ModelStatistics), and how busy the host was meanwhile (all cores, from /proc/stat, less the
 server and the client). Many short rounds, alternating the servers, so that a busy moment of a
-shared host hits them alike; medians with ranges; the ratios between servers are taken within
-each round, then summarised. Prints tables; writes bench/results/compare.json and compare.png.
+shared host hits them alike; medians with ranges, and each point's spread (highest over lowest
+round, coefficient of variation); the ratios between servers are taken within each round, then
+summarised. Prints tables; writes bench/results/compare.json and compare.png.
 """
 
 from __future__ import annotations
@@ -232,7 +233,18 @@ def measure(name: str, args: argparse.Namespace, frames: dict[str, Path]) -> lis
 
 
 def _spread(values: list[float]) -> dict[str, float]:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+    """Median, range and coefficient of variation (standard deviation over mean) of values."""
+    mean = statistics.fmean(values)
+    return {"median": statistics.median(values), "min": min(values), "max": max(values),
+            "cv": statistics.pstdev(values) / mean if mean else 0.0}  # fmt: skip
+
+
+def _relative_spread(entry: dict[str, Any], metric: str = "infer_per_s") -> str:
+    """How far a metric moved from round to round: highest over lowest, and its CV."""
+    value = entry.get(metric)
+    if not value or not value["min"]:
+        return ""
+    return f"{value['max'] / value['min']:.2f}x cv {value.get('cv', 0.0):.3f}"
 
 
 METRICS = ("infer_per_s", "cpu_ms_per_infer", "p50_ms", "p99_ms", "avg_batch", "server_cores",
@@ -310,15 +322,16 @@ def print_summary(summary: list[dict[str, Any]], ratio_rows: list[dict[str, Any]
                                             order.get(e["server"], 99), e["lane"])):  # fmt: skip
         rows.append([
             str(e["concurrency"]), e["server"], e["lane"], _fmt(e, "cpu_ms_per_infer", ".3f"),
-            _fmt(e, "infer_per_s", ",.0f"), _fmt(e, "p50_ms", ".2f"),
+            _fmt(e, "infer_per_s", ",.0f"), _relative_spread(e), _fmt(e, "p50_ms", ".2f"),
             _fmt(e, "avg_batch", ".1f"), _fmt(e, "other_cores", ".1f"),
             str(e["failed"] + e["errors"]),
         ])  # fmt: skip
     print_table(
         "batch-1 mnist_cnn; median (min-max) over rounds; CPU = the server's, per inference; "
+        "spread = infer/s highest over lowest round, and its coefficient of variation; "
         "others = host cores busy with neither server nor client",
-        ["conc", "server", "lane", "CPU ms/infer", "infer/s", "p50 ms", "batch", "others",
-         "fail"],
+        ["conc", "server", "lane", "CPU ms/infer", "infer/s", "spread", "p50 ms", "batch",
+         "others", "fail"],
         rows,
     )  # fmt: skip
     rows = []

@@ -169,3 +169,16 @@ def test_the_project_is_compared_with_each_variant_on_the_same_lane() -> None:
     assert (("project", "stream", 64), ("project-unpinned", "stream", 64)) in pairs
     assert (("project", "unary", 16), ("minimal", "unary", 16)) in pairs
     assert not [p for p in pairs if p[1][0] == "project-workers2"]  # another lane, not a variant
+
+
+def test_the_summary_gives_each_point_its_spread_over_rounds() -> None:
+    """The spread goal (no wider than the minimal server's) is read from compare.py's own table."""
+    rounds = [
+        [{"server": "project", "lane": "unary", "concurrency": 16, "infer_per_s": rate}]
+        for rate in (3000.0, 2000.0, 2500.0)
+    ]
+    (entry,) = compare.summarise(rounds)
+    assert entry["infer_per_s"]["median"] == 2500.0
+    assert entry["infer_per_s"]["cv"] == pytest.approx(0.16330, abs=1e-5)  # 408.2 / 2500
+    assert compare._relative_spread(entry) == "1.50x cv 0.163"
+    assert compare._relative_spread({"server": "kserve"}) == ""  # a metric it lacks: blank
