@@ -142,9 +142,11 @@ kserve: $(KSERVE_VENV)/.installed  ## Install KServe's Python server for the ben
 QUICK       ?= 0
 BENCH_QUICK := $(if $(filter 1,$(QUICK)),--quick,)
 PROFILE_S   := $(if $(filter 1,$(QUICK)),3,10)
+NOISE_S     := $(if $(filter 1,$(QUICK)),3,30)
 
 bench: model tools benchdeps triton kserve  ## Benchmarks: tables on stdout, JSON and plots under bench/results/ (QUICK=1)
 	$(PY) -m bench.serving --repository $(REPO) --streaming $(BENCH_QUICK)
+	$(PY) -m bench.host_noise --seconds $(NOISE_S)
 	$(PY) -m bench.compare --repository $(REPO) $(BENCH_QUICK)
 	$(PY) -m bench.profile_server --repository $(REPO) --seconds $(PROFILE_S)
 	$(PY) -m bench.gradcam --repository $(REPO) --checkpoint $(CHECKPOINTS)/$(MODEL).pt

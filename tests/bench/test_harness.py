@@ -182,3 +182,81 @@ def test_the_summary_gives_each_point_its_spread_over_rounds() -> None:
     assert entry["infer_per_s"]["cv"] == pytest.approx(0.16330, abs=1e-5)  # 408.2 / 2500
     assert compare._relative_spread(entry) == "1.50x cv 0.163"
     assert compare._relative_spread({"server": "kserve"}) == ""  # a metric it lacks: blank
+
+
+def test_host_noise_puts_each_window_beside_its_cpus_median() -> None:
+    from bench import host_noise
+
+    counts = {0: [100, 100, 50, 100], 1: [80, 40, 80, 80]}
+    result = host_noise.summarise(counts)
+    assert result["relative"][0] == [1.0, 1.0, 0.5, 1.0]
+    assert result["per_cpu"][0]["lowest"] == 0.5 and result["per_cpu"][0]["highest"] == 1.0
+    assert result["per_cpu"][1]["lowest"] == 0.5
+    # pstdev 0.2165 over mean 0.875
+    assert result["per_cpu"][0]["cv"] == pytest.approx(0.2474, abs=1e-3)
+    # the dips fall in different windows: the CPUs do not move together
+    assert result["correlation"]["0-1"] == pytest.approx(-1 / 3)
+    steady = host_noise.summarise({0: [5, 5, 5], 1: [7, 7, 7]})  # nothing moves: no NaN
+    assert steady["per_cpu"][0]["cv"] == 0 and steady["correlation"]["0-1"] == 0.0
+
+
+def test_host_noise_measures_every_cpu_in_windows_that_line_up(tmp_path: Path) -> None:
+    import json
+
+    from bench import host_noise
+
+    argv = ["--seconds", "0.4", "--window-ms", "100", "--out", str(tmp_path)]
+    assert host_noise.main(argv) == 0
+    document = json.loads((tmp_path / "host_noise.json").read_text())
+    cpus = sorted(os.sched_getaffinity(0))
+    assert sorted(document["counts"]) == [str(c) for c in cpus]
+    assert all(len(v) == 4 and min(v) > 0 for v in document["counts"].values())
+    assert (tmp_path / "host_noise.png").stat().st_size > 0
+    assert host_noise.main(["--cpus", str(max(cpus) + 1), "--out", str(tmp_path)]) == 2
+
+
+def test_spread_alternates_placements_in_one_process_and_puts_them_back(
+    minimal_server, tmp_path: Path
+) -> None:
+    """bench/spread.py: the placements take turns in one server process, and `one-cpu` really
+    holds the server to one CPU (it cannot use more than a core)."""
+    import json
+
+    from bench import spread
+
+    _, repository = minimal_server
+    argv = ["--repository", str(repository), "--model", "classifier", "--servers", "minimal",
+            "--placements", "one-cpu,own", "--passes", "1", "--windows", "2", "--seconds", "0.5",
+            "--concurrency", "8", "--out", str(tmp_path)]  # fmt: skip
+    assert spread.main(argv) == 0
+    document = json.loads((tmp_path / "spread.json").read_text())
+    windows = document["windows"]
+    assert [w["placement"] for w in windows] == ["one-cpu", "own", "one-cpu", "own"]
+    assert all(w["infer_per_s"] > 0 and w["failed"] == 0 for w in windows)
+    assert all(w["cores"] < 1.1 for w in windows if w["placement"] == "one-cpu")
+    rows = {s["placement"]: s for s in document["summary"]}
+    assert rows["own"]["windows"] == rows["one-cpu"]["windows"] == 2
+
+
+def test_spread_refuses_what_it_does_not_know() -> None:
+    from bench import spread
+
+    with pytest.raises(SystemExit):
+        spread.parse_args(["--placements", "own,two-cpus"])
+    summary = spread.summarise([
+        {"server": "s", "placement": "own", "infer_per_s": r, "cores": 1.0} for r in (90, 100, 120)
+    ])  # fmt: skip
+    assert summary[0]["median"] == 100 and summary[0]["spread"] == pytest.approx(120 / 90)
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs to move threads")
+def test_spread_one_cpu_placement_is_undone_on_the_way_out() -> None:
+    from bench import spread
+
+    pid = os.getpid()
+    own = spread.thread_cpus(pid)
+    with spread.placed(pid, own, "one-cpu"):
+        assert {frozenset(c) for c in spread.thread_cpus(pid).values()} == {
+            frozenset({min(os.sched_getaffinity(0))})
+        }
+    assert spread.thread_cpus(pid) == own
