@@ -49,6 +49,7 @@ from bench.loadgen import (
     grpc_frame,
     h2load,
     infer_request,
+    model_parser,
     perf_analyzer,
     print_table,
     response_frame_size,
@@ -56,7 +57,6 @@ from bench.loadgen import (
 from bench.servers import KNOWN, SERVERS, executed
 from pb import grpc_service_pb2 as pb
 from pb import grpc_service_pb2_grpc as pb_grpc
-from training.cli import HelpFormatter
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -77,12 +77,7 @@ UNARY = Lane("unary")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=HelpFormatter
-    )
-    parser.add_argument("--repository", type=Path, default=ROOT / "model_repository",
-                        help="model repository (default: model_repository)")  # fmt: skip
-    parser.add_argument("--model", default="mnist_cnn", help="model (default: mnist_cnn)")
+    parser = model_parser(__doc__)
     parser.add_argument("--servers", default=",".join(SERVERS),
                         help=f"servers to measure (default: {','.join(SERVERS)}; also "
                         f"{', '.join(v for v in KNOWN if v not in SERVERS)})")  # fmt: skip

@@ -28,9 +28,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.loadgen import grpc_frame, infer_request, print_table  # noqa: E402
+from bench.loadgen import grpc_frame, infer_request, model_parser, print_table  # noqa: E402
 from bench.reference_cli import latest_model  # noqa: E402
-from training.cli import HelpFormatter  # noqa: E402
 
 Handler = Callable[[bytes], Awaitable[bytes]]
 
@@ -165,12 +164,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=HelpFormatter
-    )
-    parser.add_argument("--repository", type=Path, default=ROOT / "model_repository",
-                        help="model repository (default: model_repository)")  # fmt: skip
-    parser.add_argument("--model", default="mnist_cnn", help="model (default: mnist_cnn)")
+    parser = model_parser(__doc__)
     parser.add_argument("--concurrency", default="1,16,64", help="levels (default: 1,16,64)")
     parser.add_argument("--seconds", type=float, default=2.0,
                         help="seconds per point (default: 2)")  # fmt: skip

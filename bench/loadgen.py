@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import csv
 import os
@@ -23,9 +24,20 @@ import numpy as np
 from bench.reference_cli import free_port
 from pb import grpc_service_pb2 as pb
 from pb import grpc_service_pb2_grpc as pb_grpc
+from training.cli import HelpFormatter
 
 ROOT = Path(__file__).resolve().parent.parent
 MAX_MESSAGE = 64 * 1024 * 1024
+
+
+def model_parser(doc: str) -> argparse.ArgumentParser:
+    """A bench script's parser: its docstring's first line as the description, and the
+    --repository and --model every script that loads a model takes."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0], formatter_class=HelpFormatter)
+    parser.add_argument("--repository", type=Path, default=ROOT / "model_repository",
+                        help="model repository (default: model_repository)")  # fmt: skip
+    parser.add_argument("--model", default="mnist_cnn", help="model (default: mnist_cnn)")
+    return parser
 
 
 @contextmanager

@@ -11,7 +11,6 @@ block so that drift hits them alike. Writes bench/results/ort_timing.json.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -27,9 +26,8 @@ import onnxruntime as ort
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.loadgen import print_table  # noqa: E402
+from bench.loadgen import model_parser, print_table  # noqa: E402
 from bench.reference_cli import latest_model  # noqa: E402
-from training.cli import HelpFormatter  # noqa: E402
 
 Runner = Callable[[np.ndarray], object]
 
@@ -93,12 +91,7 @@ def variants(path: Path) -> dict[str, Runner]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=HelpFormatter
-    )
-    parser.add_argument("--repository", type=Path, default=ROOT / "model_repository",
-                        help="model repository (default: model_repository)")  # fmt: skip
-    parser.add_argument("--model", default="mnist_cnn", help="model (default: mnist_cnn)")
+    parser = model_parser(__doc__)
     parser.add_argument("--batches", default="1,5,16,32", help="batch sizes (default: 1,5,16,32)")
     parser.add_argument("--images", type=int, default=160,
                         help="images per timed block (default: 160)")  # fmt: skip

@@ -27,12 +27,12 @@ from bench.loadgen import (
     grpc_frame,
     h2load,
     infer_request,
+    model_parser,
     print_table,
     response_frame_size,
     thread_cpu_seconds,
 )
 from bench.servers import executed, server
-from training.cli import HelpFormatter
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -40,12 +40,7 @@ PY_SPY = Path(sys.executable).parent / "py-spy"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=HelpFormatter
-    )
-    parser.add_argument("--repository", type=Path, default=ROOT / "model_repository",
-                        help="model repository (default: model_repository)")  # fmt: skip
-    parser.add_argument("--model", default="mnist_cnn", help="model (default: mnist_cnn)")
+    parser = model_parser(__doc__)
     parser.add_argument("--servers", default="project,minimal",
                         help="servers to profile (default: project,minimal)")  # fmt: skip
     parser.add_argument("--concurrency", default="16,64", help="levels (default: 16,64)")

@@ -37,10 +37,10 @@ from bench.loadgen import (
     grpc_frame,
     h2load,
     infer_request,
+    model_parser,
     print_table,
     response_frame_size,
 )
-from training.cli import HelpFormatter
 
 ROOT = Path(__file__).resolve().parent.parent
 PLACEMENTS = ("own", "one-cpu", "polling")
@@ -48,12 +48,7 @@ CPU_LATENCY = Path("/dev/cpu_dma_latency")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=HelpFormatter
-    )
-    parser.add_argument("--repository", type=Path, default=ROOT / "model_repository",
-                        help="model repository (default: model_repository)")  # fmt: skip
-    parser.add_argument("--model", default="mnist_cnn", help="model (default: mnist_cnn)")
+    parser = model_parser(__doc__)
     parser.add_argument("--servers", default="project,minimal",
                         help=f"servers (default: project,minimal; known: {', '.join(servers.KNOWN)})")  # fmt: skip
     parser.add_argument("--placements", default="own,one-cpu",
