@@ -56,7 +56,7 @@ def infer(address: str) -> None:
 
 
 def explain(address: str) -> None:
-    """Grad-CAM explanations: work for the loop's worker threads (about 2 ms of CPU each, so
+    """Grad-CAM explanations: work for the loop's worker threads (4-6 ms of CPU each here, so
     enough of them that /proc's 10 ms ticks tell their threads from the poller's)."""
     pixels = np.random.default_rng(1).random((28, 28), dtype=np.float32)
     tensor = ex.RawTensor(shape=[1, 28, 28], data=pixels.astype("<f4").tobytes())
