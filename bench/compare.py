@@ -53,6 +53,7 @@ from bench.loadgen import (
     perf_analyzer,
     print_table,
     response_frame_size,
+    variation,
 )
 from bench.servers import KNOWN, SERVERS, executed
 from pb import grpc_service_pb2 as pb
@@ -229,9 +230,8 @@ def measure(name: str, args: argparse.Namespace, frames: dict[str, Path]) -> lis
 
 def _spread(values: list[float]) -> dict[str, float]:
     """Median, range and coefficient of variation (standard deviation over mean) of values."""
-    mean = statistics.fmean(values)
     return {"median": statistics.median(values), "min": min(values), "max": max(values),
-            "cv": statistics.pstdev(values) / mean if mean else 0.0}  # fmt: skip
+            "cv": variation(values)}  # fmt: skip
 
 
 def _relative_spread(entry: dict[str, Any], metric: str = "infer_per_s") -> str:

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.loadgen import print_table
+from bench.loadgen import print_table, variation
 from training.cli import HelpFormatter
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -85,7 +85,7 @@ def summarise(counts: dict[int, list[int]]) -> dict[str, Any]:
             "median_units": statistics.median(counts[cpu]),
             "lowest": min(r),
             "highest": max(r),
-            "cv": statistics.pstdev(r) / statistics.fmean(r) if statistics.fmean(r) else 0.0,
+            "cv": variation(r),
         }
         for cpu, r in relative.items()
     }

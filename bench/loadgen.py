@@ -8,6 +8,7 @@ import asyncio
 import csv
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -38,6 +39,12 @@ def model_parser(doc: str) -> argparse.ArgumentParser:
                         help="model repository (default: model_repository)")  # fmt: skip
     parser.add_argument("--model", default="mnist_cnn", help="model (default: mnist_cnn)")
     return parser
+
+
+def variation(values: list[float]) -> float:
+    """Coefficient of variation: standard deviation over mean (0 where the mean is 0)."""
+    mean = statistics.fmean(values)
+    return statistics.pstdev(values) / mean if mean else 0.0
 
 
 @contextmanager

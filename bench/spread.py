@@ -40,6 +40,7 @@ from bench.loadgen import (
     model_parser,
     print_table,
     response_frame_size,
+    variation,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -126,7 +127,7 @@ def summarise(windows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "server": name, "placement": placement, "windows": len(rows),
             "median": statistics.median(rates), "lowest": min(rates), "highest": max(rates),
             "spread": max(rates) / min(rates) if min(rates) else float("inf"),
-            "cv": statistics.pstdev(rates) / statistics.fmean(rates) if any(rates) else 0.0,
+            "cv": variation(rates),
             "cores": statistics.median(r["cores"] for r in rows),
         })  # fmt: skip
     return summary
