@@ -4,20 +4,25 @@ named, KServe 0.21's Python server (`kserve`: bench/kserve_server.py, `make kser
 
     .venv/bin/python -m bench.compare --repository model_repository [--repeat 6] [--seconds 6]
 
-Each round starts every server afresh (in a rotating order) and measures it with h2load (the
+Each round starts every server afresh (in a rotating order) and measures them with h2load (the
 cheapest client: it replays a pre-built batch-1 ModelInfer frame) at concurrency 1, 16 and 64
 over one HTTP/2 connection. The project also gets the ModelStreamInfer lane (h2load replaying
 `--stream-messages` requests per stream, as many streams as make the concurrency) and, as
 `project-workers2`, `--workers 2` driven over several connections, and `project-http-workers2`,
 `--workers 2` driven over its HTTP front (h2load --h1 replaying a batch-1 infer request of the
-binary tensor extension, one keep-alive connection per request in flight). For every point: infer/s,
-server CPU per inference (the process tree's CPU from /proc over the measured window, divided by
-the inferences), latency percentiles (h2load's per-request log), the executed batch
+binary tensor extension, one keep-alive connection per request in flight). For every point:
+infer/s, server CPU per inference (the process tree's CPU from /proc over the measured window,
+divided by the inferences), latency percentiles (h2load's per-request log), the executed batch
 (ModelStatistics), and how busy the host was meanwhile (all cores, from /proc/stat, less the
-server and the client). Many short rounds, alternating the servers, so that a busy moment of a
-shared host hits them alike; medians with ranges, and each point's spread (highest over lowest
-round, coefficient of variation); the ratios between servers are taken within each round, then
-summarised. Prints tables; writes bench/results/compare.json and compare.png.
+server and the client).
+
+The servers of a round stay up together, and each concurrency level is measured in turns: every
+point's `--seconds` are cut into `--slices` slices (1 s by default) taken in rotation across the
+servers' points at that level, so that a host CPU slowing down for a few seconds (it does here:
+bench/host_noise.py) costs every server alike rather than the one whose turn it was. Many short
+rounds; medians with ranges, and each point's spread (highest over lowest round, coefficient of
+variation); the ratios between servers are taken within each round, then summarised. Prints
+tables; writes bench/results/compare.json and compare.png.
 """
 
 from __future__ import annotations
@@ -32,13 +37,14 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
+import numpy as np
 
 from bench import servers, triton_server
 from bench.http_compare import HEADER, binary_request, check_http
@@ -96,6 +102,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="rounds over all servers (default: 6)")  # fmt: skip
     parser.add_argument("--seconds", type=float, default=6.0,
                         help="h2load measurement seconds per point (default: 6)")  # fmt: skip
+    parser.add_argument("--slices", type=int, default=6,
+                        help="turns each point's seconds are cut into, taken in rotation with "
+                        "the other servers' points at the same concurrency (default: 6)")  # fmt: skip
     parser.add_argument("--perf-analyzer", action="store_true",
                         help="also perf_analyzer (ModelInfer) at each concurrency; it costs the "
                         "shared cores ~0.3 core")  # fmt: skip
@@ -116,7 +125,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="output folder (default: bench/results)")  # fmt: skip
     args = parser.parse_args(argv)
     if args.quick:
-        args.repeat, args.seconds, args.measurement_ms = 1, 2.0, 1000
+        args.repeat, args.seconds, args.measurement_ms, args.slices = 1, 2.0, 1000, 2
+    if args.slices < 1 or args.seconds / args.slices < 0.2:
+        parser.error("--slices must be at least 1, and each slice at least 0.2 s")
     return args
 
 
@@ -169,62 +180,126 @@ def children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def measure(name: str, args: argparse.Namespace, frames: dict[str, Path]) -> list[dict[str, Any]]:
-    """Every point for one server, started fresh."""
+@dataclass
+class Target:
+    """One started server of a round: how to drive each of its points for a slice of time."""
+
+    name: str
+    address: str
+    pid: int
+    points: list[tuple[Lane, int]]
+    drive: Callable[[Lane, int, float], dict[str, Any]]
+
+
+def start(name: str, args: argparse.Namespace, frames: dict[str, Path], stack: ExitStack) -> Target:
+    """Start one server (stopped when `stack` closes), check its answers and warm it up."""
+    address, pid, http_port = stack.enter_context(server(name, args))
+    request = infer_request(args.repository, args.model)
+    unary_bytes = response_frame_size(address, request)
+    points = lanes(name, args)
+    stream_bytes = (
+        stream_response_frame_size(address, request) if any(p.stream for p, _ in points) else 0
+    )
+    h2load(address, frames["unary"], unary_bytes, 16, 1.0)  # warm the server up
+    over_http = None
+    if http_port:
+        path = f"/v2/models/{args.model}/infer"
+        body, header_length = binary_request(args.repository, args.model)  # as in main
+        http_bytes = check_http(f"http://127.0.0.1:{http_port}{path}", body, header_length)
+        http1 = {HEADER: str(header_length), "content-type": "application/octet-stream"}
+        over_http = functools.partial(h2load, f"127.0.0.1:{http_port}", frames["http"],
+                                      http_bytes, method=path, http1_headers=http1)  # fmt: skip
+        over_http(16, 1.0)  # warm the HTTP front up
+
+    def drive(lane: Lane, concurrency: int, seconds: float) -> dict[str, Any]:
+        if lane.http:
+            assert over_http is not None, "an HTTP lane on a server started without HTTP"
+            return over_http(concurrency, seconds, keep_times=True)
+        if lane.stream:
+            return h2load(address, frames["stream"], stream_bytes, concurrency, seconds,
+                          method=STREAM, messages=args.stream_messages, keep_times=True)  # fmt: skip
+        connections = lane.connections if concurrency >= lane.connections else 1
+        return h2load(address, frames["unary"], unary_bytes, concurrency, seconds,
+                      connections=connections, keep_times=True)  # fmt: skip
+
+    return Target(name, address, pid, points, drive)
+
+
+def one_slice(target: Target, lane: Lane, concurrency: int, seconds: float,
+              model: str) -> dict[str, Any]:  # fmt: skip
+    """One h2load slice of a point, with what the server, the client and the host spent on it."""
+    before = executed(target.address, model)
+    busy0, client0 = host_busy_seconds(), children_cpu()
+    with CpuMeter(target.pid) as cpu:
+        row = target.drive(lane, concurrency, seconds)
+    busy1, client1 = host_busy_seconds(), children_cpu()
+    images, batches = (a - b for a, b in zip(executed(target.address, model), before, strict=True))
+    row.update(server_cpu=cpu.cores * cpu.wall, wall=cpu.wall, images=images, batches=batches,
+               host_cpu=(busy1[0] - busy0[0]) / max(busy1[1] - busy0[1], 1e-9) * cpu.wall
+               * (os.cpu_count() or 1), client_cpu=client1 - client0)  # fmt: skip
+    return row
+
+
+def combine(slices: list[dict[str, Any]]) -> dict[str, Any]:
+    """One point's row from its slices: rates over their summed time, percentiles over all
+    their requests."""
+    if any("error" in s for s in slices):
+        return next(s for s in slices if "error" in s)
+    wall = sum(s["wall"] for s in slices)
+    measured = sum(s["seconds"] for s in slices)  # h2load's own clock, as for the rate
+    successes = sum(s["infer_per_s"] * s["seconds"] for s in slices)
+    requests = sum(s["requests"] for s in slices)
+    infer_per_s = successes / measured
+    server_cores = sum(s["server_cpu"] for s in slices) / wall
+    host_cores = sum(s["host_cpu"] for s in slices) / wall
+    client_cores = sum(s["client_cpu"] for s in slices) / wall
+    images, batches = sum(s["images"] for s in slices), sum(s["batches"] for s in slices)
+    row = {key: slices[0][key] for key in ("concurrency", "connections", "messages_per_stream")}
+    row.update(
+        infer_per_s=infer_per_s, requests=requests, slices=len(slices),
+        failed=sum(s["failed"] for s in slices),
+        mean_ms=sum(s["mean_ms"] * s["requests"] for s in slices) / max(requests, 1),
+        max_ms=max(s["max_ms"] for s in slices), server_cores=server_cores,
+        cpu_ms_per_infer=1000 * server_cores / infer_per_s if infer_per_s else float("nan"),
+        avg_batch=images / batches if batches else float("nan"),
+        client_cores=client_cores, host_cores=host_cores,
+        other_cores=max(host_cores - server_cores - client_cores, 0.0),
+        load_average=os.getloadavg()[0],
+    )  # fmt: skip
+    times = np.concatenate([s["times_ms"] for s in slices])
+    if times.size:
+        p50, p90, p99 = np.percentile(times, [50, 90, 99])
+        row.update(p50_ms=float(p50), p90_ms=float(p90), p99_ms=float(p99))
+    return row
+
+
+def measure_round(names: list[str], args: argparse.Namespace,
+                  frames: dict[str, Path]) -> list[dict[str, Any]]:  # fmt: skip
+    """One round: every server started afresh (in `names`' order) and kept up while each
+    concurrency level is measured in `--slices` slices per point that take turns across the
+    servers, so that a slow second of the host falls on all of them alike."""
     rows: list[dict[str, Any]] = []
-    with server(name, args) as (address, pid, http_port):
-        request = infer_request(args.repository, args.model)
-        unary_bytes = response_frame_size(address, request)
-        points = lanes(name, args)
-        stream_bytes = (
-            stream_response_frame_size(address, request) if any(p.stream for p, _ in points) else 0
-        )
-        h2load(address, frames["unary"], unary_bytes, 16, 1.0)  # warm the server up
-        if http_port:
-            path = f"/v2/models/{args.model}/infer"
-            body, header_length = binary_request(args.repository, args.model)  # as in main
-            http_bytes = check_http(f"http://127.0.0.1:{http_port}{path}", body, header_length)
-            http1 = {HEADER: str(header_length), "content-type": "application/octet-stream"}
-            over_http = functools.partial(h2load, f"127.0.0.1:{http_port}", frames["http"],
-                                          http_bytes, method=path, http1_headers=http1)  # fmt: skip
-            over_http(16, 1.0)  # warm the HTTP front up
-        for lane, concurrency in points:
-            before = executed(address, args.model)
-            busy0, client0 = host_busy_seconds(), children_cpu()
-            with CpuMeter(pid) as cpu:
-                if lane.http:
-                    row = over_http(concurrency, args.seconds)
-                elif lane.stream:
-                    row = h2load(address, frames["stream"], stream_bytes, concurrency,
-                                 args.seconds, method=STREAM,
-                                 messages=args.stream_messages)  # fmt: skip
-                else:
-                    connections = lane.connections if concurrency >= lane.connections else 1
-                    row = h2load(address, frames["unary"], unary_bytes, concurrency,
-                                 args.seconds, connections=connections)  # fmt: skip
-            busy1, client1 = host_busy_seconds(), children_cpu()
-            images, batches = (
-                a - b for a, b in zip(executed(address, args.model), before, strict=True)
-            )
-            wall = busy1[1] - busy0[1]
-            host_cores = (busy1[0] - busy0[0]) / wall * (os.cpu_count() or 1) if wall else 0.0
-            client_cores = (client1 - client0) / cpu.wall if cpu.wall else 0.0
-            row.update(
-                server=name, lane=lane.name, server_cores=cpu.cores,
-                cpu_ms_per_infer=1000 * cpu.cores / row["infer_per_s"]
-                if row.get("infer_per_s") else float("nan"),
-                avg_batch=images / batches if batches else float("nan"),
-                client_cores=client_cores, host_cores=host_cores,
-                other_cores=max(host_cores - cpu.cores - client_cores, 0.0),
-                load_average=os.getloadavg()[0],
-            )  # fmt: skip
-            rows.append(row)
+    with ExitStack() as stack:
+        targets = [start(name, args, frames, stack) for name in names]
+        for level in sorted({c for t in targets for _, c in t.points}):
+            points = [(t, lane) for t in targets for lane, c in t.points if c == level]
+            taken: dict[int, list[dict[str, Any]]] = {i: [] for i in range(len(points))}
+            for turn in range(args.slices):
+                shift = turn % len(points)  # rotate: no point always first after a switch
+                for i in [*range(shift, len(points)), *range(shift)]:
+                    target, lane = points[i]
+                    taken[i].append(one_slice(target, lane, level, args.seconds / args.slices,
+                                              args.model))  # fmt: skip
+            for i, (target, lane) in enumerate(points):
+                rows.append({**combine(taken[i]), "server": target.name, "lane": lane.name})
         if args.perf_analyzer:
-            for concurrency in [int(c) for c in args.concurrency.split(",") if c]:
-                with CpuMeter(pid) as cpu:
-                    row = perf_analyzer(address, args.model, concurrency, args.measurement_ms)
-                rows.append({**row, "server": name, "lane": "perf_analyzer",
-                             "server_cores": cpu.cores})  # fmt: skip
+            for target in targets:
+                for concurrency in [int(c) for c in args.concurrency.split(",") if c]:
+                    with CpuMeter(target.pid) as cpu:
+                        row = perf_analyzer(target.address, args.model, concurrency,
+                                            args.measurement_ms)  # fmt: skip
+                    rows.append({**row, "server": target.name, "lane": "perf_analyzer",
+                                 "server_cores": cpu.cores})  # fmt: skip
     return rows
 
 
@@ -421,19 +496,16 @@ def main(argv: list[str] | None = None) -> int:
         frames["http"] = Path(tmp) / "infer.http"
         frames["http"].write_bytes(binary_request(args.repository, args.model)[0])
         for round_index in range(args.repeat):
-            measured: list[dict[str, Any]] = []
-            # rotate the order so that no server always runs first (or last) in a round
+            # rotate the order so that no server always starts first (or last) in a round
             order = names[round_index % len(names) :] + names[: round_index % len(names)]
-            for name in order:
-                started = time.monotonic()
-                rows = measure(name, args, frames)
-                measured.extend(rows)
-                print(f"round {round_index + 1}/{args.repeat}: {name} "
-                      f"({time.monotonic() - started:.0f} s): " + ", ".join(
-                          f"{r['lane']}@{r['concurrency']} {r.get('infer_per_s', 0):,.0f}/s "
-                          f"{r.get('cpu_ms_per_infer', float('nan')):.3f} ms"
-                          for r in rows), flush=True)  # fmt: skip
+            started = time.monotonic()
+            measured = measure_round(order, args, frames)
             result["rounds"].append(measured)
+            print(f"round {round_index + 1}/{args.repeat} ({time.monotonic() - started:.0f} s): "
+                  + ", ".join(f"{r['server']} {r['lane']}@{r['concurrency']} "
+                              f"{r.get('infer_per_s', 0):,.0f}/s "
+                              f"{r.get('cpu_ms_per_infer', float('nan')):.3f} ms"
+                              for r in measured), flush=True)  # fmt: skip
     result["machine"]["load_average_after"] = os.getloadavg()
     result["summary"] = summarise(result["rounds"])
     result["ratios"] = ratios(result["rounds"], result["summary"])

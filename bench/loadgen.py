@@ -226,7 +226,7 @@ def _seconds(text: str) -> float:
 def h2load(
     address: str, frame: Path, response_bytes: int, concurrency: int, seconds: float,
     method: str = "/inference.GRPCInferenceService/ModelInfer", connections: int = 1,
-    messages: int = 1, http1_headers: dict[str, str] | None = None,
+    messages: int = 1, http1_headers: dict[str, str] | None = None, keep_times: bool = False,
 ) -> dict[str, Any]:  # fmt: skip
     """h2load with `concurrency` requests in flight over `connections` HTTP/2 connections,
     replaying `frame` (`messages` gRPC messages per stream: one for ModelInfer, several on
@@ -240,7 +240,8 @@ def h2load(
     DATA bytes (`response_bytes` per answered message), not from HTTP status. Latency
     percentiles come from h2load's per-request log (per stream: with several messages, the time
     until the last answer). (h2load's --warm-up-time is not used: its data byte count includes
-    the warm-up; warm the server up with a separate run.)
+    the warm-up; warm the server up with a separate run.) With `keep_times`, the row also holds
+    every request's latency (`times_ms`, an array) so that runs can be pooled.
     """
     if http1_headers is None:
         protocol = ["-H", "content-type: application/grpc", "-H", "te: trailers"]
@@ -268,19 +269,23 @@ def h2load(
     ok = re.search(r"status codes: (\d+) 2xx", out)
     if http1_headers is not None and ok:  # HTTP/1.1 error answers have bodies of their own
         successes = min(successes, int(ok.group(1)))
-    row = {
+    row: dict[str, Any] = {
         "concurrency": concurrency,
         "connections": connections,
         "messages_per_stream": messages,
         "infer_per_s": successes / wall,
+        "seconds": wall,
         "requests": completed,
         "failed": completed - successes,
         "mean_ms": _seconds(latency.group(3)) * 1000,
         "max_ms": _seconds(latency.group(2)) * 1000,
     }
+    latencies = np.array(times, dtype=np.float64) / 1000
     if times:
-        p50, p90, p99 = np.percentile(np.array(times) / 1000, [50, 90, 99])
+        p50, p90, p99 = np.percentile(latencies, [50, 90, 99])
         row.update(p50_ms=float(p50), p90_ms=float(p90), p99_ms=float(p99))
+    if keep_times:
+        row["times_ms"] = latencies
     return row
 
 

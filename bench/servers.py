@@ -5,6 +5,7 @@ A library for the bench scripts (`compare`, `profile_server`), not a script itse
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,6 +28,7 @@ VARIANTS = {
     "project-nofastpath": ["--latency-threads", "0"],  # the idle fast path off
     "project-fastpath2": ["--latency-threads", "2"],  # on a separate 2-thread session
     "project-unpinned": ["--pin-threads", "off"],  # every thread left to the OS
+    "project-one-cpu": [],  # the whole process on the first CPU (taskset; see below)
     "project-eventengine": [],  # gRPC's default I/O threads (ENVIRONMENT below)
     "project-before": [],  # needs --before: a checkout of an older commit (git worktree add)
 }
@@ -73,6 +75,8 @@ def server(
             start = f"import sys; sys.path.insert(0, {str(before)!r}); "
             start += "from service.__main__ import main; sys.exit(main())"
             cmd[1:3] = ["-c", start]
+        if name == "project-one-cpu":
+            cmd = ["taskset", "--cpu-list", str(min(os.sched_getaffinity(0))), *cmd]
     with running_process(cmd, address, model, ENVIRONMENT.get(name)) as proc:
         yield address, proc.pid
 

@@ -3,6 +3,7 @@ mean something."""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -260,3 +261,79 @@ def test_spread_one_cpu_placement_is_undone_on_the_way_out() -> None:
             frozenset({min(os.sched_getaffinity(0))})
         }
     assert spread.thread_cpus(pid) == own
+
+
+def test_a_round_measures_the_servers_in_turns_and_pools_each_points_slices(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """compare.py keeps a round's servers up together and cuts each point into slices that take
+    turns, so that a few slow seconds of the host cost every server alike."""
+    repository = tmp_path / "repo"
+    write_model(repository, classifier_config("classifier"), classifier_graph())
+    turns: list[tuple[str, int]] = []
+    real = compare.one_slice
+
+    def watched(target, lane, concurrency, seconds, model):  # type: ignore[no-untyped-def]
+        turns.append((target.name, concurrency))
+        return real(target, lane, concurrency, seconds, model)
+
+    monkeypatch.setattr(compare, "one_slice", watched)
+    out = tmp_path / "out"
+    argv = ["--repository", str(repository), "--model", "classifier", "--servers",
+            "project,minimal", "--concurrency", "1,4", "--stream-concurrency", "", "--repeat",
+            "1", "--seconds", "1.2", "--slices", "3", "--out", str(out)]  # fmt: skip
+    assert compare.main(argv) == 0
+    # each level in turn; within it the servers alternate, the first one rotating every turn
+    assert turns == [("project", 1), ("minimal", 1), ("minimal", 1), ("project", 1),
+                     ("project", 1), ("minimal", 1), ("project", 4), ("minimal", 4),
+                     ("minimal", 4), ("project", 4), ("project", 4), ("minimal", 4)]  # fmt: skip
+    result = json.loads((out / "compare.json").read_text())
+    (measured,) = result["rounds"]
+    assert {(r["server"], r["concurrency"]) for r in measured} == {
+        ("project", 1),
+        ("minimal", 1),
+        ("project", 4),
+        ("minimal", 4),
+    }
+    for row in measured:
+        assert row["slices"] == 3 and row["failed"] == 0 and row["infer_per_s"] > 0
+        assert row["requests"] > 0.2 * row["infer_per_s"]  # about 1.2 s of them, pooled
+        assert 0 < row["p50_ms"] <= row["p99_ms"] and row["server_cores"] > 0
+        assert "times_ms" not in row  # the latencies are pooled, not stored
+    assert (out / "compare.png").stat().st_size > 0
+
+
+def test_a_points_slices_pool_into_rates_over_their_summed_time() -> None:
+    def part(rate: float, seconds: float, latencies: list[float]) -> dict:
+        return {"concurrency": 4, "connections": 1, "messages_per_stream": 1,
+                "infer_per_s": rate, "seconds": seconds, "requests": int(rate * seconds),
+                "failed": 0, "mean_ms": float(np.mean(latencies)), "max_ms": max(latencies),
+                "times_ms": np.array(latencies), "wall": seconds, "server_cpu": 0.5 * seconds,
+                "images": int(rate * seconds), "batches": int(rate * seconds / 2),
+                "host_cpu": 1.0 * seconds, "client_cpu": 0.25 * seconds}  # fmt: skip
+
+    row = compare.combine([part(1000.0, 1.0, [1.0, 2.0]), part(3000.0, 3.0, [3.0, 4.0])])
+    assert row["infer_per_s"] == pytest.approx(2500.0)  # 10,000 answers in 4 s, not (1000+3000)/2
+    assert row["cpu_ms_per_infer"] == pytest.approx(0.2)  # 0.5 core over 2,500/s
+    assert row["avg_batch"] == pytest.approx(2.0) and row["requests"] == 10_000
+    assert row["p50_ms"] == pytest.approx(2.5) and row["max_ms"] == 4.0
+    assert row["other_cores"] == pytest.approx(0.25)  # 1.0 busy less 0.5 server, 0.25 client
+    broken = {"concurrency": 4, "error": "h2load said no"}
+    assert compare.combine([part(1000.0, 1.0, [1.0]), broken]) == broken
+
+
+def test_the_one_cpu_variant_runs_the_whole_server_on_the_first_cpu(tmp_path: Path) -> None:
+    """`project-one-cpu` is the project's own arrangement squeezed onto one CPU: the reference for
+    how much of a figure (and of its spread) the second CPU brings."""
+    from bench import servers
+
+    repository = tmp_path / "repo"
+    write_model(repository, classifier_config("classifier"), classifier_graph())
+    with servers.server("project-one-cpu", repository, "classifier") as (address, pid):
+        with grpc.insecure_channel(address) as channel:
+            reply = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
+                infer_request(repository, "classifier"), timeout=30)  # fmt: skip
+        assert reply.outputs[0].name == "logits"
+        first = min(os.sched_getaffinity(0))
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+        assert tasks and all(os.sched_getaffinity(int(t.name)) == {first} for t in tasks)
