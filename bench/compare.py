@@ -60,6 +60,7 @@ from bench.loadgen import (
     print_table,
     response_frame_size,
     variation,
+    wakeup_ipis,
 )
 from bench.servers import KNOWN, SERVERS, executed
 from pb import grpc_service_pb2 as pb
@@ -229,14 +230,15 @@ def one_slice(target: Target, lane: Lane, concurrency: int, seconds: float,
               model: str) -> dict[str, Any]:  # fmt: skip
     """One h2load slice of a point, with what the server, the client and the host spent on it."""
     before = executed(target.address, model)
-    busy0, client0 = host_busy_seconds(), children_cpu()
+    busy0, client0, ipis0 = host_busy_seconds(), children_cpu(), wakeup_ipis()
     with CpuMeter(target.pid) as cpu:
         row = target.drive(lane, concurrency, seconds)
-    busy1, client1 = host_busy_seconds(), children_cpu()
+    busy1, client1, ipis1 = host_busy_seconds(), children_cpu(), wakeup_ipis()
     images, batches = (a - b for a, b in zip(executed(target.address, model), before, strict=True))
     row.update(server_cpu=cpu.cores * cpu.wall, wall=cpu.wall, images=images, batches=batches,
                host_cpu=(busy1[0] - busy0[0]) / max(busy1[1] - busy0[1], 1e-9) * cpu.wall
-               * (os.cpu_count() or 1), client_cpu=client1 - client0)  # fmt: skip
+               * (os.cpu_count() or 1), client_cpu=client1 - client0,
+               ipis=ipis1 - ipis0)  # fmt: skip
     return row
 
 
@@ -254,6 +256,7 @@ def combine(slices: list[dict[str, Any]]) -> dict[str, Any]:
     host_cores = sum(s["host_cpu"] for s in slices) / wall
     client_cores = sum(s["client_cpu"] for s in slices) / wall
     images, batches = sum(s["images"] for s in slices), sum(s["batches"] for s in slices)
+    ipis = sum(s["ipis"] for s in slices)
     row = {key: slices[0][key] for key in ("concurrency", "connections", "messages_per_stream")}
     row.update(
         infer_per_s=infer_per_s, requests=requests, slices=len(slices),
@@ -262,6 +265,7 @@ def combine(slices: list[dict[str, Any]]) -> dict[str, Any]:
         max_ms=max(s["max_ms"] for s in slices), server_cores=server_cores,
         cpu_ms_per_infer=1000 * server_cores / infer_per_s if infer_per_s else float("nan"),
         avg_batch=images / batches if batches else float("nan"),
+        ipis_per_infer=ipis / successes if successes else float("nan"),
         client_cores=client_cores, host_cores=host_cores,
         other_cores=max(host_cores - server_cores - client_cores, 0.0),
         load_average=os.getloadavg()[0],
@@ -317,8 +321,8 @@ def _relative_spread(entry: dict[str, Any], metric: str = "infer_per_s") -> str:
     return f"{value['max'] / value['min']:.2f}x cv {value.get('cv', 0.0):.3f}"
 
 
-METRICS = ("infer_per_s", "cpu_ms_per_infer", "p50_ms", "p99_ms", "avg_batch", "server_cores",
-           "other_cores")  # fmt: skip
+METRICS = ("infer_per_s", "cpu_ms_per_infer", "p50_ms", "p99_ms", "avg_batch", "ipis_per_infer",
+           "server_cores", "other_cores")  # fmt: skip
 
 
 def summarise(rounds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
@@ -365,6 +369,7 @@ def ratios(rounds: list[list[dict[str, Any]]], summary: list[dict[str, Any]]) ->
     result = []
     for series, reference in comparisons(summary):
         per_metric: dict[str, list[float]] = {}
+        pairs: list[tuple[float, float]] = []  # (series, reference) infer/s, round by round
         for measured in rounds:
             by_key = {(r["server"], r["lane"], r["concurrency"]): r for r in measured}
             a, b = by_key.get(series), by_key.get(reference)
@@ -373,9 +378,25 @@ def ratios(rounds: list[list[dict[str, Any]]], summary: list[dict[str, Any]]) ->
             for metric in ("infer_per_s", "cpu_ms_per_infer", "p50_ms"):
                 if a.get(metric) and b.get(metric):
                     per_metric.setdefault(metric, []).append(a[metric] / b[metric])
+            if a.get("infer_per_s") and b.get("infer_per_s"):
+                pairs.append((a["infer_per_s"], b["infer_per_s"]))
         result.append({"series": list(series), "reference": list(reference),
-                       **{m: _spread(v) for m, v in per_metric.items()}})  # fmt: skip
+                       **{m: _spread(v) for m, v in per_metric.items()},
+                       "elasticity": elasticity(pairs)})  # fmt: skip
     return result
+
+
+def elasticity(pairs: list[tuple[float, float]]) -> float:
+    """How far a series' throughput moves when its reference's moves, round to round: the slope
+    of log(series) on log(reference). Measured in turns, both see the same host, so 1.0 means it
+    slows down in proportion, 2.0 twice as much; NaN with fewer than 3 rounds or a reference that
+    did not move."""
+    if len(pairs) < 3:
+        return float("nan")
+    ours, theirs = np.log(np.array(pairs)).T
+    if np.ptp(theirs) == 0:
+        return float("nan")
+    return float(np.polyfit(theirs, ours, 1)[0])
 
 
 def _fmt(entry: dict[str, Any], metric: str, spec: str) -> str:
@@ -393,15 +414,17 @@ def print_summary(summary: list[dict[str, Any]], ratio_rows: list[dict[str, Any]
         rows.append([
             str(e["concurrency"]), e["server"], e["lane"], _fmt(e, "cpu_ms_per_infer", ".3f"),
             _fmt(e, "infer_per_s", ",.0f"), _relative_spread(e), _fmt(e, "p50_ms", ".2f"),
-            _fmt(e, "avg_batch", ".1f"), _fmt(e, "other_cores", ".1f"),
+            _fmt(e, "avg_batch", ".1f"), _fmt(e, "ipis_per_infer", ".2f"),
+            _fmt(e, "other_cores", ".1f"),
             str(e["failed"] + e["errors"]),
         ])  # fmt: skip
     print_table(
         "batch-1 mnist_cnn; median (min-max) over rounds; CPU = the server's, per inference; "
         "spread = infer/s highest over lowest round, and its coefficient of variation; "
+        "IPIs = cross-CPU wake-up interrupts on the host per inference (server and client); "
         "others = host cores busy with neither server nor client",
         ["conc", "server", "lane", "CPU ms/infer", "infer/s", "spread", "p50 ms", "batch",
-         "others", "fail"],
+         "IPIs", "others", "fail"],
         rows,
     )  # fmt: skip
     rows = []
@@ -411,10 +434,12 @@ def print_summary(summary: list[dict[str, Any]], ratio_rows: list[dict[str, Any]
             str(s[2]), f"{s[0]} {s[1]}", f"{ref[0]} {ref[1]}",
             *(f"{r[m]['median']:.2f} ({r[m]['min']:.2f}-{r[m]['max']:.2f})" if m in r else ""
               for m in ("cpu_ms_per_infer", "infer_per_s", "p50_ms")),
+            f"{r['elasticity']:.2f}" if r.get("elasticity") == r.get("elasticity") else "",
         ])  # fmt: skip
     print_table(
-        "ratios within each round, median (min-max)",
-        ["conc", "series", "vs", "CPU/infer", "infer/s", "p50"],
+        "ratios within each round, median (min-max); elasticity = how much the series' infer/s "
+        "moves per unit its reference's moves over the rounds (log-log slope)",
+        ["conc", "series", "vs", "CPU/infer", "infer/s", "p50", "elasticity"],
         rows,
     )
 

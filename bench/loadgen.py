@@ -140,6 +140,24 @@ def process_tree(pid: int) -> list[int]:
     return found
 
 
+def wakeup_ipis() -> int:
+    """Cross-CPU interrupts taken so far by all CPUs that wake a thread on another CPU: rescheduling
+    interrupts, and function-call interrupts, which carry the wake-ups Linux queues on a remote
+    CPU that shares no cache with the waker (each vCPU here). On a virtual machine each one goes
+    through the hypervisor. 0 where /proc/interrupts is unreadable."""
+    try:
+        lines = Path("/proc/interrupts").read_text().splitlines()
+    except OSError:
+        return 0
+    cpus = len(lines[0].split()) if lines else 0
+    total = 0
+    for line in lines[1:]:
+        name, _, rest = line.partition(":")
+        if name.strip() in ("RES", "CAL"):
+            total += sum(int(v) for v in rest.split()[:cpus] if v.isdigit())
+    return total
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds used so far by `pid` and its descendants."""
     total = 0

@@ -300,6 +300,7 @@ def test_a_round_measures_the_servers_in_turns_and_pools_each_points_slices(
         assert row["requests"] > 0.2 * row["infer_per_s"]  # about 1.2 s of them, pooled
         assert 0 < row["p50_ms"] <= row["p99_ms"] and row["server_cores"] > 0
         assert "times_ms" not in row  # the latencies are pooled, not stored
+        assert row["ipis_per_infer"] >= 0
     assert (out / "compare.png").stat().st_size > 0
 
 
@@ -310,7 +311,8 @@ def test_a_points_slices_pool_into_rates_over_their_summed_time() -> None:
                 "failed": 0, "mean_ms": float(np.mean(latencies)), "max_ms": max(latencies),
                 "times_ms": np.array(latencies), "wall": seconds, "server_cpu": 0.5 * seconds,
                 "images": int(rate * seconds), "batches": int(rate * seconds / 2),
-                "host_cpu": 1.0 * seconds, "client_cpu": 0.25 * seconds}  # fmt: skip
+                "host_cpu": 1.0 * seconds, "client_cpu": 0.25 * seconds,
+                "ipis": int(3 * rate * seconds)}  # fmt: skip
 
     row = compare.combine([part(1000.0, 1.0, [1.0, 2.0]), part(3000.0, 3.0, [3.0, 4.0])])
     assert row["infer_per_s"] == pytest.approx(2500.0)  # 10,000 answers in 4 s, not (1000+3000)/2
@@ -318,6 +320,7 @@ def test_a_points_slices_pool_into_rates_over_their_summed_time() -> None:
     assert row["avg_batch"] == pytest.approx(2.0) and row["requests"] == 10_000
     assert row["p50_ms"] == pytest.approx(2.5) and row["max_ms"] == 4.0
     assert row["other_cores"] == pytest.approx(0.25)  # 1.0 busy less 0.5 server, 0.25 client
+    assert row["ipis_per_infer"] == pytest.approx(3.0)
     broken = {"concurrency": 4, "error": "h2load said no"}
     assert compare.combine([part(1000.0, 1.0, [1.0]), broken]) == broken
 
@@ -337,3 +340,15 @@ def test_the_one_cpu_variant_runs_the_whole_server_on_the_first_cpu(tmp_path: Pa
         first = min(os.sched_getaffinity(0))
         tasks = list(Path(f"/proc/{pid}/task").iterdir())
         assert tasks and all(os.sched_getaffinity(int(t.name)) == {first} for t in tasks)
+
+
+def test_elasticity_says_how_much_a_series_moves_with_its_reference() -> None:
+    """With the servers measured in turns, a slope above 1 is the spread goal failing for a
+    reason: the series loses more than its reference when the host slows."""
+    reference = [2000.0, 1600.0, 2200.0, 1800.0]
+    twice = [3000.0 * (r / 2000.0) ** 2 for r in reference]
+    assert compare.elasticity(list(zip(twice, reference, strict=True))) == pytest.approx(2.0)
+    level = [(3000.0, r) for r in reference]  # a series that does not move at all
+    assert compare.elasticity(level) == pytest.approx(0.0, abs=1e-12)
+    assert np.isnan(compare.elasticity(level[:2]))  # too few rounds
+    assert np.isnan(compare.elasticity([(1.0, 5.0)] * 4))  # the reference never moved
