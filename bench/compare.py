@@ -120,6 +120,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="for the project-before server: a checkout of an older commit "
         "(git worktree add DIR REV; generate its pb/ with proto/generate.py)",
     )
+    parser.add_argument("--report", type=Path, default=None, metavar="JSON",
+                        help="measure nothing: print the rounds and tables of a compare.json "
+                        "written before (ratios recomputed)")  # fmt: skip
     parser.add_argument("--quick", action="store_true",
                         help="one round, 2 s per point (checks the harness; not a figure)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results",
@@ -488,8 +491,33 @@ def plot(summary: list[dict[str, Any]], title: str, path: Path) -> None:
     plt.close(fig)
 
 
+def round_lines(measured: list[dict[str, Any]]) -> str:
+    """A round's figures, a line per server: each point's infer/s and CPU per inference."""
+    by_server: dict[str, list[str]] = {}
+    for r in measured:
+        by_server.setdefault(r["server"], []).append(
+            f"{r['lane']}@{r['concurrency']} {r.get('infer_per_s', 0):,.0f}/s "
+            f"{r.get('cpu_ms_per_infer', float('nan')):.3f} ms"
+        )
+    return "\n".join(f"  {name}: {', '.join(points)}" for name, points in by_server.items())
+
+
+def report(result: dict[str, Any]) -> None:
+    """Print a run: its command, each round, the tables."""
+    print(f"command: {result.get('command', '?')}")
+    for index, measured in enumerate(result["rounds"], 1):
+        print(f"round {index}/{len(result['rounds'])}")
+        print(round_lines(measured))
+    print_summary(result["summary"], ratios(result["rounds"], result["summary"]))
+    load = result["machine"]["load_average_before"], result["machine"]["load_average_after"]
+    print(f"\nload average before {load[0]}, after {load[1]}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.report:
+        report(json.loads(args.report.read_text()))
+        return 0
     names = [s for s in args.servers.split(",") if s]
     unknown = [s for s in names if s not in KNOWN]
     if unknown:  # a misspelt name must not quietly measure the project under another label
@@ -526,11 +554,8 @@ def main(argv: list[str] | None = None) -> int:
             started = time.monotonic()
             measured = measure_round(order, args, frames)
             result["rounds"].append(measured)
-            print(f"round {round_index + 1}/{args.repeat} ({time.monotonic() - started:.0f} s): "
-                  + ", ".join(f"{r['server']} {r['lane']}@{r['concurrency']} "
-                              f"{r.get('infer_per_s', 0):,.0f}/s "
-                              f"{r.get('cpu_ms_per_infer', float('nan')):.3f} ms"
-                              for r in measured), flush=True)  # fmt: skip
+            print(f"round {round_index + 1}/{args.repeat} ({time.monotonic() - started:.0f} s)")
+            print(round_lines(measured), flush=True)
     result["machine"]["load_average_after"] = os.getloadavg()
     result["summary"] = summarise(result["rounds"])
     result["ratios"] = ratios(result["rounds"], result["summary"])

@@ -264,7 +264,7 @@ def test_spread_one_cpu_placement_is_undone_on_the_way_out() -> None:
 
 
 def test_a_round_measures_the_servers_in_turns_and_pools_each_points_slices(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """compare.py keeps a round's servers up together and cuts each point into slices that take
     turns, so that a few slow seconds of the host cost every server alike."""
@@ -302,6 +302,11 @@ def test_a_round_measures_the_servers_in_turns_and_pools_each_points_slices(
         assert "times_ms" not in row  # the latencies are pooled, not stored
         assert row["ipis_per_infer"] >= 0
     assert (out / "compare.png").stat().st_size > 0
+    capsys.readouterr()
+    assert compare.main(["--report", str(out / "compare.json")]) == 0  # read back, nothing run
+    printed = capsys.readouterr().out
+    assert "round 1/1\n  project: unary@1 " in printed and "  minimal: unary@1 " in printed
+    assert "elasticity" in printed and len(turns) == 12
 
 
 def test_a_points_slices_pool_into_rates_over_their_summed_time() -> None:
