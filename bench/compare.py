@@ -13,8 +13,9 @@ over one HTTP/2 connection. The project also gets the ModelStreamInfer lane (h2l
 binary tensor extension, one keep-alive connection per request in flight). For every point:
 infer/s, server CPU per inference (the process tree's CPU from /proc over the measured window,
 divided by the inferences), latency percentiles (h2load's per-request log), the executed batch
-(ModelStatistics), and how busy the host was meanwhile (all cores, from /proc/stat, less the
-server and the client).
+(ModelStatistics), cross-CPU wake-up interrupts per inference (/proc/interrupts), how busy the
+host was meanwhile (all cores, from /proc/stat, less the server and the client) and, in the JSON
+only, the CPU per inference of each thread of the server's main process, by thread name.
 
 The servers of a round stay up together, and each concurrency level is measured in turns: every
 point's `--seconds` are cut into `--slices` slices (1 s by default) taken in rotation across the
@@ -59,6 +60,7 @@ from bench.loadgen import (
     perf_analyzer,
     print_table,
     response_frame_size,
+    thread_cpu_seconds,
     variation,
     wakeup_ipis,
 )
@@ -234,14 +236,20 @@ def one_slice(target: Target, lane: Lane, concurrency: int, seconds: float,
     """One h2load slice of a point, with what the server, the client and the host spent on it."""
     before = executed(target.address, model)
     busy0, client0, ipis0 = host_busy_seconds(), children_cpu(), wakeup_ipis()
+    threads0 = thread_cpu_seconds(target.pid)
     with CpuMeter(target.pid) as cpu:
         row = target.drive(lane, concurrency, seconds)
+    threads1 = thread_cpu_seconds(target.pid)
     busy1, client1, ipis1 = host_busy_seconds(), children_cpu(), wakeup_ipis()
+    threads: dict[str, float] = {}  # by thread name (the tid dropped): CPU seconds in the slice
+    for key, spent in threads1.items():
+        name = key.rsplit("/", 1)[0]
+        threads[name] = threads.get(name, 0.0) + spent - threads0.get(key, 0.0)
     images, batches = (a - b for a, b in zip(executed(target.address, model), before, strict=True))
     row.update(server_cpu=cpu.cores * cpu.wall, wall=cpu.wall, images=images, batches=batches,
                host_cpu=(busy1[0] - busy0[0]) / max(busy1[1] - busy0[1], 1e-9) * cpu.wall
                * (os.cpu_count() or 1), client_cpu=client1 - client0,
-               ipis=ipis1 - ipis0)  # fmt: skip
+               ipis=ipis1 - ipis0, threads=threads)  # fmt: skip
     return row
 
 
@@ -260,6 +268,13 @@ def combine(slices: list[dict[str, Any]]) -> dict[str, Any]:
     client_cores = sum(s["client_cpu"] for s in slices) / wall
     images, batches = sum(s["images"] for s in slices), sum(s["batches"] for s in slices)
     ipis = sum(s["ipis"] for s in slices)
+    threads: dict[str, float] = {}
+    for part in slices:
+        for name, spent in part["threads"].items():
+            threads[name] = threads.get(name, 0.0) + spent
+    # the server's main process thread by thread (JSON only): which side's cost moves
+    per_thread = {name: 1000 * spent / successes for name, spent in sorted(threads.items())
+                  if spent > 0 and successes}  # fmt: skip
     row = {key: slices[0][key] for key in ("concurrency", "connections", "messages_per_stream")}
     row.update(
         infer_per_s=infer_per_s, requests=requests, slices=len(slices),
@@ -269,6 +284,7 @@ def combine(slices: list[dict[str, Any]]) -> dict[str, Any]:
         cpu_ms_per_infer=1000 * server_cores / infer_per_s if infer_per_s else float("nan"),
         avg_batch=images / batches if batches else float("nan"),
         ipis_per_infer=ipis / successes if successes else float("nan"),
+        thread_ms_per_infer=per_thread,
         client_cores=client_cores, host_cores=host_cores,
         other_cores=max(host_cores - server_cores - client_cores, 0.0),
         load_average=os.getloadavg()[0],

@@ -301,6 +301,8 @@ def test_a_round_measures_the_servers_in_turns_and_pools_each_points_slices(
         assert 0 < row["p50_ms"] <= row["p99_ms"] and row["server_cores"] > 0
         assert "times_ms" not in row  # the latencies are pooled, not stored
         assert row["ipis_per_infer"] >= 0
+        if row["server"] == "project":  # the poller runs for every request: it is counted
+            assert row["thread_ms_per_infer"]["grpc_poller"] > 0
     assert (out / "compare.png").stat().st_size > 0
     capsys.readouterr()
     assert compare.main(["--report", str(out / "compare.json")]) == 0  # read back, nothing run
@@ -317,7 +319,7 @@ def test_a_points_slices_pool_into_rates_over_their_summed_time() -> None:
                 "times_ms": np.array(latencies), "wall": seconds, "server_cpu": 0.5 * seconds,
                 "images": int(rate * seconds), "batches": int(rate * seconds / 2),
                 "host_cpu": 1.0 * seconds, "client_cpu": 0.25 * seconds,
-                "ipis": int(3 * rate * seconds)}  # fmt: skip
+                "ipis": int(3 * rate * seconds), "threads": {"loop": 0.4 * seconds}}  # fmt: skip
 
     row = compare.combine([part(1000.0, 1.0, [1.0, 2.0]), part(3000.0, 3.0, [3.0, 4.0])])
     assert row["infer_per_s"] == pytest.approx(2500.0)  # 10,000 answers in 4 s, not (1000+3000)/2
@@ -326,6 +328,7 @@ def test_a_points_slices_pool_into_rates_over_their_summed_time() -> None:
     assert row["p50_ms"] == pytest.approx(2.5) and row["max_ms"] == 4.0
     assert row["other_cores"] == pytest.approx(0.25)  # 1.0 busy less 0.5 server, 0.25 client
     assert row["ipis_per_infer"] == pytest.approx(3.0)
+    assert row["thread_ms_per_infer"] == {"loop": pytest.approx(0.16)}  # 1.6 s over 10,000
     broken = {"concurrency": 4, "error": "h2load said no"}
     assert compare.combine([part(1000.0, 1.0, [1.0]), broken]) == broken
 
