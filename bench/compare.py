@@ -401,8 +401,31 @@ def ratios(rounds: list[list[dict[str, Any]]], summary: list[dict[str, Any]]) ->
                 pairs.append((a["infer_per_s"], b["infer_per_s"]))
         result.append({"series": list(series), "reference": list(reference),
                        **{m: _spread(v) for m, v in per_metric.items()},
-                       "elasticity": elasticity(pairs)})  # fmt: skip
+                       "elasticity": elasticity(pairs),
+                       "spread_ratio": spread_ratio(pairs)})  # fmt: skip
     return result
+
+
+def spread_ratio(
+    pairs: list[tuple[float, float]], resamples: int = 2000, level: float = 0.90
+) -> dict[str, float] | None:
+    """The series' spread over the rounds (coefficient of variation of infer/s) over its
+    reference's, with a paired bootstrap interval: rounds drawn with replacement, both series
+    from the same draws (they shared each round's host). An interval that straddles 1.0 means
+    the run cannot tell the two spreads apart. None with fewer than 4 rounds or a reference
+    that did not move. Seeded: the same run gives the same interval."""
+    if len(pairs) < 4:
+        return None
+    values = np.array(pairs)
+    if np.ptp(values[:, 1]) == 0:
+        return None
+    draws = values[np.random.default_rng(0).integers(0, len(values), (resamples, len(values)))]
+    cvs = draws.std(axis=1) / draws.mean(axis=1)  # (resamples, 2): series, reference
+    moved = cvs[:, 1] > 0
+    ratio = cvs[moved, 0] / cvs[moved, 1]
+    low, high = np.quantile(ratio, [(1 - level) / 2, (1 + level) / 2])
+    return {"ratio": float(variation(list(values[:, 0])) / variation(list(values[:, 1]))),
+            "low": float(low), "high": float(high), "level": level}  # fmt: skip
 
 
 def elasticity(pairs: list[tuple[float, float]]) -> float:
@@ -416,6 +439,10 @@ def elasticity(pairs: list[tuple[float, float]]) -> float:
     if np.ptp(theirs) == 0:
         return float("nan")
     return float(np.polyfit(theirs, ours, 1)[0])
+
+
+def _fmt_spread_ratio(value: dict[str, float] | None) -> str:
+    return f"{value['ratio']:.2f} ({value['low']:.2f}-{value['high']:.2f})" if value else ""
 
 
 def _fmt(entry: dict[str, Any], metric: str, spec: str) -> str:
@@ -454,11 +481,13 @@ def print_summary(summary: list[dict[str, Any]], ratio_rows: list[dict[str, Any]
             *(f"{r[m]['median']:.2f} ({r[m]['min']:.2f}-{r[m]['max']:.2f})" if m in r else ""
               for m in ("cpu_ms_per_infer", "infer_per_s", "p50_ms")),
             f"{r['elasticity']:.2f}" if r.get("elasticity") == r.get("elasticity") else "",
+            _fmt_spread_ratio(r.get("spread_ratio")),
         ])  # fmt: skip
     print_table(
         "ratios within each round, median (min-max); elasticity = how much the series' infer/s "
-        "moves per unit its reference's moves over the rounds (log-log slope)",
-        ["conc", "series", "vs", "CPU/infer", "infer/s", "p50", "elasticity"],
+        "moves per unit its reference's moves over the rounds (log-log slope); spread = its cv "
+        "of infer/s over the reference's (90% paired bootstrap interval over the rounds)",
+        ["conc", "series", "vs", "CPU/infer", "infer/s", "p50", "elasticity", "spread"],
         rows,
     )
 

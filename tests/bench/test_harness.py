@@ -360,3 +360,22 @@ def test_elasticity_says_how_much_a_series_moves_with_its_reference() -> None:
     assert compare.elasticity(level) == pytest.approx(0.0, abs=1e-12)
     assert np.isnan(compare.elasticity(level[:2]))  # too few rounds
     assert np.isnan(compare.elasticity([(1.0, 5.0)] * 4))  # the reference never moved
+
+
+def test_spread_ratio_gives_an_interval_that_tells_wider_from_level() -> None:
+    """A series that swings twice as far as its reference, round for round, reads 2.0 with an
+    interval above 1; one that swings alike, 1.0 with an interval around it; too few rounds or
+    a reference that never moved give no figure rather than a made-up one."""
+    rng = np.random.default_rng(7)
+    reference = 2000.0 * (1 + 0.08 * rng.standard_normal(16))
+    wider = 3000.0 * (1 + 2 * (reference / 2000.0 - 1))
+    got = compare.spread_ratio(list(zip(wider, reference, strict=True)))
+    assert got is not None and got["ratio"] == pytest.approx(
+        2.0 * 2000.0 / reference.mean(), rel=0.05
+    )
+    assert 1.0 < got["low"] <= got["ratio"] <= got["high"]
+    noise = 3000.0 * (1 + 0.08 * rng.standard_normal(16))  # as wide, not moving with it
+    alike = compare.spread_ratio(list(zip(noise, reference, strict=True)))
+    assert alike is not None and alike["low"] < 1.0 < alike["high"]
+    assert compare.spread_ratio(list(zip(wider[:3], reference[:3], strict=True))) is None
+    assert compare.spread_ratio([(1.0 + i, 5.0) for i in range(6)]) is None
