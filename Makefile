@@ -115,7 +115,9 @@ perf: $(TOOLS_VENV)/.installed perfdeps  ## perf_analyzer against a running serv
 		--concurrency-range $(CONCURRENCY)
 
 # h2load, the cheapest gRPC load, comes with the system packages (the tests check the harness).
-benchdeps: sysdeps  ## Install h2load (nghttp2-client) for the benchmarks (apt, as root)
+benchdeps: sysdeps  ## Install h2load (nghttp2-client) and perf (linux-perf) for the benchmarks (apt, as root)
+	@command -v perf >/dev/null || { apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends linux-perf >/dev/null; }
 
 # Real NVIDIA Triton 2.51 for the benchmarks: the nvidia-pytriton wheel bundles the tritonserver
 # binary and its Python backend; the backend stub takes numpy (< 2) and onnxruntime from this venv.

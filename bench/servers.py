@@ -25,6 +25,7 @@ VARIANTS = {
     "project-workers2": ["--workers", "2"],
     "project-http-workers2": ["--workers", "2"],  # driven over HTTP/1.1 (bench/compare.py)
     "project-gil5ms": ["--gil-switch-s", "0.005"],  # Python's default GIL switch interval
+    "project-gil100us": ["--gil-switch-s", "0.0001"],  # the batch thread waits less for the GIL
     "project-nofastpath": ["--latency-threads", "0"],  # the idle fast path off
     "project-fastpath2": ["--latency-threads", "2"],  # on a separate 2-thread session
     "project-unpinned": ["--pin-threads", "off"],  # every thread left to the OS

@@ -379,3 +379,38 @@ def test_spread_ratio_gives_an_interval_that_tells_wider_from_level() -> None:
     assert alike is not None and alike["low"] < 1.0 < alike["high"]
     assert compare.spread_ratio(list(zip(wider[:3], reference[:3], strict=True))) is None
     assert compare.spread_ratio([(1.0 + i, 5.0) for i in range(6)]) is None
+
+
+PERF_SCRIPT = """\
+ mnist_cnn:1-0   101 [001]   10.000000: sched:sched_switch: prev_comm=mnist_cnn:1-0 prev_pid=101 prev_prio=120 prev_state=S ==> next_comm=swapper/1 next_pid=0 next_prio=120
+       swapper     0 [001]   10.000040: sched:sched_wakeup: comm=mnist_cnn:1-0 pid=101 prio=120 target_cpu=001
+       swapper     0 [001]   10.000042: sched:sched_switch: prev_comm=swapper/1 prev_pid=0 prev_prio=120 prev_state=R ==> next_comm=mnist_cnn:1-0 next_pid=101 next_prio=120
+        python   100 [000]   10.000050: sched:sched_switch: prev_comm=python prev_pid=100 prev_prio=120 prev_state=R ==> next_comm=h2load next_pid=7 next_prio=120
+ mnist_cnn:1-0   101 [001]   10.000100: sched:sched_switch: prev_comm=mnist_cnn:1-0 prev_pid=101 prev_prio=120 prev_state=S ==> next_comm=swapper/1 next_pid=0 next_prio=120
+        h2load     7 [000]   10.000120: sched:sched_switch: prev_comm=h2load prev_pid=7 prev_prio=120 prev_state=S ==> next_comm=python next_pid=100 next_prio=120
+        python   100 [000]   10.000160: sched:sched_wakeup: comm=mnist_cnn:1-0 pid=101 prio=120 target_cpu=001
+       swapper     0 [001]   10.000170: sched:sched_switch: prev_comm=swapper/1 prev_pid=0 prev_prio=120 prev_state=R ==> next_comm=mnist_cnn:1-0 next_pid=101 next_prio=120
+ mnist_cnn:1-0   101 [001]   10.001000: sched:sched_switch: prev_comm=mnist_cnn:1-0 prev_pid=101 prev_prio=120 prev_state=R ==> next_comm=swapper/1 next_pid=0 next_prio=120
+"""
+
+
+def test_offcpu_reads_sleeps_wakeups_and_who_woke_whom_from_the_scheduler() -> None:
+    """Two sleeps of the batch thread: one woken from its own idle CPU after 40 us, one woken by
+    the loop from the other CPU after 60 us and running 10 us later; a preemption (state R) is
+    no sleep; the loop, preempted once, never slept."""
+    from bench import offcpu
+
+    stats = offcpu.thread_stats(
+        PERF_SCRIPT.splitlines(), {100: "python (main)", 101: "mnist_cnn:1-0"}
+    )
+    assert set(stats) == {101}
+    batch = stats[101]
+    span = 0.001
+    assert batch["sleeps_per_s"] == pytest.approx(2 / span)
+    assert batch["sleep_median_us"] == pytest.approx(50.0)  # 40 and 60 us
+    assert batch["wake_latency_median_us"] == pytest.approx(6.0)  # 2 and 10 us
+    assert batch["woken_by"] == {"swapper on CPU 1": pytest.approx(1 / span),
+                                 "python (main) on CPU 0": pytest.approx(1 / span)}  # fmt: skip
+    assert batch["cpus"] == {1: 2}
+    ran = (0.000100 - 0.000042) + (0.001000 - 0.000170)
+    assert batch["on_cpu"] == pytest.approx(ran / span)
