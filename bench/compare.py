@@ -64,7 +64,7 @@ from bench.loadgen import (
     variation,
     wakeup_ipis,
 )
-from bench.servers import KNOWN, SERVERS, executed
+from bench.servers import KNOWN, MINIMAL, SERVERS, executed
 from pb import grpc_service_pb2 as pb
 from pb import grpc_service_pb2_grpc as pb_grpc
 
@@ -369,9 +369,12 @@ def comparisons(summary: list[dict[str, Any]]) -> list[tuple[tuple[str, str, int
     have = {(e["server"], e["lane"], e["concurrency"]) for e in summary}
     pairs: list[tuple[tuple[str, str, int], ...]] = []
     for name, lane, concurrency in sorted(have):
+        if name in MINIMAL and name != "minimal":  # a variant of the reference, against it
+            pairs += [((name, lane, concurrency), (ref, lane, concurrency))
+                      for ref in ("minimal", "triton") if (ref, lane, concurrency) in have]  # fmt: skip
         if not name.startswith("project"):
             continue
-        for ref in ("minimal", "minimal-poller", "triton", "kserve"):
+        for ref in (*MINIMAL, "triton", "kserve"):
             if lane == "unary" and (ref, "unary", concurrency) in have:
                 pairs.append(((name, lane, concurrency), (ref, "unary", concurrency)))
         if name == "project":  # against each one-process variant measured beside it

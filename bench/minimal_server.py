@@ -8,13 +8,22 @@ np.frombuffer in, raw_output_contents out. It answers just enough of the Open In
 for h2load and perf_analyzer (ModelInfer, readiness, metadata, config; ModelStatistics
 counts only images and batches) for one FP32 model.
 No validation, statistics, metrics or deadlines: that is the point of it.
+
+`--back process` runs ONNX Runtime in a child process instead of the executor thread: the loop
+writes each batch into shared memory and a byte to a pipe, the child (one thread, its own GIL)
+runs it and answers through another pipe that the loop watches. An experiment for
+bench/PROFILE.md item 31: nothing in this server then waits for the GIL but the loop and gRPC's
+poller.
 """
 
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from multiprocessing.connection import Connection
+from multiprocessing.shared_memory import SharedMemory
 from pathlib import Path
 
 import grpc
@@ -78,17 +87,110 @@ class EagerBatcher:
             self.running = False
 
 
+def open_session(model_file: Path) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(model_file), options, providers=["CPUExecutionProvider"])
+
+
+def _back(model_file: Path, inputs: str, outputs: str, names: list[str], requests: Connection,
+          answers: Connection) -> None:  # fmt: skip
+    """(The child of ProcessBatcher) run each batch the loop announces, answer when done."""
+    session = open_session(model_file)
+    spec = session.get_inputs()[0]
+    image = tuple(spec.shape[1:])
+    shm_in, shm_out = SharedMemory(inputs), SharedMemory(outputs)
+    while True:
+        try:
+            n = int.from_bytes(requests.recv_bytes(), "little")
+        except EOFError:  # the server is gone; the OS takes the rest
+            return
+        x = np.ndarray((n, *image), np.float32, shm_in.buf)
+        offset = 0
+        for y in session.run(names, {spec.name: x}):
+            shm_out.buf[offset : offset + y.nbytes] = y.astype(np.float32).tobytes()
+            offset += y.nbytes
+        answers.send_bytes(b"\x01")
+
+
+class ProcessBatcher:
+    """EagerBatcher's queue with ONNX Runtime in a child process: batches go through shared
+    memory, and the loop learns of each answer from a pipe it watches (no thread but the loop
+    and gRPC's poller needs this process's GIL)."""
+
+    def __init__(self, model_file: Path, config: model_config_pb2.ModelConfig,
+                 max_batch: int) -> None:  # fmt: skip
+        self.max_batch = max_batch
+        self.image = tuple(config.input[0].dims)
+        self.outputs = [tuple(t.dims) for t in config.output]
+        in_bytes = 4 * max_batch * int(np.prod(self.image))
+        out_bytes = 4 * max_batch * sum(int(np.prod(d)) for d in self.outputs)
+        self.shm_in = SharedMemory(create=True, size=in_bytes)
+        self.shm_out = SharedMemory(create=True, size=out_bytes)
+        context = multiprocessing.get_context("spawn")
+        child_requests, self.requests = context.Pipe(duplex=False)  # (reader, writer)
+        self.answers, child_answers = context.Pipe(duplex=False)
+        self.child = context.Process(target=_back, daemon=True, args=(
+            model_file, self.shm_in.name, self.shm_out.name, [t.name for t in config.output],
+            child_requests, child_answers))  # fmt: skip
+        self.child.start()
+        self.queue: list[tuple[np.ndarray, asyncio.Future]] = []
+        self.batch: list[tuple[np.ndarray, asyncio.Future]] = []
+        self.images = self.batches = 0
+        self.watching = False
+
+    def submit(self, x: np.ndarray) -> asyncio.Future:
+        loop = asyncio.get_running_loop()
+        if not self.watching:
+            loop.add_reader(self.answers.fileno(), self._answered)
+            self.watching = True
+        future = loop.create_future()
+        self.queue.append((x, future))
+        if not self.batch:
+            self._dispatch()
+        return future
+
+    def _dispatch(self) -> None:
+        self.batch, self.queue = self.queue[: self.max_batch], self.queue[self.max_batch :]
+        n = sum(len(x) for x, _ in self.batch)
+        np.concatenate([x for x, _ in self.batch], out=np.ndarray(
+            (n, *self.image), np.float32, self.shm_in.buf))  # fmt: skip
+        self.images, self.batches = self.images + n, self.batches + 1
+        self.requests.send_bytes(n.to_bytes(4, "little"))
+
+    def _answered(self) -> None:
+        self.answers.recv_bytes()
+        n = sum(len(x) for x, _ in self.batch)
+        ys, offset = [], 0
+        for dims in self.outputs:
+            y = np.ndarray((n, *dims), np.float32, self.shm_out.buf, offset)
+            ys.append(y.copy())
+            offset += y.nbytes
+        start = 0
+        for x, future in self.batch:
+            end = start + len(x)
+            if not future.done():
+                future.set_result([y[start:end] for y in ys])
+            start = end
+        self.batch = []
+        if self.queue:
+            self._dispatch()
+
+
 class Servicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(
-        self, config: model_config_pb2.ModelConfig, model_file: Path, max_batch: int
-    ) -> None:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = 1
-        options.inter_op_num_threads = 1
-        session = ort.InferenceSession(str(model_file), options, providers=["CPUExecutionProvider"])
+    def __init__(self, config: model_config_pb2.ModelConfig, model_file: Path, max_batch: int,
+                 back: str = "thread") -> None:  # fmt: skip
         self.config = config
-        self.batcher = EagerBatcher(session, min(max_batch, config.max_batch_size or max_batch))
-        self.output_names = [t.name for t in session.get_outputs()]
+        max_batch = min(max_batch, config.max_batch_size or max_batch)
+        if back == "process":
+            self.batcher: EagerBatcher | ProcessBatcher = ProcessBatcher(
+                model_file, config, max_batch)  # fmt: skip
+            self.output_names = [t.name for t in config.output]
+        else:
+            session = open_session(model_file)
+            self.batcher = EagerBatcher(session, max_batch)
+            self.output_names = [t.name for t in session.get_outputs()]
 
     async def ServerLive(self, request, context):
         return pb.ServerLiveResponse(live=True)
@@ -144,7 +246,7 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
         )
 
 
-async def serve(repository: Path, model: str, port: int, max_batch: int) -> None:
+async def serve(repository: Path, model: str, port: int, max_batch: int, back: str) -> None:
     config = text_format.Parse(
         (repository / model / "config.pbtxt").read_text(), model_config_pb2.ModelConfig()
     )
@@ -152,7 +254,7 @@ async def serve(repository: Path, model: str, port: int, max_batch: int) -> None
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20),
                                       ("grpc.max_send_message_length", 64 << 20)])  # fmt: skip
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(
-        Servicer(config, latest_model(repository, model), max_batch), server
+        Servicer(config, latest_model(repository, model), max_batch, back), server
     )
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
@@ -164,8 +266,11 @@ def main() -> None:
     parser = reference_parser(__doc__.splitlines()[0])
     parser.add_argument("--max-batch", type=int, default=32,
                         help="largest executed batch (default: 32)")  # fmt: skip
+    parser.add_argument("--back", choices=("thread", "process"), default="thread",
+                        help="where ONNX Runtime runs: a one-thread executor, or a child "
+                             "process fed through shared memory (default: thread)")  # fmt: skip
     args = parser.parse_args()
-    uvloop.run(serve(args.repository, args.model, args.port, args.max_batch))
+    uvloop.run(serve(args.repository, args.model, args.port, args.max_batch, args.back))
 
 
 if __name__ == "__main__":

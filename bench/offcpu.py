@@ -34,8 +34,15 @@ from pathlib import Path
 from typing import Any
 
 from bench import servers
-from bench.loadgen import grpc_frame, h2load, infer_request, print_table, response_frame_size
-from training.cli import HelpFormatter
+from bench.loadgen import (
+    grpc_frame,
+    h2load,
+    infer_request,
+    model_parser,
+    print_table,
+    process_tree,
+    response_frame_size,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 EVENT = re.compile(r"^\s*(?P<comm>\S.*?)\s+(?P<pid>\d+)\s+\[(?P<cpu>\d+)\]\s+(?P<ts>[\d.]+):"
@@ -44,12 +51,7 @@ BUSY = 0.02  # threads that ran less than this share of the window are left out
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=HelpFormatter
-    )
-    parser.add_argument("--repository", type=Path, default=ROOT / "model_repository",
-                        help="model repository (default: model_repository)")  # fmt: skip
-    parser.add_argument("--model", default="mnist_cnn", help="model (default: mnist_cnn)")
+    parser = model_parser(__doc__)
     parser.add_argument("--servers", default="project,minimal,project-one-cpu",
                         help="servers, as bench/compare.py names them "
                              "(default: project,minimal,project-one-cpu)")  # fmt: skip
@@ -138,14 +140,19 @@ def thread_stats(lines: Iterable[str], names: dict[int, str]) -> dict[int, dict[
 
 
 def thread_names(pid: int) -> dict[int, str]:
-    """The server's threads (tid -> OS name), the main thread marked."""
+    """The threads of the server and its child processes (tid -> OS name), each process's main
+    thread marked."""
     names = {}
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            name = (task / "comm").read_text().strip()
-        except OSError:  # ended meanwhile
-            continue
-        names[int(task.name)] = f"{name} (main)" if int(task.name) == pid else name
+    for member in process_tree(pid):
+        for task in Path(f"/proc/{member}/task").glob("*"):
+            try:
+                name = (task / "comm").read_text().strip()
+            except OSError:  # ended meanwhile
+                continue
+            tid = int(task.name)
+            names[tid] = (
+                f"{name} (main)" if tid == pid else f"{name} (child)" if tid == member else name
+            )
     return names
 
 

@@ -25,7 +25,7 @@ VARIANTS = {
     "project-workers2": ["--workers", "2"],
     "project-http-workers2": ["--workers", "2"],  # driven over HTTP/1.1 (bench/compare.py)
     "project-gil5ms": ["--gil-switch-s", "0.005"],  # Python's default GIL switch interval
-    "project-gil100us": ["--gil-switch-s", "0.0001"],  # the batch thread waits less for the GIL
+    "project-gil100us": ["--gil-switch-s", "0.0001"],  # PROFILE item 29: level with 0.5 ms
     "project-nofastpath": ["--latency-threads", "0"],  # the idle fast path off
     "project-fastpath2": ["--latency-threads", "2"],  # on a separate 2-thread session
     "project-unpinned": ["--pin-threads", "off"],  # every thread left to the OS
@@ -40,7 +40,9 @@ ENVIRONMENT = {
     "minimal-poller": {"GRPC_EXPERIMENTS": CLASSIC_POLLER},
     "project-eventengine": {"GRPC_EXPERIMENTS": ""},
 }
-MINIMAL = ("minimal", "minimal-poller")
+MINIMAL = ("minimal", "minimal-poller", "minimal-process")
+# The minimal server with ONNX Runtime in a child process (bench/PROFILE.md item 31).
+MINIMAL_ARGS = {"minimal-process": ["--back", "process"]}
 # KServe 0.21's Python server (bench/kserve_server.py), in its own venv (`make kserve`).
 KSERVE_PYTHON = ROOT / ".venv-kserve" / "bin" / "python"
 KNOWN = tuple(dict.fromkeys((*SERVERS, *VARIANTS, *MINIMAL, "kserve")))  # every name, each once
@@ -69,7 +71,7 @@ def server(
             else (Path(sys.executable), "minimal_server.py")
         )  # fmt: skip
         cmd = [str(python), str(ROOT / "bench" / script), "--repository", str(repository),
-               "--model", model, "--port", str(port)]  # fmt: skip
+               "--model", model, "--port", str(port), *MINIMAL_ARGS.get(name, [])]  # fmt: skip
     else:
         cmd = project_command(repository, port, *VARIANTS.get(name, []), *server_args.split())
         if name == "project-before":  # the same command, run from an older checkout's code

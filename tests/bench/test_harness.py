@@ -162,10 +162,12 @@ def test_the_project_is_compared_with_each_variant_on_the_same_lane() -> None:
         for server, lane, c in [
             ("project", "unary", 16), ("project", "stream", 64), ("project-unpinned", "unary", 16),
             ("project-unpinned", "stream", 64), ("project-workers2", "unary", 16),
-            ("minimal", "unary", 16), ("triton", "unary", 64),
+            ("minimal", "unary", 16), ("minimal-process", "unary", 16), ("triton", "unary", 64),
         ]
     ]  # fmt: skip
     pairs = compare.comparisons(summary)
+    assert (("minimal-process", "unary", 16), ("minimal", "unary", 16)) in pairs  # the variant
+    assert (("project", "unary", 16), ("minimal-process", "unary", 16)) in pairs
     assert (("project", "unary", 16), ("project-unpinned", "unary", 16)) in pairs
     assert (("project", "stream", 64), ("project-unpinned", "stream", 64)) in pairs
     assert (("project", "unary", 16), ("minimal", "unary", 16)) in pairs
