@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -48,8 +49,8 @@ def minimal_server(tmp_path_factory: pytest.TempPathFactory):
         yield address, repository
 
 
-def test_concurrent_requests_each_get_their_own_answer(minimal_server) -> None:
-    address, repository = minimal_server
+def concurrent_answers(address: str, repository: Path) -> None:
+    """32 different images from 8 threads: each answer is its own image's logits."""
     request = infer_request(repository, "classifier")
     rng = np.random.default_rng(3)
     images = rng.random((32, 1, 28, 28), dtype=np.float32)
@@ -69,6 +70,35 @@ def test_concurrent_requests_each_get_their_own_answer(minimal_server) -> None:
         metadata = stub.ModelMetadata(pb.ModelMetadataRequest(name="classifier"))
     np.testing.assert_allclose(logits, reference_logits(images), rtol=1e-4, atol=1e-5)
     assert metadata.inputs[0].shape == [-1, 1, 28, 28]
+
+
+def test_concurrent_requests_each_get_their_own_answer(minimal_server) -> None:
+    concurrent_answers(*minimal_server)
+
+
+def test_the_minimal_server_with_its_model_in_a_child_process_answers_alike(
+    minimal_server,
+) -> None:
+    """`minimal-process` (PROFILE item 31): batches through shared memory to a child process;
+    the same answers, the child's threads counted with the server's (compare.py's CPU), and the
+    child and its shared memory gone with the server."""
+    from bench.loadgen import process_tree
+    from bench.servers import server
+
+    _, repository = minimal_server
+    before = set(Path("/dev/shm").iterdir())
+    with server("minimal-process", repository, "classifier") as (address, pid):
+        concurrent_answers(address, repository)
+        children = [p for p in process_tree(pid) if p != pid]
+        assert children  # the model's process (and multiprocessing's resource tracker)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and (
+        any(Path(f"/proc/{c}").exists() for c in children)
+        or set(Path("/dev/shm").iterdir()) - before
+    ):
+        time.sleep(0.1)
+    assert not [c for c in children if Path(f"/proc/{c}").exists()]
+    assert not set(Path("/dev/shm").iterdir()) - before
 
 
 def test_h2load_counts_successes_from_response_bytes(minimal_server, tmp_path: Path) -> None:
