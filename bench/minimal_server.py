@@ -39,6 +39,18 @@ from pb import grpc_service_pb2 as pb
 from pb import grpc_service_pb2_grpc as pb_grpc
 from pb import model_config_pb2
 
+Batch = list[tuple[np.ndarray, asyncio.Future]]
+
+
+def answer(batch: Batch, outputs: list[np.ndarray]) -> None:
+    """Give each request of a batch its rows of every output."""
+    start = 0
+    for part, future in batch:
+        end = start + len(part)
+        if not future.done():
+            future.set_result([out[start:end] for out in outputs])
+        start = end
+
 
 class EagerBatcher:
     """Queue requests; while the session is busy they pile up and run together next time."""
@@ -48,7 +60,7 @@ class EagerBatcher:
         self.input_name = session.get_inputs()[0].name
         self.max_batch = max_batch
         self.executor = ThreadPoolExecutor(max_workers=1)
-        self.queue: list[tuple[np.ndarray, asyncio.Future]] = []
+        self.queue: Batch = []
         self.running = False
         self.images = self.batches = 0  # for ModelStatistics: the average executed batch
 
@@ -77,12 +89,7 @@ class EagerBatcher:
                         if not future.done():
                             future.set_exception(error)
                     continue
-                start = 0
-                for part, future in batch:
-                    end = start + len(part)
-                    if not future.done():
-                        future.set_result([out[start:end] for out in y])
-                    start = end
+                answer(batch, y)
         finally:
             self.running = False
 
@@ -135,8 +142,9 @@ class ProcessBatcher:
             model_file, self.shm_in.name, self.shm_out.name, [t.name for t in config.output],
             child_requests, child_answers))  # fmt: skip
         self.child.start()
-        self.queue: list[tuple[np.ndarray, asyncio.Future]] = []
-        self.batch: list[tuple[np.ndarray, asyncio.Future]] = []
+        self.queue: Batch = []
+        self.batch: Batch = []  # the one the child runs
+        self.batch_images = 0
         self.images = self.batches = 0
         self.watching = False
 
@@ -153,7 +161,7 @@ class ProcessBatcher:
 
     def _dispatch(self) -> None:
         self.batch, self.queue = self.queue[: self.max_batch], self.queue[self.max_batch :]
-        n = sum(len(x) for x, _ in self.batch)
+        n = self.batch_images = sum(len(x) for x, _ in self.batch)
         np.concatenate([x for x, _ in self.batch], out=np.ndarray(
             (n, *self.image), np.float32, self.shm_in.buf))  # fmt: skip
         self.images, self.batches = self.images + n, self.batches + 1
@@ -161,18 +169,12 @@ class ProcessBatcher:
 
     def _answered(self) -> None:
         self.answers.recv_bytes()
-        n = sum(len(x) for x, _ in self.batch)
         ys, offset = [], 0
         for dims in self.outputs:
-            y = np.ndarray((n, *dims), np.float32, self.shm_out.buf, offset)
+            y = np.ndarray((self.batch_images, *dims), np.float32, self.shm_out.buf, offset)
             ys.append(y.copy())
             offset += y.nbytes
-        start = 0
-        for x, future in self.batch:
-            end = start + len(x)
-            if not future.done():
-                future.set_result([y[start:end] for y in ys])
-            start = end
+        answer(self.batch, ys)
         self.batch = []
         if self.queue:
             self._dispatch()

@@ -10,7 +10,7 @@ it ran, how often it went to sleep (per second and per inference), how long it s
 it then waited for a CPU once woken, which CPUs it ran on and who woke it. A thread that sleeps
 many times per inference and is woken from another CPU each time pays a cross-CPU wake-up (on a
 virtual machine an interrupt through the hypervisor) every time: the GIL convoy of
-bench/PROFILE.md item 29 shows up here as a batch thread woken a dozen times per batch. Perf's
+bench/PROFILE.md item 30 shows up here as a batch thread woken ~8 times per batch. Perf's
 own overhead slows the server while it records, so read rates from bench/compare.py, not here.
 Writes bench/results/offcpu.json.
 """
@@ -35,6 +35,7 @@ from typing import Any
 
 from bench import servers
 from bench.loadgen import (
+    ROOT,
     grpc_frame,
     h2load,
     infer_request,
@@ -44,7 +45,6 @@ from bench.loadgen import (
     response_frame_size,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
 EVENT = re.compile(r"^\s*(?P<comm>\S.*?)\s+(?P<pid>\d+)\s+\[(?P<cpu>\d+)\]\s+(?P<ts>[\d.]+):"
                    r"\s+sched:(?P<kind>sched_switch|sched_wakeup):\s+(?P<rest>.*)$")  # fmt: skip
 BUSY = 0.02  # threads that ran less than this share of the window are left out
