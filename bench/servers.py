@@ -28,6 +28,7 @@ VARIANTS = {
     "project-gil100us": ["--gil-switch-s", "0.0001"],  # PROFILE item 29: level with 0.5 ms
     "project-nofastpath": ["--latency-threads", "0"],  # the idle fast path off
     "project-fastpath2": ["--latency-threads", "2"],  # on a separate 2-thread session
+    "project-threads": ["--instances", "thread"],  # the model instances in threads (item 32)
     "project-unpinned": ["--pin-threads", "off"],  # every thread left to the OS
     "project-one-cpu": [],  # the whole process on the first CPU (taskset; see below)
     "project-eventengine": [],  # gRPC's default I/O threads (ENVIRONMENT below)

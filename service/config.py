@@ -146,6 +146,16 @@ class Settings:
             "0.005); shorter hands a finished batch back sooner while the event loop is busy"
         ),
     )
+    instances: str = field(
+        default="process",
+        metadata=_doc(
+            "where a CPU model instance runs its batches: process (a child process of its own, "
+            "fed through shared memory: its GIL is not the event loop's, so it does not wait "
+            "for the loop between batches) or thread (a thread of the server process); GPU "
+            "instances always run in threads",
+            ("process", "thread"),
+        ),
+    )
     latency_threads: int = field(
         default=1,
         metadata=_doc(

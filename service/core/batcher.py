@@ -20,6 +20,7 @@ path is taken only while the model is calm: a moving average of the arrivals tha
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import queue
 import threading
@@ -31,6 +32,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from .back_process import Answer, BackSpec, ProcessInstance
 from .errors import DeadlineExceeded, ModelNotReady, QueueFull
 from .placement import enter_back, name_os_thread
 
@@ -108,6 +110,7 @@ class _Feed:
         self.lock = threading.Lock()
         self.queue: deque[_Pending] = deque()
         self.queued_bytes = 0
+        self.queued_size = 0  # images waiting
         self.max_batch_size = max_batch_size
         self.hold_below = hold_below  # delay mode: a smaller batch waits up to delay_s
         self.delay_s = delay_s
@@ -119,6 +122,7 @@ class _Feed:
         with self.lock:
             self.queue.append(item)
             self.queued_bytes += item.nbytes
+            self.queued_size += item.size
             wake = self._sleeping > 0
             if wake:
                 self._sleeping -= 1
@@ -133,6 +137,7 @@ class _Feed:
             except ValueError:
                 return False
             self.queued_bytes -= item.nbytes
+            self.queued_size -= item.size
             return True
 
     def stop(self, threads: int) -> None:
@@ -140,30 +145,43 @@ class _Feed:
         for _ in range(threads):
             self._tokens.put(None)
 
+    def take(self) -> tuple[list[_Pending], int] | float | None:
+        """(The loop, for process instances) The next batch if there is one, without waiting:
+        its requests and how many cancelled ones were dropped; else the seconds a held batch
+        still waits (delay mode), or None when nothing is queued."""
+        with self.lock:
+            return self._take()
+
+    def _take(self) -> tuple[list[_Pending], int] | float | None:
+        queue = self.queue
+        if not queue:
+            return None
+        if self.hold_below:
+            left = self.delay_s - (time.perf_counter_ns() - queue[0].enqueued_ns) / 1e9
+            if self.queued_size < self.hold_below and left > 0:
+                return left
+        items: list[_Pending] = []
+        dropped = total = 0
+        while queue and total + queue[0].size <= self.max_batch_size:
+            item = queue.popleft()
+            self.queued_bytes -= item.nbytes
+            self.queued_size -= item.size
+            if item.future is None or item.future.done():  # cancelled, not yet removed
+                dropped += 1
+                continue
+            items.append(item)
+            total += item.size
+        return items, dropped
+
     def next_batch(self) -> tuple[list[_Pending], int] | None:
         """(Thread side) Block until there is a batch to run: its requests, and how many
         cancelled ones were dropped on the way; None when told to stop."""
         while True:
-            wait: float | None = None
             with self.lock:
-                queue = self.queue
-                if queue and self.hold_below:
-                    queued = sum(item.size for item in queue)
-                    left = self.delay_s - (time.perf_counter_ns() - queue[0].enqueued_ns) / 1e9
-                    if queued < self.hold_below and left > 0:
-                        wait = left
-                if queue and wait is None:
-                    items: list[_Pending] = []
-                    dropped = total = 0
-                    while queue and total + queue[0].size <= self.max_batch_size:
-                        item = queue.popleft()
-                        self.queued_bytes -= item.nbytes
-                        if item.future is None or item.future.done():  # cancelled, not yet removed
-                            dropped += 1
-                            continue
-                        items.append(item)
-                        total += item.size
-                    return items, dropped
+                taken = self._take()
+                if isinstance(taken, tuple):
+                    return taken
+                wait = taken
                 self._sleeping += 1
             try:
                 token = self._tokens.get(timeout=wait)
@@ -234,9 +252,12 @@ class DynamicBatcher:
         idle_max_size: int = 1,
         max_queue_bytes: int = 0,
         name: str = "model",
+        processes: Sequence[BackSpec] = (),
     ) -> None:
-        if not functions:
-            raise ValueError("at least one batch function is needed")
+        """`functions` run in instance threads; `processes` describe instances that run in
+        processes of their own (`back_process`), to which the loop hands each batch."""
+        if not functions and not processes:
+            raise ValueError("at least one batch function or instance process is needed")
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
         self.max_batch_size = max_batch_size
@@ -263,6 +284,28 @@ class DynamicBatcher:
             _InstanceThread(self._loop, fn, self._feed, self._delivered, f"{name}-{i}")
             for i, fn in enumerate(functions)
         ]
+        self._procs = [
+            ProcessInstance(
+                spec,
+                f"{name}-{i}",
+                functools.partial(self._answered, i),
+                self._schedule_dispatch,
+            )
+            for i, spec in enumerate(processes, start=len(functions))
+        ]
+        self._running: dict[int, tuple[list[_Pending], int, int]] = {}
+        self._dispatch_handle: asyncio.Handle | None = None
+        self._held_handle: asyncio.TimerHandle | None = None
+
+    async def started(self) -> None:
+        """Wait until every instance process has opened its session; ModelNotReady (with the
+        child's reason) when one could not."""
+        await asyncio.gather(*(proc.ready() for proc in self._procs))
+
+    @property
+    def instance_providers(self) -> list[str]:
+        """The execution provider of each instance process (empty with threads only)."""
+        return [proc.provider for proc in self._procs]
 
     @property
     def queue_depth(self) -> int:
@@ -310,6 +353,8 @@ class DynamicBatcher:
         self._pending += 1
         self._idle.clear()
         feed.put(item)
+        if self._procs:
+            self._schedule_dispatch()
         try:
             return await future
         except asyncio.CancelledError:
@@ -365,6 +410,59 @@ class DynamicBatcher:
         if self._is_idle():
             self._idle.set()
 
+    def _schedule_dispatch(self) -> None:
+        """(On the loop) A request arrived for a free instance process: hand out batches at the
+        end of this turn of the loop, so that requests arriving together share one."""
+        if self._dispatch_handle is None:
+            self._dispatch_handle = self._loop.call_soon(self._dispatch)
+
+    def _dispatch(self) -> None:
+        """(On the loop) Give each free instance process the next batch from the queue."""
+        if self._dispatch_handle is not None:
+            self._dispatch_handle.cancel()
+            self._dispatch_handle = None
+        if self._held_handle is not None:
+            self._held_handle.cancel()
+            self._held_handle = None
+        for index, proc in enumerate(self._procs, start=len(self._threads)):
+            while proc.idle:
+                taken = self._feed.take()
+                if taken is None:
+                    return
+                if isinstance(taken, float):  # delay mode: the batch waits for more
+                    self._held_handle = self._loop.call_later(taken, self._dispatch)
+                    return
+                items, dropped = taken
+                if not items:
+                    self._delivered([], dropped, ([], _EMPTY))
+                    continue
+                sizes = [item.size for item in items]
+                try:
+                    proc.run([item.inputs for item in items], sizes)
+                except Exception as exc:  # requests that do not line up into one batch
+                    record = BatchRecord(sum(sizes), len(items), 0, 0, 0, exc)
+                    self._delivered(items, dropped, ([], record))
+                    continue
+                self._running[index] = (items, dropped, sum(sizes))
+
+    def _answered(self, index: int, answer: Answer) -> None:
+        """(On the loop) An instance process finished a batch: start its next one at once,
+        then split the outputs and answer the requests."""
+        items, dropped, size = self._running.pop(index)
+        self._dispatch()
+        outputs, error, start_ns, input_ns, infer_ns = answer
+        t0 = time.perf_counter_ns()
+        results: list[dict[str, np.ndarray]] = []
+        if outputs is not None:
+            offset = 0
+            for item in items:
+                end = offset + item.size
+                results.append({name: array[offset:end] for name, array in outputs.items()})
+                offset = end
+        output_ns = time.perf_counter_ns() - t0
+        record = BatchRecord(size, len(items), input_ns, infer_ns, output_ns, error, start_ns)
+        self._delivered(items, dropped, (results, record))
+
     def _delivered(self, items: list[_Pending], dropped: int, outcome: Outcome) -> None:
         """(On the loop) Answer the requests of one batch."""
         self._pending -= len(items) + dropped
@@ -402,9 +500,15 @@ class DynamicBatcher:
         await self._idle.wait()
 
     async def close(self) -> None:
-        """Drain, then stop the instance threads (each once its batch, if any, is done)."""
+        """Drain, then stop the instance threads and processes (each once its batch, if any,
+        is done)."""
         await self.drain()
         self._feed.stop(len(self._threads))
+        for handle in (self._dispatch_handle, self._held_handle):
+            if handle is not None:
+                handle.cancel()
+        await asyncio.gather(*(proc.close() for proc in self._procs))
+        self._procs = []
         # Drop the functions (and the sessions they hold) now, not whenever a cycle is collected.
         self._threads, self._idle_function = [], None
 

@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from typing import NamedTuple
 
 import numpy as np
 
@@ -20,11 +21,13 @@ from pb import model_config_pb2 as mc
 
 from ..config import Settings
 from ..observability.metrics import ServingMetrics
-from .errors import ModelLoadError
+from .back_process import BackSpec
+from .errors import ModelLoadError, ModelNotReady
 from .model import ServedModel
 from .ort_options import ort_options, warmup_samples
+from .placement import back_cpus
 from .repository import ModelFolder
-from .runtime import CUDA, GraphTensor, OnnxSession
+from .runtime import CUDA, GraphTensor, OnnxSession, requested_providers
 from .signature import Signature, TensorSpec
 
 log = logging.getLogger(__name__)
@@ -134,18 +137,49 @@ def _check_config(config: mc.ModelConfig) -> None:
         raise ModelLoadError("sequence batching and ensembles are not supported")
 
 
+class Sessions(NamedTuple):
+    """What `_open_sessions` opened: the batch sessions (threads), the instance processes to
+    start, the idle fast path's session (None when it is off or too slow) and its measured
+    seconds per image."""
+
+    sessions: list[OnnxSession]
+    processes: list[BackSpec]
+    latency: OnnxSession | None
+    per_image: float
+
+
+def _in_processes(settings: Settings, devices: list[str], signature: Signature) -> bool:
+    """Whether the instances run in processes of their own: asked for, every instance on the
+    CPU, and every input a plain numeric array (shared memory carries no Python objects)."""
+    cpu_only = all(d == "cpu" or CUDA not in requested_providers(d) for d in devices)
+    numeric = not any(np.dtype(t.dtype).hasobject for t in signature.inputs)
+    return settings.instances == "process" and cpu_only and numeric
+
+
 def _open_sessions(
     spec: ModelFolder, version: int, signature: Signature, settings: Settings
-) -> tuple[list[OnnxSession], OnnxSession | None, float]:
-    """Open, check and warm the sessions (blocking: run in a thread).
-
-    Returns the batch sessions, the idle fast path's session (None when it is off or too slow)
-    and the fast path's measured seconds per image.
-    """
+) -> Sessions:
+    """Open, check and warm the sessions (blocking: run in a thread). With the instances in
+    processes, this process opens one session only, to check the graph (and for the fast path)."""
     path = spec.versions[version]
     batching = signature.batching
     options = ort_options(spec.config)  # the config's ONNX Runtime options, over the defaults
     warmup = warmup_samples(spec.config, signature, spec.directory)
+    devices = instance_devices(spec.config, settings.device)
+    processes: list[BackSpec] = []
+    if _in_processes(settings, devices, signature):
+        processes = [
+            BackSpec(
+                path,
+                settings.intra_op_threads,
+                batching,
+                options,
+                tuple(warmup),
+                back_cpus(),
+            )
+            for _ in devices
+        ]
+        devices = devices[:1]
     sessions = [
         OnnxSession(
             path,
@@ -154,7 +188,7 @@ def _open_sessions(
             batched=batching,
             config_options=options,
         )
-        for device in instance_devices(spec.config, settings.device)
+        for device in devices
     ]
     check_graph(signature, sessions[0])
     latency = None
@@ -178,7 +212,8 @@ def _open_sessions(
                 config_options=replace(options, intra_op_threads=None, inter_op_threads=None),
             )
         )
-    for session in [*sessions, *([latency] if latency and latency not in sessions else [])]:
+    warmed = [] if processes else sessions  # an unused checking session needs no warm-up
+    for session in [*warmed, *([latency] if latency and latency not in warmed else [])]:
         for sample in warmup:
             for _ in range(sample.count):
                 session.run(sample.inputs)
@@ -189,7 +224,7 @@ def _open_sessions(
         if per_image > FAST_PATH_MAX_S:  # it would hold up the event loop: batcher only
             log.info("%s: one image takes %.1f ms, no idle fast path", spec.name, per_image * 1e3)
             latency = None
-    return sessions, latency, per_image
+    return Sessions(sessions, processes, latency, per_image)
 
 
 async def load_version(
@@ -198,23 +233,32 @@ async def load_version(
     """Check the config, open the sessions (in a thread), warm them up and start serving."""
     _check_config(spec.config)
     signature = build_signature(spec)
-    sessions, latency, per_image = await asyncio.to_thread(
-        _open_sessions, spec, version, signature, settings
-    )
+    opened = await asyncio.to_thread(_open_sessions, spec, version, signature, settings)
+    per_image = opened.per_image
     idle_max_size = max(1, int(FAST_PATH_BUDGET_S / per_image)) if per_image > 0 else 1
     model = ServedModel(
         spec,
         version,
-        sessions,
+        opened.sessions,
         signature,
         metrics,
         wait_for_preferred=settings.batching == "delay",
         max_queue_bytes=settings.max_queue_bytes,
-        latency_session=latency,
+        latency_session=opened.latency,
         idle_max_size=idle_max_size,
+        processes=opened.processes,
     )
+    try:
+        await model.batcher.started()
+    except BaseException as exc:
+        await model.close()
+        if isinstance(exc, ModelNotReady):
+            raise ModelLoadError(f"an instance could not start: {exc}") from None
+        raise
+    where = "in processes" if opened.processes else "in threads"
     log.info(
-        "loaded %s version %s: %d instance(s) on %s, max_batch_size %d",
-        spec.name, version, len(sessions), model.provider, signature.max_batch_size,
+        "loaded %s version %s: %d instance(s) on %s %s, max_batch_size %d",
+        spec.name, version, model.instance_count, model.provider, where,
+        signature.max_batch_size,
     )  # fmt: skip
     return model

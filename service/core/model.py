@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -18,6 +18,7 @@ from pb import model_config_pb2 as mc
 
 from ..observability.metrics import ServingMetrics
 from ..observability.tracing import Trace
+from .back_process import BackSpec
 from .batcher import BatchFunction, BatchRecord, BatchResult, DynamicBatcher
 from .errors import InvalidInput, outcome
 from .ort_options import APPLIED
@@ -44,8 +45,11 @@ class ServedModel:
         max_queue_bytes: int,
         latency_session: OnnxSession | None = None,
         idle_max_size: int = 1,
+        processes: Sequence[BackSpec] = (),
     ) -> None:
-        """`wait_for_preferred` (`--batching delay`) and `max_queue_bytes` set up the batcher."""
+        """`wait_for_preferred` (`--batching delay`) and `max_queue_bytes` set up the batcher.
+        With `processes`, the instances run in processes of their own and `sessions` holds the
+        one this process opened to check the graph (the fast path's, when it has one)."""
         self.name = spec.name
         self.version = str(version)
         self.config = spec.config
@@ -57,7 +61,8 @@ class ServedModel:
         self.in_flight = 0
         self.cancelled = 0  # requests whose caller went away (a client cancel, a drain's end)
         batching = spec.config.dynamic_batching
-        functions: list[BatchFunction] = [s.run for s in sessions]
+        functions: list[BatchFunction] = [] if processes else [s.run for s in sessions]
+        self.instance_count = len(processes) or len(sessions)
         self.latency_session = latency_session
         self.batcher = DynamicBatcher(
             functions,
@@ -71,6 +76,7 @@ class ServedModel:
             idle_max_size=idle_max_size,
             max_queue_bytes=max_queue_bytes,
             name=f"{self.name}:{self.version}",
+            processes=processes,
         )
         self.metrics.watch(lambda: self.batcher.queue_depth, lambda: self.in_flight)
         self.metrics.set_provider(self.provider)
@@ -129,8 +135,9 @@ class ServedModel:
         config = mc.ModelConfig()
         config.CopyFrom(self.config)
         del config.instance_group[:]
-        for index, session in enumerate(self.sessions):
-            kind = mc.ModelInstanceGroup.KIND_GPU if session.provider == CUDA else None
+        providers = self.batcher.instance_providers or [s.provider for s in self.sessions]
+        for index, provider in enumerate(providers):
+            kind = mc.ModelInstanceGroup.KIND_GPU if provider == CUDA else None
             config.instance_group.add(
                 name=f"{self.name}_{index}",
                 count=1,

@@ -96,6 +96,12 @@ def enter_back() -> None:
             log.warning("a thread stays on the event loop's CPU: %s", exc)
 
 
+def back_cpus() -> frozenset[int] | None:
+    """The back CPUs under a placement (for processes that compute), None when none is in
+    force."""
+    return _back
+
+
 def worker_pool() -> ThreadPoolExecutor | None:
     """The event loop's default executor under a placement (its threads start on the back CPUs);
     None when none is in force."""

@@ -13,7 +13,7 @@ import pytest
 
 from pb import explain_pb2 as ex
 from pb import explain_pb2_grpc as ex_grpc
-from tests.support.faults import server
+from tests.support.faults import descendants, server
 from tests.support.harness import infer_request, stub
 
 CPUS = sorted(os.sched_getaffinity(0))
@@ -83,7 +83,8 @@ def test_the_loop_and_poller_share_the_first_cpu_and_the_work_runs_on_the_others
 ) -> None:
     front, back = frozenset(CPUS[:1]), frozenset(CPUS[1:])
     # --latency-threads 0: every request goes through the batch thread, none runs on the loop
-    with server(mnist_repository, "--pin-threads", "on", "--latency-threads", "0") as srv:
+    args = ("--pin-threads", "on", "--latency-threads", "0", "--instances", "thread")
+    with server(mnist_repository, *args) as srv:
         assert f"threads: event loop and gRPC poller on CPU {CPUS[0]}, model instances" in srv.text
         start = threads(srv.pid)
         infer(srv.address)
@@ -106,3 +107,15 @@ def test_off_leaves_every_thread_to_the_os(mnist_repository: Path) -> None:
         placed = threads(srv.pid)
     assert "threads: event loop" not in srv.text
     assert {cpus for cpus, _ in placed.values()} == {frozenset(CPUS)}
+
+
+def test_instance_processes_run_on_the_back_cpus(mnist_repository: Path) -> None:
+    with server(mnist_repository, "--pin-threads", "on", "--latency-threads", "0") as srv:
+        front = frozenset(CPUS[:1])
+        infer(srv.address)
+        (instance,) = [pid for pid, name in descendants(srv.pid).items() if name == "mnist_cnn:1-0"]
+        placed = frozenset(os.sched_getaffinity(instance))
+        ticks = threads(instance)
+    assert placed == frozenset(CPUS[1:])
+    assert front not in {cpus for cpus, _ in ticks.values()}  # none of its threads in front
+    assert sum(t for _, t in ticks.values()) > 0  # and it did the work

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -157,7 +158,8 @@ def test_loaded_model_reports_its_options_and_runs_its_warmup(
         return original(self, inputs)
 
     monkeypatch.setattr(loading_module.OnnxSession, "run", counting)
-    settings = Settings(model_repository=tmp_path, latency_threads=0)
+    # Instance threads: the warm-up runs in this process, where it can be counted.
+    settings = Settings(model_repository=tmp_path, latency_threads=0, instances="thread")
 
     async def run() -> mc.ModelConfig:
         model = await load_version(
@@ -171,6 +173,13 @@ def test_loaded_model_reports_its_options_and_runs_its_warmup(
     applied = reported.parameters[APPLIED].string_value
     assert "intra_op_thread_count=2" in applied and "enable_mem_pattern=0" in applied
     assert runs == [3] * 5  # the config's warm-up, five times, instead of one zero item
+    # Instance processes get the same samples to run before they report ready.
+    spec = read_model(tmp_path / "m")
+    opened = loading_module._open_sessions(
+        spec, 1, loading_module.build_signature(spec), replace(settings, instances="process")
+    )
+    ((sample,),) = [p.warmup for p in opened.processes]
+    assert (sample.count, sample.inputs["input"].shape) == (5, (3, 1, 28, 28))
 
     config.parameters["intra_op_threads"].string_value = "2"
     write_model(tmp_path, config, classifier_graph())

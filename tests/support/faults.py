@@ -138,6 +138,29 @@ def process_status(pid: int) -> dict[str, int]:
     return status
 
 
+def descendants(pid: int) -> dict[int, str]:
+    """Every process below `pid` (its model instance processes, their forkserver), by PID, with
+    the name the OS shows for it."""
+    parents: dict[int, int] = {}
+    names: dict[int, str] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:  # a process that just ended
+            continue
+        name, _, rest = stat.partition(" (")[2].rpartition(") ")
+        parents[int(entry.name)] = int(rest.split()[1])
+        names[int(entry.name)] = name
+    found: dict[int, str] = {}
+    frontier = {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier}
+        found.update({child: names[child] for child in frontier})
+    return found
+
+
 def channel(address: str) -> grpc.Channel:
     """A channel with a connection of its own (gRPC otherwise shares one per target)."""
     return grpc.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])

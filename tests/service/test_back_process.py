@@ -1,0 +1,181 @@
+"""Model instances in processes of their own (service.core.back_process) behind the batcher:
+real ONNX Runtime in real child processes, real shared memory."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from service.core.back_process import BackSpec, InstanceDied
+from service.core.batcher import BatchRecord, DynamicBatcher
+from service.core.errors import DeadlineExceeded, ModelNotReady
+from service.core.ort_options import OrtOptions
+from tests.support.onnx_models import (
+    POISON,
+    classifier_graph,
+    images,
+    poisoned_graph,
+    reference_logits,
+)
+
+
+def model_file(tmp_path: Path, graph: onnx.ModelProto, name: str = "model.onnx") -> Path:
+    path = tmp_path / name
+    path.write_bytes(graph.SerializeToString())
+    return path
+
+
+def spec(path: Path) -> BackSpec:
+    return BackSpec(path, intra_op_threads=1, batched=True, options=OrtOptions())
+
+
+def children() -> set[int]:
+    """The PIDs of this process's instance children (forked by the forkserver, so they are
+    its children, not ours: found by their name)."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "comm").read_text().startswith("backtest"):
+                    found.add(int(entry.name))
+            except OSError:
+                pass
+    return found
+
+
+def regions() -> set[str]:
+    return {p.name for p in Path("/dev/shm").iterdir() if p.name.startswith("psm_")}
+
+
+async def started(path: Path, instances: int = 1, **kwargs: object) -> DynamicBatcher:
+    batcher = DynamicBatcher(
+        [], max_batch_size=32, processes=[spec(path)] * instances, name="backtest", **kwargs
+    )
+    await batcher.started()
+    return batcher
+
+
+def test_requests_are_batched_in_the_child_and_answered_in_order(tmp_path: Path) -> None:
+    path = model_file(tmp_path, classifier_graph())
+    before = regions()
+
+    async def scenario() -> None:
+        records: list[BatchRecord] = []
+        batcher = await started(path, instances=2, on_batch=records.append)
+        assert len(children()) == 2
+        sizes = [1, 3, 2, 1, 4, 1] * 10
+        batches = [images(n, seed=i) for i, n in enumerate(sizes)]
+        results = await asyncio.gather(*(batcher.submit({"input": x}, len(x)) for x in batches))
+        for x, result in zip(batches, results, strict=True):
+            np.testing.assert_allclose(
+                result.outputs["logits"], reference_logits(x), rtol=1e-4, atol=1e-5
+            )
+            assert result.outputs["probabilities"].shape == (len(x), 10)
+        assert sum(r.size for r in records) == sum(sizes)
+        assert max(r.requests for r in records) > 1  # requests that arrived together merged
+        assert all(r.infer_ns > 0 and r.error is None for r in records)
+        await batcher.close()
+
+    asyncio.run(scenario())
+    assert not children()
+    assert regions() <= before  # every shared region unlinked
+
+
+def test_a_failing_batch_fails_alone_with_the_child_s_error(tmp_path: Path) -> None:
+    path = model_file(tmp_path, poisoned_graph())
+
+    async def scenario() -> None:
+        batcher = await started(path)
+        bad = images(2)
+        bad[0, 0, 0, 0] = POISON
+        with pytest.raises(Exception, match=r"(?i)reshape"):  # ONNX Runtime's own message
+            await batcher.submit({"input": bad}, 2)
+        good = images(3)
+        result = await batcher.submit({"input": good}, 3)
+        np.testing.assert_allclose(result.outputs["logits"], reference_logits(good), rtol=1e-4)
+        await batcher.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_killed_instance_fails_its_batch_and_is_started_again(tmp_path: Path) -> None:
+    path = model_file(tmp_path, classifier_graph())
+
+    async def scenario() -> None:
+        batcher = await started(path)
+        (child,) = children()
+        os.kill(child, signal.SIGSTOP)  # hold it in the middle of the next batch
+        running = asyncio.create_task(batcher.submit({"input": images(1)}, 1))
+        await asyncio.sleep(0.2)
+        os.kill(child, signal.SIGKILL)
+        with pytest.raises(InstanceDied, match="signal 9"):
+            await running
+        assert isinstance(InstanceDied("x"), ModelNotReady)  # UNAVAILABLE: a client may retry
+        x = images(2)
+        result = await asyncio.wait_for(batcher.submit({"input": x}, 2), 30)  # after the restart
+        np.testing.assert_allclose(result.outputs["logits"], reference_logits(x), rtol=1e-4)
+        assert children() and child not in children()
+        await batcher.close()
+
+    asyncio.run(scenario())
+    assert not children()
+
+
+def test_a_deadline_passes_in_the_queue_while_the_instance_is_busy(tmp_path: Path) -> None:
+    path = model_file(tmp_path, classifier_graph())
+
+    async def scenario() -> None:
+        batcher = await started(path)
+        (child,) = children()
+        os.kill(child, signal.SIGSTOP)
+        try:
+            first = asyncio.create_task(batcher.submit({"input": images(1)}, 1))
+            await asyncio.sleep(0.1)
+            with pytest.raises(DeadlineExceeded, match="while queued"):
+                await batcher.submit({"input": images(1)}, 1, timeout_s=0.2)
+            cancelled = asyncio.create_task(batcher.submit({"input": images(1)}, 1))
+            await asyncio.sleep(0.05)
+            cancelled.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await cancelled
+            assert batcher.queue_depth == 0  # both taken back from the queue
+        finally:
+            os.kill(child, signal.SIGCONT)
+        assert (await first).outputs["logits"].shape == (1, 10)
+        await batcher.close()
+
+    asyncio.run(scenario())
+
+
+def test_an_instance_that_cannot_open_its_model_fails_the_start(tmp_path: Path) -> None:
+    path = tmp_path / "model.onnx"
+    path.write_bytes(b"not an onnx file")
+
+    async def scenario() -> None:
+        batcher = DynamicBatcher([], max_batch_size=4, processes=[spec(path)], name="backtest")
+        with pytest.raises(ModelNotReady, match="backtest-0"):
+            await batcher.started()
+        await batcher.close()
+
+    asyncio.run(scenario())
+    assert not children()
+
+
+def test_a_batch_larger_than_the_region_grows_it(tmp_path: Path) -> None:
+    path = model_file(tmp_path, classifier_graph())
+
+    async def scenario() -> None:
+        batcher = await started(path)
+        small, large = images(1), images(32, seed=5)  # 3 KiB, then 100 KiB (> the first region)
+        for x in (small, large, small):
+            result = await batcher.submit({"input": x}, len(x))
+            np.testing.assert_allclose(result.outputs["logits"], reference_logits(x), rtol=1e-4)
+        await batcher.close()
+
+    asyncio.run(scenario())
