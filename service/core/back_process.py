@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ModelNotReady
+from .errors import ModelNotReady, QueueFull
 from .ort_options import OrtOptions, WarmupSample
 
 log = logging.getLogger(__name__)
@@ -319,12 +319,22 @@ class ProcessInstance:
     def _region_for(self, nbytes: int) -> SharedMemory:
         """The shared region, grown (to a power of two) when this batch needs more."""
         if self._region is None or self._region.size < nbytes:
-            old = self._region
             size = max(MIN_REGION, 1 << (nbytes - 1).bit_length())
-            self._region = SharedMemory(create=True, size=size)
-            if old is not None:  # the child maps the new one with the next batch
-                old.close()
-                old.unlink()
+            region = SharedMemory(create=True, size=size)
+            try:  # reserve the pages now: a full /dev/shm would otherwise be SIGBUS on writing
+                os.posix_fallocate(region._fd, 0, size)  # type: ignore[attr-defined]
+            except OSError as exc:
+                region.close()
+                region.unlink()
+                raise QueueFull(
+                    f"{self.name}: no room in /dev/shm for a batch of {nbytes:,} bytes ({exc}); "
+                    "give the server more shared memory (docker run --shm-size, or a "
+                    "memory-backed volume at /dev/shm)"
+                ) from None
+            if self._region is not None:  # the child maps the new one with the next batch
+                self._region.close()
+                self._region.unlink()
+            self._region = region
         return self._region
 
     def _readable(self) -> None:

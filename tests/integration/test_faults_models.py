@@ -4,12 +4,15 @@ Under `--model-control-mode poll` and steady load, the served version's file is 
 garbage, truncated, its folder deleted; a version whose graph does not fit the config is added;
 stray entries appear in the model folder. The version serving keeps answering (0 errors), the
 RepositoryIndex says what happened, and a later good version is picked up. A graph that fails at
-run time for some inputs fails those requests' batch alone, with a clear status.
+run time for some inputs fails those requests' batch alone, with a clear status, and so does a
+model instance process that is killed.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -20,7 +23,14 @@ import grpc
 from modelrepo import MODEL_FILE
 from pb import grpc_service_pb2 as pb
 from pb import grpc_service_pb2_grpc as pb_grpc
-from tests.support.faults import channel, load, repository_index, server, wait_for
+from tests.support.faults import (
+    channel,
+    descendants,
+    load,
+    repository_index,
+    server,
+    wait_for,
+)
 from tests.support.harness import infer_request
 from tests.support.onnx_models import (
     POISON,
@@ -197,3 +207,35 @@ def test_a_batch_that_fails_at_run_time_fails_alone(tmp_path: Path) -> None:
     assert "cannot be reshaped" in log  # the cause is in the server's log, not the client's
     print(f"  server log: {log.count('Traceback')} tracebacks for {len(outcomes['poisoned'])} "
           f"poisoned requests")  # fmt: skip
+
+
+def test_a_killed_instance_process_fails_its_batch_alone_and_comes_back(tmp_path: Path) -> None:
+    """SIGKILL to a model's instance process under load: only the requests of the batch it was
+    running fail, with UNAVAILABLE (retryable) and a message saying so; a new process takes
+    over and the rest are answered; the server itself never stops."""
+    write_model(tmp_path, classifier_config("classifier"), classifier_graph())
+    request = infer_request("classifier", images(1))
+    with (
+        server(tmp_path, "--latency-threads", "0") as srv,
+        load(srv.address, request, clients=3, in_flight=2) as traffic,
+    ):
+        wait_for(lambda: traffic.answered > 50, 30, "the first answers")
+
+        def instances() -> list[int]:
+            return [p for p, name in descendants(srv.pid).items() if name == "classifier:1-0"]
+
+        (victim,) = instances()
+        killed_at, answered = time.monotonic(), traffic.answered
+        os.kill(victim, signal.SIGKILL)
+        wait_for(lambda: traffic.answered > answered + 200, 60, "answers after the kill")
+        replaced = instances()
+        alive = srv.process.poll() is None
+    failures = traffic.failures()
+    print(f"\n  {traffic.summary()}; after the kill: {traffic.first_failures()}")
+    assert alive and replaced and victim not in replaced
+    assert set(failures) <= {"UNAVAILABLE"}
+    assert sum(failures.values()) <= 6  # at most the batch it was running: 3 clients x 2
+    finished_before = [o for o in traffic.since(0, killed_at) if o.sent + o.seconds < killed_at]
+    assert finished_before and all(o.code == "OK" for o in finished_before)
+    assert all("being restarted" in f for f in traffic.first_failures())
+    assert "classifier:1-0: model instance process ended (signal 9); starting it again" in srv.text

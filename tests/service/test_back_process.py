@@ -4,6 +4,7 @@ real ONNX Runtime in real child processes, real shared memory."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import signal
 from pathlib import Path
@@ -12,9 +13,10 @@ import numpy as np
 import onnx
 import pytest
 
+from service.core import back_process
 from service.core.back_process import BackSpec, InstanceDied
 from service.core.batcher import BatchRecord, DynamicBatcher
-from service.core.errors import DeadlineExceeded, ModelNotReady
+from service.core.errors import DeadlineExceeded, ModelNotReady, QueueFull
 from service.core.ort_options import OrtOptions
 from tests.support.onnx_models import (
     POISON,
@@ -179,3 +181,27 @@ def test_a_batch_larger_than_the_region_grows_it(tmp_path: Path) -> None:
         await batcher.close()
 
     asyncio.run(scenario())
+
+
+def test_a_full_dev_shm_fails_the_batch_with_a_clear_status(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = model_file(tmp_path, classifier_graph())
+
+    def no_room(fd: int, offset: int, size: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    async def scenario() -> None:
+        batcher = await started(path)
+        with monkeypatch.context() as patch:
+            patch.setattr(back_process.os, "posix_fallocate", no_room)
+            with pytest.raises(QueueFull, match=r"no room in /dev/shm .*--shm-size"):
+                await batcher.submit({"input": images(1)}, 1)
+        x = images(1)  # room again: served
+        result = await batcher.submit({"input": x}, 1)
+        np.testing.assert_allclose(result.outputs["logits"], reference_logits(x), rtol=1e-4)
+        await batcher.close()
+
+    before = regions()
+    asyncio.run(scenario())
+    assert regions() <= before
