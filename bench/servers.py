@@ -28,7 +28,11 @@ VARIANTS = {
     "project-gil100us": ["--gil-switch-s", "0.0001"],  # PROFILE item 29: level with 0.5 ms
     "project-nofastpath": ["--latency-threads", "0"],  # the idle fast path off
     "project-fastpath2": ["--latency-threads", "2"],  # on a separate 2-thread session
-    "project-threads": ["--instances", "thread"],  # the model instances in threads (item 32)
+    "project-processes": ["--instances", "process"],  # instances in processes (PROFILE item 32)
+    "project-threads": [
+        "--instances",
+        "thread",
+    ],  # the default; named for runs made when it was not
     "project-unpinned": ["--pin-threads", "off"],  # every thread left to the OS
     "project-one-cpu": [],  # the whole process on the first CPU (taskset; see below)
     "project-eventengine": [],  # gRPC's default I/O threads (ENVIRONMENT below)

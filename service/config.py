@@ -147,13 +147,13 @@ class Settings:
         ),
     )
     instances: str = field(
-        default="process",
+        default="thread",
         metadata=_doc(
-            "where a CPU model instance runs its batches: process (a child process of its own, "
-            "fed through shared memory: its GIL is not the event loop's, so it does not wait "
-            "for the loop between batches) or thread (a thread of the server process); GPU "
-            "instances always run in threads",
-            ("process", "thread"),
+            "where a CPU model instance runs its batches: thread (a thread of the server "
+            "process) or process (a child process of its own, fed through /dev/shm: it never "
+            "waits for the event loop's GIL, and a crash in it costs one batch, not the "
+            "server); GPU instances always run in threads",
+            ("thread", "process"),
         ),
     )
     latency_threads: int = field(

@@ -358,7 +358,10 @@ class ProcessInstance:
                     self._on_answer((outputs, None, start, input_ns, infer_ns))
                 else:
                     start, input_ns, infer_ns, _ = TIMES.unpack_from(message, 1)
-                    error = pickle.loads(message[1 + TIMES.size :])
+                    try:
+                        error = pickle.loads(message[1 + TIMES.size :])
+                    except Exception as exc:  # an exception class that will not rebuild here
+                        error = RuntimeError(f"the batch failed; its error did not unpickle: {exc}")
                     self._on_answer((None, error, start, input_ns, infer_ns))
             elif kind == READY:
                 self.provider = bytes(message[1:]).decode()

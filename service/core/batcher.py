@@ -8,6 +8,11 @@ the function runs back to back and batches grow by themselves while the previous
 default a free thread does not wait for more requests (`wait_for_preferred`: a batch smaller
 than the smallest preferred size waits up to `max_queue_delay_s` for more).
 
+Instances in processes of their own (`back_process`, `--instances process`) take
+their batches from the same queue, but through the loop: when one is free, the loop hands it
+everything queued (at the end of the turn in which a request arrived, or at once when the
+instance answers), and answers the requests when the outputs come back.
+
 Optionally, a request that finds the batcher idle (nothing queued, nothing running, no other
 request arriving in the same turn of the event loop, and the last batch not just finished) runs
 at once on the loop's own thread with `idle_function`: no queue, no thread hand-off. On a lightly

@@ -216,7 +216,7 @@ def test_a_killed_instance_process_fails_its_batch_alone_and_comes_back(tmp_path
     write_model(tmp_path, classifier_config("classifier"), classifier_graph())
     request = infer_request("classifier", images(1))
     with (
-        server(tmp_path, "--latency-threads", "0") as srv,
+        server(tmp_path, "--latency-threads", "0", "--instances", "process") as srv,
         load(srv.address, request, clients=3, in_flight=2) as traffic,
     ):
         wait_for(lambda: traffic.answered > 50, 30, "the first answers")
@@ -231,7 +231,13 @@ def test_a_killed_instance_process_fails_its_batch_alone_and_comes_back(tmp_path
         replaced = instances()
         alive = srv.process.poll() is None
     failures = traffic.failures()
-    print(f"\n  {traffic.summary()}; after the kill: {traffic.first_failures()}")
+    # how long until an answer again: the first request sent after the kill that was answered
+    back = min(o.sent + o.seconds for o in traffic.since(killed_at) if o.code == "OK") - killed_at
+    print(
+        f"\n  {traffic.summary()}; after the kill: {traffic.first_failures()}; answering again "
+        f"{back * 1e3:.0f} ms after it"
+    )
+    assert back < 10
     assert alive and replaced and victim not in replaced
     assert set(failures) <= {"UNAVAILABLE"}
     assert sum(failures.values()) <= 6  # at most the batch it was running: 3 clients x 2

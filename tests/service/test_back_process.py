@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import mmap
 import os
+import pickle
 import signal
 from pathlib import Path
 
@@ -205,3 +207,35 @@ def test_a_full_dev_shm_fails_the_batch_with_a_clear_status(
     before = regions()
     asyncio.run(scenario())
     assert regions() <= before
+
+
+class Unpicklable(Exception):
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.callback = lambda: None  # a lambda does not pickle
+
+
+def test_messages_survive_any_cut_and_an_error_that_does_not_pickle() -> None:
+    """The child's answers come back whole however the socket cuts the stream; an exception
+    that cannot be pickled comes back as its text."""
+    memory = mmap.mmap(-1, 4096)
+    layout = [("input", "<f4", (2, 3), 0)]
+    np.ndarray((2, 3), np.float32, buffer=memory)[:] = [[1, 2, 3], [4, 5, 6]]
+
+    def double(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {"y": batch["input"] * 2, "n": batch["input"].sum(axis=1).astype(np.int64)}
+
+    def broken(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        raise Unpicklable("no way back")
+
+    stream = back_process._run(double, memory, layout) + back_process._run(broken, memory, layout)
+    for cut in (1, 7, len(stream) // 2, len(stream)):
+        frames = back_process._Frames()
+        messages = [m for start in range(0, len(stream), cut)
+                    for m in frames.feed(stream[start : start + cut])]  # fmt: skip
+        assert [m[0] for m in messages] == [back_process.ANSWER, back_process.ERROR]
+        outputs, *_ = back_process._outputs(messages[0], back_process._Memo())
+        np.testing.assert_array_equal(outputs["y"], [[2, 4, 6], [8, 10, 12]])
+        np.testing.assert_array_equal(outputs["n"], [6, 15])
+        error = pickle.loads(messages[1][1 + back_process.TIMES.size :])
+        assert isinstance(error, RuntimeError) and "no way back" in str(error)
