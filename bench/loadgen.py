@@ -41,6 +41,17 @@ def model_parser(doc: str) -> argparse.ArgumentParser:
     return parser
 
 
+def point_options(parser: argparse.ArgumentParser, seconds: float, seconds_help: str) -> None:
+    """--concurrency (one connection), --seconds and --out: the options of a script that loads
+    each server at one point."""
+    parser.add_argument("--concurrency", type=int, default=16,
+                        help="requests in flight, one connection (default: 16)")  # fmt: skip
+    parser.add_argument("--seconds", type=float, default=seconds,
+                        help=f"{seconds_help} (default: {seconds:g})")  # fmt: skip
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results",
+                        help="output folder (default: bench/results)")  # fmt: skip
+
+
 def variation(values: list[float]) -> float:
     """Coefficient of variation: standard deviation over mean (0 where the mean is 0)."""
     mean = statistics.fmean(values)

@@ -35,11 +35,11 @@ from typing import Any
 
 from bench import servers
 from bench.loadgen import (
-    ROOT,
     grpc_frame,
     h2load,
     infer_request,
     model_parser,
+    point_options,
     print_table,
     process_tree,
     response_frame_size,
@@ -55,12 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--servers", default="project,minimal,project-one-cpu",
                         help="servers, as bench/compare.py names them "
                              "(default: project,minimal,project-one-cpu)")  # fmt: skip
-    parser.add_argument("--concurrency", type=int, default=16,
-                        help="requests in flight, one connection (default: 16)")  # fmt: skip
-    parser.add_argument("--seconds", type=float, default=2.0,
-                        help="seconds recorded, mid-load (default: 2)")  # fmt: skip
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results",
-                        help="output folder (default: bench/results)")  # fmt: skip
+    point_options(parser, 2.0, "seconds recorded, mid-load")
     args = parser.parse_args(argv)
     if args.concurrency < 1 or args.seconds <= 0:
         parser.error("--concurrency and --seconds must be positive")

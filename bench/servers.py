@@ -29,10 +29,7 @@ VARIANTS = {
     "project-nofastpath": ["--latency-threads", "0"],  # the idle fast path off
     "project-fastpath2": ["--latency-threads", "2"],  # on a separate 2-thread session
     "project-processes": ["--instances", "process"],  # instances in processes (PROFILE item 32)
-    "project-threads": [
-        "--instances",
-        "thread",
-    ],  # the default; named for runs made when it was not
+    "project-threads": ["--instances", "thread"],  # the default; named for runs where it was not
     "project-unpinned": ["--pin-threads", "off"],  # every thread left to the OS
     "project-one-cpu": [],  # the whole process on the first CPU (taskset; see below)
     "project-eventengine": [],  # gRPC's default I/O threads (ENVIRONMENT below)

@@ -38,12 +38,12 @@ from bench.loadgen import (
     h2load,
     infer_request,
     model_parser,
+    point_options,
     print_table,
     response_frame_size,
     variation,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
 PLACEMENTS = ("own", "one-cpu", "polling")
 CPU_LATENCY = Path("/dev/cpu_dma_latency")
 
@@ -58,12 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="fresh starts of each server (default: 8)")  # fmt: skip
     parser.add_argument("--windows", type=int, default=2,
                         help="windows per placement in each pass (default: 2)")  # fmt: skip
-    parser.add_argument("--seconds", type=float, default=3.0,
-                        help="h2load seconds per window (default: 3)")  # fmt: skip
-    parser.add_argument("--concurrency", type=int, default=16,
-                        help="requests in flight, one connection (default: 16)")  # fmt: skip
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results",
-                        help="output folder (default: bench/results)")  # fmt: skip
+    point_options(parser, 3.0, "h2load seconds per window")
     args = parser.parse_args(argv)
     args.server_list = [s for s in args.servers.split(",") if s]
     args.placement_list = [p for p in args.placements.split(",") if p]

@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ModelNotReady, QueueFull
+from .errors import BatchShapeError, ModelNotReady, QueueFull
 from .ort_options import OrtOptions, WarmupSample
 
 log = logging.getLogger(__name__)
@@ -189,13 +189,8 @@ def _run(run: Callable[[dict[str, np.ndarray]], Any], memory: mmap.mmap, layout:
         t2 = time.perf_counter_ns()
         del batch  # no view may outlive the region
         arrays = {key: np.ascontiguousarray(array) for key, array in outputs.items()}
+        BatchShapeError.check(arrays, size)
         for key, array in arrays.items():
-            if array.ndim == 0 or array.shape[0] != size:
-                from .batcher import BatchShapeError
-
-                raise BatchShapeError(
-                    f"output '{key}' has shape {list(array.shape)}; expected batch {size} first"
-                )
             if array.dtype.hasobject:
                 raise TypeError(f"output '{key}' is {array.dtype}, which cannot be sent back")
         meta = pickle.dumps([(key, a.dtype.str, a.shape) for key, a in arrays.items()])
@@ -398,9 +393,14 @@ class ProcessInstance:
                 f"the model instance running this batch ended ({how}); it is being restarted"
             )
             self._on_answer((None, error, time.perf_counter_ns(), 0, 0))
+        self._restart_later()
+
+    def _restart_later(self) -> None:
+        """Start it again: at once the first time, later each time it dies before answering."""
         delay = RESTART_DELAY_S[min(self._deaths, len(RESTART_DELAY_S) - 1)]
         self._deaths += 1
-        self._loop.call_later(delay, self._restart)
+        if not self._closing:
+            self._loop.call_later(delay, self._restart)
 
     def _restart(self) -> None:
         if self._closing:
@@ -412,13 +412,7 @@ class ProcessInstance:
     def _restarted(self, ready: asyncio.Future[None]) -> None:
         if ready.exception() is not None:  # it could not open its session this time
             log.error("%s: %s", self.name, ready.exception())
-            self._died_before_ready()
-
-    def _died_before_ready(self) -> None:
-        delay = RESTART_DELAY_S[min(self._deaths, len(RESTART_DELAY_S) - 1)]
-        self._deaths += 1
-        if not self._closing:
-            self._loop.call_later(delay, self._restart)
+            self._restart_later()
 
     async def close(self) -> None:
         """Stop the child (after its running batch, which the batcher has drained) and free

@@ -38,7 +38,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .back_process import Answer, BackSpec, ProcessInstance
-from .errors import DeadlineExceeded, ModelNotReady, QueueFull
+from .errors import BatchShapeError, DeadlineExceeded, ModelNotReady, QueueFull
 from .placement import enter_back, name_os_thread
 
 log = logging.getLogger(__name__)
@@ -52,10 +52,6 @@ CALM_WEIGHT = 0.05
 
 Arrays = Mapping[str, np.ndarray]
 BatchFunction = Callable[[dict[str, np.ndarray]], Arrays]
-
-
-class BatchShapeError(RuntimeError):
-    """The batch function returned outputs whose batch dimension does not match its input."""
 
 
 class BatchRecord(NamedTuple):
@@ -457,13 +453,7 @@ class DynamicBatcher:
         self._dispatch()
         outputs, error, start_ns, input_ns, infer_ns = answer
         t0 = time.perf_counter_ns()
-        results: list[dict[str, np.ndarray]] = []
-        if outputs is not None:
-            offset = 0
-            for item in items:
-                end = offset + item.size
-                results.append({name: array[offset:end] for name, array in outputs.items()})
-                offset = end
+        results = _split(outputs, items) if outputs is not None else []
         output_ns = time.perf_counter_ns() - t0
         record = BatchRecord(size, len(items), input_ns, infer_ns, output_ns, error, start_ns)
         self._delivered(items, dropped, (results, record))
@@ -545,6 +535,17 @@ def _stack(arrays: list[np.ndarray]) -> np.ndarray:
     return np.frombuffer(joined, dtype).reshape(-1, *tail)
 
 
+def _split(outputs: Arrays, items: list[_Pending]) -> list[dict[str, np.ndarray]]:
+    """Each request's rows of every output, in the batch's order."""
+    results = []
+    offset = 0
+    for item in items:
+        end = offset + item.size
+        results.append({name: array[offset:end] for name, array in outputs.items()})
+        offset = end
+    return results
+
+
 def _execute(fn: BatchFunction, items: list[_Pending]) -> Outcome:
     """Concatenate, run and split one batch (in the instance's thread); never raises."""
     size = sum(item.size for item in items)
@@ -560,17 +561,8 @@ def _execute(fn: BatchFunction, items: list[_Pending]) -> Outcome:
         t1 = time.perf_counter_ns()
         outputs = fn(batch)
         t2 = time.perf_counter_ns()
-        for name, array in outputs.items():
-            if array.ndim == 0 or array.shape[0] != size:
-                raise BatchShapeError(
-                    f"output '{name}' has shape {list(array.shape)}; expected batch {size} first"
-                )
-        results: list[dict[str, np.ndarray]] = []
-        offset = 0
-        for item in items:
-            end = offset + item.size
-            results.append({name: array[offset:end] for name, array in outputs.items()})
-            offset = end
+        BatchShapeError.check(outputs, size)
+        results = _split(outputs, items)
         t3 = time.perf_counter_ns()
         return results, BatchRecord(size, len(items), t1 - t0, t2 - t1, t3 - t2, start_ns=t0)
     except Exception as exc:

@@ -8,6 +8,8 @@ here imports grpc: a front turns the status name into its own code (`grpc.Status
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
+from typing import Any
 
 
 class ServingError(Exception):
@@ -72,6 +74,19 @@ class Unsupported(ServingError):
     """The request asks for something this server does not implement."""
 
     status = "UNIMPLEMENTED"
+
+
+class BatchShapeError(RuntimeError):
+    """The batch function returned outputs whose batch dimension does not match its input."""
+
+    @classmethod
+    def check(cls, outputs: Mapping[str, Any], size: int) -> None:
+        """Raise for the first output (an array) that is not `size` items, batch first."""
+        for name, array in outputs.items():
+            if array.ndim == 0 or array.shape[0] != size:
+                raise cls(
+                    f"output '{name}' has shape {list(array.shape)}; expected batch {size} first"
+                )
 
 
 INTERNAL_MESSAGE = "internal error (details are in the server log)"
