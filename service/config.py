@@ -147,13 +147,21 @@ class Settings:
         ),
     )
     instances: str = field(
-        default="thread",
+        default="process",
         metadata=_doc(
-            "where a CPU model instance runs its batches: thread (a thread of the server "
-            "process) or process (a child process of its own, fed through /dev/shm: it never "
-            "waits for the event loop's GIL, and a crash in it costs one batch, not the "
-            "server); GPU instances always run in threads",
-            ("thread", "process"),
+            "where a CPU model instance runs its batches: process (a child process of its own, "
+            "fed through /dev/shm: it never waits for the event loop's GIL, and a crash in it "
+            "costs one batch, not the server) or thread (a thread of the server process); GPU "
+            "instances and models with string inputs always run in threads",
+            ("process", "thread"),
+        ),
+    )
+    instance_spin_us: int = field(
+        default=1000,
+        metadata=_doc(
+            "(--instances process) how long an instance process that has answered keeps polling "
+            "for its next batch before it sleeps, in microseconds: a batch handed to an awake "
+            "CPU starts without waking it through the hypervisor (0: sleep at once)"
         ),
     )
     latency_threads: int = field(
@@ -324,6 +332,8 @@ class Settings:
             raise ValueError("latency_threads must not be negative")
         if self.malloc_arena_max < 0:
             raise ValueError("malloc_arena_max must not be negative")
+        if not 0 <= self.instance_spin_us <= 100_000:
+            raise ValueError("instance_spin_us must be 0-100000")
         if not 0 < self.gil_switch_s <= 1:
             raise ValueError("gil_switch_s must be above 0 and at most 1")
         if self.grace_period_s < 0:

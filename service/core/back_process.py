@@ -60,6 +60,7 @@ class BackSpec:
     options: OrtOptions
     warmup: tuple[WarmupSample, ...] = ()
     cpus: frozenset[int] | None = None  # the back CPUs under --pin-threads
+    spin_us: int = 0  # how long an idle child polls for its next batch before it sleeps
 
 
 # ---- the messages ---------------------------------------------------------------------------
@@ -155,9 +156,10 @@ def _serve(sock: socket.socket, spec: BackSpec, name: str) -> None:
     sock.sendall(_frame(bytes([READY]), session.provider.encode()))
     region: tuple[str, mmap.mmap] | None = None
     frames = _Frames()
+    spin_ns = spec.spin_us * 1000
     while True:
         try:
-            chunk = sock.recv(CHUNK)
+            chunk = _receive(sock, spin_ns)
         except OSError:
             return
         if not chunk:  # the server has gone
@@ -172,6 +174,20 @@ def _serve(sock: socket.socket, spec: BackSpec, name: str) -> None:
                 with open(f"/dev/shm/{region_name}", "r+b") as file:
                     region = (region_name, mmap.mmap(file.fileno(), 0))
             sock.sendall(_run(session.run, region[1], layout))
+
+
+def _receive(sock: socket.socket, spin_ns: int) -> bytes:
+    """The next bytes from the parent. With `spin_ns`, ask without waiting until that much time
+    has passed first: a CPU that sleeps (halts) must be woken through the hypervisor when the next
+    batch comes, which on a busy host takes longer and longer."""
+    if spin_ns:
+        deadline = time.perf_counter_ns() + spin_ns
+        while time.perf_counter_ns() < deadline:
+            try:
+                return sock.recv(CHUNK, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                os.sched_yield()  # a thread waiting for this CPU (a client's, say) goes first
+    return sock.recv(CHUNK)
 
 
 def _run(run: Callable[[dict[str, np.ndarray]], Any], memory: mmap.mmap, layout: list) -> bytes:

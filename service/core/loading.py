@@ -176,6 +176,7 @@ def _open_sessions(
                 options,
                 tuple(warmup),
                 back_cpus(),
+                settings.instance_spin_us,
             )
             for _ in devices
         ]

@@ -49,13 +49,17 @@ class ServedModel:
     ) -> None:
         """`wait_for_preferred` (`--batching delay`) and `max_queue_bytes` set up the batcher.
         With `processes`, the instances run in processes of their own and `sessions` holds the
-        one this process opened to check the graph (the fast path's, when it has one)."""
+        one this process opened to check the graph: kept only as the fast path's session."""
         self.name = spec.name
         self.version = str(version)
         self.config = spec.config
         self.signature = signature
-        self.sessions = sessions
+        self.path = spec.versions[version]  # this version's model.onnx
         self.provider = sessions[0].provider
+        self.applied = sessions[0].applied  # the ONNX Runtime options the sessions got
+        if processes and latency_session is not sessions[0]:
+            sessions = []  # the children hold the model; this copy was for the check
+        self.sessions = sessions
         self.stats = VersionStatistics(self.name, self.version)
         self.metrics = metrics.version(self.name, self.version)
         self.in_flight = 0
@@ -144,7 +148,7 @@ class ServedModel:
                 kind=kind if kind is not None else mc.ModelInstanceGroup.KIND_CPU,
             )
         config.parameters[modelrepo.EXECUTION_PROVIDER].string_value = self.provider
-        config.parameters[APPLIED].string_value = self.sessions[0].applied
+        config.parameters[APPLIED].string_value = self.applied
         return config
 
     def _batch_done(self, record: BatchRecord) -> None:

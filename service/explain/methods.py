@@ -128,7 +128,7 @@ def graphs_of(model: ServedModel) -> MethodGraphs:
     with _GRAPHS_LOCK:
         graphs = _GRAPHS.get(model)
         if graphs is None:
-            graphs = MethodGraphs(Path(model.sessions[0].path).parent)
+            graphs = MethodGraphs(model.path.parent)
             _GRAPHS[model] = graphs
         return graphs
 

@@ -83,7 +83,8 @@ def test_the_loop_and_poller_share_the_first_cpu_and_the_work_runs_on_the_others
 ) -> None:
     front, back = frozenset(CPUS[:1]), frozenset(CPUS[1:])
     # --latency-threads 0: every request goes through the batch thread, none runs on the loop
-    with server(mnist_repository, "--pin-threads", "on", "--latency-threads", "0") as srv:
+    args = ("--pin-threads", "on", "--latency-threads", "0", "--instances", "thread")
+    with server(mnist_repository, *args) as srv:
         assert f"threads: event loop and gRPC poller on CPU {CPUS[0]}, model instances" in srv.text
         start = threads(srv.pid)
         infer(srv.address)
@@ -109,8 +110,7 @@ def test_off_leaves_every_thread_to_the_os(mnist_repository: Path) -> None:
 
 
 def test_instance_processes_run_on_the_back_cpus(mnist_repository: Path) -> None:
-    args = ("--pin-threads", "on", "--latency-threads", "0", "--instances", "process")
-    with server(mnist_repository, *args) as srv:
+    with server(mnist_repository, "--pin-threads", "on", "--latency-threads", "0") as srv:
         front = frozenset(CPUS[:1])
         infer(srv.address)
         (instance,) = [pid for pid, name in descendants(srv.pid).items() if name == "mnist_cnn:1-0"]

@@ -1,6 +1,6 @@
 """A real server's gRPC poller thread shows as grpc_poller where the OS lists threads, and its
-model instances as model:version-instance (threads by default, processes of their own with
---instances process)."""
+model instances as model:version-instance (processes of their own by default, threads with
+--instances thread)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def thread_names(pid: int) -> set[str]:
 
 
 def test_the_poller_thread_and_the_instance_process_are_named(mnist_repository: Path) -> None:
-    with server(mnist_repository, "--instances", "process") as srv:
+    with server(mnist_repository) as srv:
         names = thread_names(srv.pid)
         below = descendants(srv.pid)
     assert "grpc_poller" in names
@@ -27,7 +27,7 @@ def test_the_poller_thread_and_the_instance_process_are_named(mnist_repository: 
 
 
 def test_instance_threads_are_named(mnist_repository: Path) -> None:
-    with server(mnist_repository) as srv:
+    with server(mnist_repository, "--instances", "thread") as srv:
         names = thread_names(srv.pid)
         below = descendants(srv.pid)
     assert {"grpc_poller", "mnist_cnn:1-0"} <= names

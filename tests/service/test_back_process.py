@@ -91,6 +91,39 @@ def test_requests_are_batched_in_the_child_and_answered_in_order(tmp_path: Path)
     assert regions() <= before  # every shared region unlinked
 
 
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def test_a_spinning_instance_answers_and_sleeps_once_its_window_has_passed(tmp_path: Path) -> None:
+    path = model_file(tmp_path, classifier_graph())
+
+    async def scenario() -> None:
+        spinning = BackSpec(
+            path, intra_op_threads=1, batched=True, options=OrtOptions(), spin_us=100_000
+        )
+        batcher = DynamicBatcher([], max_batch_size=32, processes=[spinning], name="backtest")
+        await batcher.started()
+        (child,) = children()
+        for n in (1, 3, 2):  # each batch comes while the child is still polling, or after
+            x = images(n, seed=n)
+            result = await batcher.submit({"input": x}, n)
+            np.testing.assert_allclose(result.outputs["logits"], reference_logits(x), rtol=1e-4)
+            await asyncio.sleep(0.05 * n)
+        await asyncio.sleep(0.3)  # the window (100 ms) is over: the child sleeps in recv
+        idle = cpu_seconds(child)
+        await asyncio.sleep(0.5)
+        assert cpu_seconds(child) - idle < 0.05  # asleep: no time spent
+        await batcher.submit({"input": images(1)}, 1)
+        await asyncio.sleep(0.3)
+        assert cpu_seconds(child) - idle > 0.03  # it polled after that answer
+        await batcher.close()
+
+    asyncio.run(scenario())
+    assert not children()
+
+
 def test_a_failing_batch_fails_alone_with_the_child_s_error(tmp_path: Path) -> None:
     path = model_file(tmp_path, poisoned_graph())
 

@@ -13,6 +13,7 @@ from service.config import Settings
 from service.core import loading as loading_module
 from service.core.errors import ModelLoadError, ModelNotFound, ModelNotReady
 from service.core.loading import load_version
+from service.core.ort_options import APPLIED
 from service.core.repository import READY, UNAVAILABLE, ModelRepository, read_model, select_versions
 from service.observability.metrics import ServingMetrics
 from tests.support.onnx_models import (
@@ -20,6 +21,7 @@ from tests.support.onnx_models import (
     classifier_graph,
     explainer_config,
     explainer_graph,
+    images,
     write_model,
 )
 
@@ -192,6 +194,29 @@ def test_idle_fast_path_shares_the_instance_session_when_threads_match(tmp_path:
         assert separate.latency_session is not None
         assert separate.latency_session not in separate.sessions
         await separate.close()
+
+    asyncio.run(run())
+
+
+def test_process_instances_keep_no_model_copy_here_without_the_fast_path(tmp_path: Path) -> None:
+    """The session this process opens to check the graph stays only as the fast path's."""
+    write_model(tmp_path, classifier_config("m"), classifier_graph())
+    metrics = ServingMetrics(CollectorRegistry())
+
+    async def run() -> None:
+        spec = read_model(tmp_path / "m")
+        for latency_threads in (0, 1):
+            settings = Settings(
+                model_repository=tmp_path, instances="process", latency_threads=latency_threads
+            )
+            model = await load_version(spec, 1, settings, metrics)
+            assert model.sessions == ([model.latency_session] if latency_threads else [])
+            result = await model.infer({"input": images(2)}, 2)
+            assert result["logits"].shape == (2, 10)
+            config = model.reported_config()
+            assert config.parameters[APPLIED].string_value  # still says what the sessions got
+            assert model.path == tmp_path / "m" / "1" / "model.onnx"
+            await model.close()
 
     asyncio.run(run())
 
