@@ -159,9 +159,10 @@ class Settings:
     instance_spin_us: int = field(
         default=1000,
         metadata=_doc(
-            "(--instances process) how long an instance process that has answered keeps polling "
-            "for its next batch before it sleeps, in microseconds: a batch handed to an awake "
-            "CPU starts without waking it through the hypervisor (0: sleep at once)"
+            "how long an instance process that has answered keeps polling for its next batch "
+            "before it sleeps, in microseconds, where --pin-threads gives the instances CPUs of "
+            "their own: a batch handed to an awake CPU starts without waking it through the "
+            "hypervisor (0: sleep at once)"
         ),
     )
     latency_threads: int = field(

@@ -168,6 +168,10 @@ def _open_sessions(
     devices = instance_devices(spec.config, settings.device)
     processes: list[BackSpec] = []
     if _in_processes(settings, devices, signature):
+        cpus = back_cpus()
+        # Polling for the next batch pays only on CPUs of the instances' own: elsewhere it would
+        # take time from the event loop or from the other instances.
+        own = cpus is not None and len(devices) <= len(cpus)
         processes = [
             BackSpec(
                 path,
@@ -175,8 +179,8 @@ def _open_sessions(
                 batching,
                 options,
                 tuple(warmup),
-                back_cpus(),
-                settings.instance_spin_us,
+                cpus,
+                settings.instance_spin_us if own else 0,
             )
             for _ in devices
         ]

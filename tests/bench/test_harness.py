@@ -413,6 +413,43 @@ def test_spread_ratio_gives_an_interval_that_tells_wider_from_level() -> None:
     assert compare.spread_ratio([(1.0 + i, 5.0) for i in range(6)]) is None
 
 
+def test_spread_runs_reads_each_saved_run_and_tallies_how_the_runs_fell(tmp_path: Path) -> None:
+    """Two saved runs: in one the project swings twice as far as the minimal server round for
+    round (wider beyond doubt), in the other alike; a streaming lane and a server without the
+    minimal server beside it are left out, and the tally says one wider, one level."""
+    from bench import spread_runs
+
+    rng = np.random.default_rng(3)
+
+    def run(scale: float) -> dict:
+        rounds = []
+        for _ in range(12):
+            host = 1 + 0.08 * rng.standard_normal()
+            rounds.append([
+                {"server": "minimal", "lane": "unary", "concurrency": 16,
+                 "infer_per_s": 2000 * host},
+                {"server": "project", "lane": "unary", "concurrency": 16,
+                 "infer_per_s": 3000 * (1 + scale * (host - 1))},
+                {"server": "project", "lane": "stream", "concurrency": 16, "infer_per_s": 3500},
+                {"server": "triton", "lane": "unary", "concurrency": 16, "infer_per_s": 2800},
+            ])  # fmt: skip
+        return {"settings": {"slices": 6}, "rounds": rounds}
+
+    paths = []
+    for name, scale in (("compare-wide", 2.0), ("compare-alike", 1.0)):
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(run(scale)))
+    rows = spread_runs.rows_of(paths)
+    assert [(r["run"], r["series"], r["verdict"]) for r in rows] == [
+        ("compare-wide", "project", "wider"),
+        ("compare-alike", "project", "level"),
+    ]
+    assert rows[0]["ratio"] == pytest.approx(2.0, rel=0.1)  # cv over cv: each over its own mean
+    out = tmp_path / "spread.md"
+    assert spread_runs.main([*map(str, paths), "--out", str(out)]) == 0
+    assert "| project | 16 | 2 | " in out.read_text() and "| 0 / 1 / 1 |" in out.read_text()
+
+
 PERF_SCRIPT = """\
  mnist_cnn:1-0   101 [001]   10.000000: sched:sched_switch: prev_comm=mnist_cnn:1-0 prev_pid=101 prev_prio=120 prev_state=S ==> next_comm=swapper/1 next_pid=0 next_prio=120
        swapper     0 [001]   10.000040: sched:sched_wakeup: comm=mnist_cnn:1-0 pid=101 prio=120 target_cpu=001

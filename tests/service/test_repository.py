@@ -221,6 +221,22 @@ def test_process_instances_keep_no_model_copy_here_without_the_fast_path(tmp_pat
     asyncio.run(run())
 
 
+def test_instance_processes_poll_only_on_cpus_of_their_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--instance-spin-us applies where the placement gives the instances a CPU each; with no
+    placement (several workers, one CPU, --pin-threads off) they would poll on the loop's."""
+    write_model(tmp_path, classifier_config("m"), classifier_graph())
+    spec = read_model(tmp_path / "m")
+    settings = Settings(model_repository=tmp_path, instances="process", instance_spin_us=700)
+    signature = loading_module.build_signature(spec)
+    for cpus, spin in ((frozenset({1}), 700), (frozenset({1, 2, 3}), 700), (None, 0)):
+        monkeypatch.setattr(loading_module, "back_cpus", lambda cpus=cpus: cpus)
+        opened = loading_module._open_sessions(spec, 1, signature, settings)
+        assert [p.spin_us for p in opened.processes] == [spin]
+        assert opened.processes[0].cpus == cpus
+
+
 @pytest.mark.parametrize("stray", ["²", "v2", "٣", "2a", ".git"])
 def test_a_stray_version_folder_is_ignored(tmp_path: Path, stray: str) -> None:
     """Only folders named with ASCII digits are versions; others holding a model are ignored."""
