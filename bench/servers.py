@@ -28,7 +28,7 @@ VARIANTS = {
     "project-gil100us": ["--gil-switch-s", "0.0001"],  # PROFILE item 29: level with 0.5 ms
     "project-nofastpath": ["--latency-threads", "0"],  # the idle fast path off
     "project-fastpath2": ["--latency-threads", "2"],  # on a separate 2-thread session
-    "project-processes": ["--instances", "process"],  # the default since PROFILE item 33
+    "project-processes": ["--instances", "process"],  # the default on own CPUs (PROFILE 33)
     "project-nospin": ["--instance-spin-us", "0"],  # instance processes that sleep at once
     "project-threads": ["--instances", "thread"],  # instances in threads (the default until 33)
     "project-unpinned": ["--pin-threads", "off"],  # every thread left to the OS

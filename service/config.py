@@ -147,13 +147,14 @@ class Settings:
         ),
     )
     instances: str = field(
-        default="process",
+        default="auto",
         metadata=_doc(
             "where a CPU model instance runs its batches: process (a child process of its own, "
             "fed through /dev/shm: it never waits for the event loop's GIL, and a crash in it "
-            "costs one batch, not the server) or thread (a thread of the server process); GPU "
-            "instances and models with string inputs always run in threads",
-            ("process", "thread"),
+            "costs one batch, not the server), thread (a thread of the server process), or auto "
+            "(process where --pin-threads gives the instances CPUs of their own, else thread); "
+            "GPU instances and models with string inputs always run in threads",
+            ("auto", "process", "thread"),
         ),
     )
     instance_spin_us: int = field(

@@ -153,7 +153,12 @@ def _in_processes(settings: Settings, devices: list[str], signature: Signature) 
     CPU, and every input a plain numeric array (shared memory carries no Python objects)."""
     cpu_only = all(d == "cpu" or CUDA not in requested_providers(d) for d in devices)
     numeric = not any(np.dtype(t.dtype).hasobject for t in signature.inputs)
-    return settings.instances == "process" and cpu_only and numeric
+    # auto: where the placement gives the instances CPUs of their own. Where they share the
+    # loop's CPU (one CPU, several workers) a process costs more than a thread (PROFILE item 33).
+    wanted = settings.instances == "process" or (
+        settings.instances == "auto" and back_cpus() is not None
+    )
+    return wanted and cpu_only and numeric
 
 
 def _open_sessions(

@@ -1,6 +1,6 @@
 """A real server's gRPC poller thread shows as grpc_poller where the OS lists threads, and its
-model instances as model:version-instance (processes of their own by default, threads with
---instances thread)."""
+model instances as model:version-instance (processes of their own with --instances process,
+the default where the instances get CPUs of their own; threads with --instances thread)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def thread_names(pid: int) -> set[str]:
 
 
 def test_the_poller_thread_and_the_instance_process_are_named(mnist_repository: Path) -> None:
-    with server(mnist_repository) as srv:
+    with server(mnist_repository, "--instances", "process") as srv:
         names = thread_names(srv.pid)
         below = descendants(srv.pid)
     assert "grpc_poller" in names

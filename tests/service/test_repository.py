@@ -237,6 +237,24 @@ def test_instance_processes_poll_only_on_cpus_of_their_own(
         assert opened.processes[0].cpus == cpus
 
 
+def test_auto_instances_are_processes_only_where_they_have_cpus_of_their_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_model(tmp_path, classifier_config("m"), classifier_graph())
+    spec = read_model(tmp_path / "m")
+    signature = loading_module.build_signature(spec)
+    for instances, cpus, processes in (
+        ("auto", frozenset({1}), 1),
+        ("auto", None, 0),  # one CPU, several workers, --pin-threads off: threads
+        ("thread", frozenset({1}), 0),
+        ("process", None, 1),
+    ):
+        monkeypatch.setattr(loading_module, "back_cpus", lambda cpus=cpus: cpus)
+        settings = Settings(model_repository=tmp_path, instances=instances)
+        opened = loading_module._open_sessions(spec, 1, signature, settings)
+        assert len(opened.processes) == processes, (instances, cpus)
+
+
 @pytest.mark.parametrize("stray", ["²", "v2", "٣", "2a", ".git"])
 def test_a_stray_version_folder_is_ignored(tmp_path: Path, stray: str) -> None:
     """Only folders named with ASCII digits are versions; others holding a model are ignored."""
